@@ -1,0 +1,92 @@
+"""The ``dicom-node`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.node import Node
+from web.app import create_app
+from web.dependencies import WebContext
+
+log = logging.getLogger("dicom_node")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_START_FAILED = 1
+_WEB_START_TIMEOUT = 30.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the DICOM listener, the workers and the web server")
+    serve_parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    configure_logging(settings.logging.level)
+    return serve(settings)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom's INFO lines describe every association; keep them for DEBUG.
+    logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then stop listening, finish jobs in hand and exit 0."""
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+
+    node = Node(settings)
+    try:
+        node.start()
+    except OSError as error:
+        print(f"dicom-node: cannot listen on {settings.dicom.host}:{settings.dicom.port}: {error.strerror}", file=sys.stderr)
+        node.stop()
+        return EXIT_START_FAILED
+
+    app = create_app(WebContext(settings, node.sessions, lambda: node.scp.listening))
+    web = uvicorn.Server(uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning"))
+    web_thread = threading.Thread(target=web.run, name="web", daemon=True)
+    web_thread.start()
+    if not _wait_started(web, web_thread):
+        print(f"dicom-node: cannot serve HTTP on {settings.web.host}:{settings.web.port}", file=sys.stderr)
+        node.stop()
+        return EXIT_START_FAILED
+    log.info("web on http://%s:%d", settings.web.host, settings.web.port)
+
+    stop.wait()
+    log.info("stopping")
+    web.should_exit = True
+    web_thread.join(_WEB_START_TIMEOUT)
+    node.stop()
+    log.info("stopped")
+    return 0
+
+
+def _wait_started(web: uvicorn.Server, thread: threading.Thread) -> bool:
+    for _ in range(int(_WEB_START_TIMEOUT / 0.05)):
+        if web.started:
+            return True
+        if not thread.is_alive():
+            return False
+        threading.Event().wait(0.05)
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The node's configuration: one typed settings object, read from ``config.yaml`` and the environment.
+
+Every key of ``config.yaml`` can be overridden by an environment variable named
+``DICOM_NODE_<SECTION>__<KEY>``, for example ``DICOM_NODE_DICOM__PORT=11112``. Environment values win over
+the file; values absent from both take the defaults below. ``config.yaml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "DICOM_NODE_"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line that names the offending key."""
+
+
+def _check_ae_title(value: str) -> str:
+    """An Application Entity title (PS3.5 section 6.2, VR AE): 1-16 characters, no backslash or control
+    characters, not only spaces."""
+    if not 1 <= len(value) <= 16:
+        raise ValueError(f"an AE title has 1 to 16 characters, {value!r} has {len(value)}")
+    if not value.strip():
+        raise ValueError("an AE title cannot be only spaces")
+    if re.search(r"[\\\x00-\x1f\x7f]", value):
+        raise ValueError(f"an AE title cannot contain a backslash or control characters: {value!r}")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """A section of the configuration file: unknown keys are errors, so a typo does not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomSettings(Section):
+    ae_title: AETitle = "AINODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_aets: list[AETitle] = []
+    max_associations: int = Field(16, ge=1)
+    accept_all_storage: bool = False
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    max_pdu_size: int = Field(0, ge=0)
+    acse_timeout: Seconds = 30.0
+    dimse_timeout: Seconds = 60.0
+    network_timeout: Seconds = 60.0
+
+
+class WebSettings(Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+
+
+class StorageSettings(Section):
+    root: Path = Path("storage")
+
+
+class DatabaseSettings(Section):
+    url: str = ""
+
+
+class WorkerSettings(Section):
+    count: int = Field(1, ge=0)
+    poll_interval: Seconds = 0.5
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff: Seconds = 5.0
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All of the node's settings; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    dicom: DicomSettings = DicomSettings()
+    web: WebSettings = WebSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    workers: WorkerSettings = WorkerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _default_database_under_storage_root(self) -> Settings:
+        if not self.database.url:
+            self.database.url = f"sqlite:///{self.storage.root / 'index.sqlite3'}"
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment must win over them.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read ``path`` (YAML; optional) and the environment into :class:`Settings`.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is invalid. The message is one line.
+    """
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            raise ConfigError(f"{path}{line}: not valid YAML") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Settings(**file_values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming each invalid key, e.g. ``dicom.port: Input should be less than or equal to 65535``."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not isinstance(part, int)) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif isinstance(item.get("input"), str | int | float | bool):
+            message += f" (got {item['input']!r})"
+        problems.append(f"{key}: {message}")
+    return "invalid configuration: " + "; ".join(problems)

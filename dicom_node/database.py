@@ -1,0 +1,47 @@
+"""Engine and sessions for the index: SQLite (WAL) by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Base
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_index_engine(url: str) -> Engine:
+    """An engine for ``url`` with the tables created.
+
+    SQLite runs in WAL mode so that readers (the web viewer) never block the SCP's writes, with
+    ``synchronous=FULL`` so that a committed index row survives a power cut as the file it points at does.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        engine = create_engine(url, pool_pre_ping=True)
+    else:
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _configure_sqlite)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def _configure_sqlite(connection, _record) -> None:
+    cursor = connection.cursor()
+    for pragma in (
+        "journal_mode=WAL",
+        "synchronous=FULL",
+        "foreign_keys=ON",
+        f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+    ):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,306 @@
+"""Ingest: make one received instance durable, indexed and queued, or refuse it and change nothing.
+
+The order matters for "never lose an acknowledged image":
+
+1. the received bytes go to a temporary file, fsynced;
+2. the header is read back from it and checked (identifiers, SOP class);
+3. in one database transaction: patient/study/series/instance rows and the instance's job are written,
+   the file is renamed into its place, and the transaction commits.
+
+Only then does the caller answer Success. A crash before the commit leaves at most a temporary file (swept at
+start-up) or a file without an index row that the sender, having had no Success, sends again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.valuerep import DA
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Instance, Job, Patient, Series, Study
+from dicom_node.status import StoreStatus
+from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
+
+log = logging.getLogger(__name__)
+
+INFERENCE_JOB = "inference"
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_INTEGRITY_RETRIES = 3
+
+
+class Rejected(Exception):
+    """The instance is refused with a DICOM status; nothing was stored."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE_IGNORED = "duplicate-ignored"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    sop_instance_uid: str
+    path: PurePosixPath
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the index keeps, read from a received dataset."""
+
+    patient_id: str
+    patient_name: str | None
+    patient_sex: str | None
+    patient_birth_date: dt.date | None
+    study_instance_uid: str
+    study_date: dt.date | None
+    accession_number: str | None
+    study_description: str | None
+    series_instance_uid: str
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    sop_class_uid: str
+    sop_instance_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        return cls(
+            patient_id=_text(ds, "PatientID") or "",
+            patient_name=_text(ds, "PatientName"),
+            patient_sex=_text(ds, "PatientSex"),
+            patient_birth_date=_date(ds, "PatientBirthDate"),
+            study_instance_uid=_text(ds, "StudyInstanceUID") or "",
+            study_date=_date(ds, "StudyDate"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_description=_text(ds, "StudyDescription"),
+            series_instance_uid=_text(ds, "SeriesInstanceUID") or "",
+            modality=_text(ds, "Modality"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            series_description=_text(ds, "SeriesDescription"),
+            sop_class_uid=_text(ds, "SOPClassUID") or "",
+            sop_instance_uid=_text(ds, "SOPInstanceUID") or "",
+            instance_number=_integer(ds, "InstanceNumber"),
+            rows=_integer(ds, "Rows"),
+            columns=_integer(ds, "Columns"),
+        )
+
+
+class Ingestor:
+    """Stores, indexes and queues received instances; safe to call from many association threads."""
+
+    def __init__(
+        self, store: InstanceStore, sessions: sessionmaker[Session], duplicate_policy: str = "keep_first"
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.duplicate_policy = duplicate_policy
+        # Serialises the read-then-write of get-or-create rows between this process's threads;
+        # other processes are handled by retrying on a unique-constraint violation.
+        self._lock = threading.Lock()
+
+    def ingest(
+        self,
+        file_meta: FileMetaDataset,
+        dataset: Iterable[bytes | memoryview],
+        calling_ae: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> IngestResult:
+        """Make the encoded ``dataset`` (as received, without file meta) durable and indexed.
+
+        Raises:
+            Rejected: the dataset is not acceptable or cannot be stored; nothing was kept.
+        """
+        try:
+            temporary = self.store.write_temporary([_PREAMBLE, _encode_file_meta(file_meta), *dataset])
+        except OSError as error:
+            raise Rejected(StoreStatus.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}") from None
+        try:
+            header = _read_header(temporary)
+            relative = self._check(header, file_meta, expected_sop_class_uid)
+            return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID)
+        finally:
+            self.store.discard(temporary)  # a no-op once published
+
+    def _check(
+        self, header: InstanceHeader, file_meta: FileMetaDataset, expected_sop_class_uid: str | None
+    ) -> PurePosixPath:
+        if not header.patient_id:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PatientID is missing")
+        if not header.sop_class_uid:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID is missing")
+        if header.sop_class_uid != (expected_sop_class_uid or file_meta.MediaStorageSOPClassUID):
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the request")
+        try:
+            relative = self.store.relative_path(
+                header.patient_id, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except InvalidIdentifier as error:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error)) from None
+        if header.sop_instance_uid != file_meta.MediaStorageSOPInstanceUID:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID does not match the request")
+        return relative
+
+    def _index_and_publish(
+        self,
+        header: InstanceHeader,
+        relative: PurePosixPath,
+        temporary: Path,
+        calling_ae: str | None,
+        transfer_syntax_uid: str,
+    ) -> IngestResult:
+        size = temporary.stat().st_size
+        for attempt in range(1, _INTEGRITY_RETRIES + 1):
+            try:
+                with self._lock:
+                    return self._transaction(header, relative, temporary, size, calling_ae, transfer_syntax_uid)
+            except IntegrityError:
+                if attempt == _INTEGRITY_RETRIES:
+                    raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index busy, try again") from None
+            except OperationalError as error:
+                log.error("index write failed for %s: %s", header.sop_instance_uid, error.orig)
+                raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index unavailable, try again") from None
+        raise AssertionError("unreachable")
+
+    def _transaction(
+        self,
+        header: InstanceHeader,
+        relative: PurePosixPath,
+        temporary: Path,
+        size: int,
+        calling_ae: str | None,
+        transfer_syntax_uid: str,
+    ) -> IngestResult:
+        with self.sessions() as session:
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
+            if existing is not None and self.duplicate_policy == "keep_first":
+                return IngestResult(Outcome.DUPLICATE_IGNORED, header.sop_instance_uid, PurePosixPath(existing.path))
+
+            series = _series(session, header)
+            replaced_path = None
+            if existing is None:
+                instance = Instance(sop_instance_uid=header.sop_instance_uid)
+                session.add(instance)
+            else:
+                instance, replaced_path = existing, existing.path
+            instance.series = series
+            instance.sop_class_uid = header.sop_class_uid
+            instance.transfer_syntax_uid = transfer_syntax_uid
+            instance.instance_number = header.instance_number
+            instance.rows, instance.columns = header.rows, header.columns
+            instance.path = str(relative)
+            instance.size_bytes = size
+            instance.calling_ae = calling_ae
+            instance.received_at = dt.datetime.now(dt.UTC)
+            session.add(Job(instance=instance, kind=INFERENCE_JOB))
+            session.flush()
+
+            published = self.store.publish(temporary, relative)
+            try:
+                session.commit()
+            except BaseException:
+                if replaced_path is None:
+                    published.unlink(missing_ok=True)
+                raise
+        if replaced_path is not None and replaced_path != str(relative):
+            self.store.absolute(replaced_path).unlink(missing_ok=True)
+        outcome = Outcome.STORED if replaced_path is None else Outcome.REPLACED
+        return IngestResult(outcome, header.sop_instance_uid, relative)
+
+
+def _series(session: Session, header: InstanceHeader) -> Series:
+    """Get or create the patient, study and series rows of ``header``."""
+    patient = session.scalar(select(Patient).where(Patient.patient_id == header.patient_id))
+    if patient is None:
+        patient = Patient(
+            patient_id=header.patient_id,
+            storage_key=patient_key(header.patient_id),
+            name=header.patient_name,
+            sex=header.patient_sex,
+            birth_date=header.patient_birth_date,
+        )
+        session.add(patient)
+    study = session.scalar(select(Study).where(Study.study_instance_uid == header.study_instance_uid))
+    if study is None:
+        study = Study(
+            study_instance_uid=header.study_instance_uid,
+            patient=patient,
+            study_date=header.study_date,
+            accession_number=header.accession_number,
+            description=header.study_description,
+        )
+        session.add(study)
+    series = session.scalar(select(Series).where(Series.series_instance_uid == header.series_instance_uid))
+    if series is None:
+        series = Series(
+            series_instance_uid=header.series_instance_uid,
+            study=study,
+            modality=header.modality,
+            body_part_examined=header.body_part_examined,
+            description=header.series_description,
+        )
+        session.add(series)
+    return series
+
+
+def _encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _read_header(path: Path) -> InstanceHeader:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return InstanceHeader.from_dataset(ds)
+    except Exception as error:  # pydicom raises many types on malformed input; all mean the same here
+        raise Rejected(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded ({type(error).__name__})") from None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or isinstance(value, bytes):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _date(ds: Dataset, keyword: str) -> dt.date | None:
+    text = _text(ds, keyword)
+    if not text:
+        return None
+    try:
+        value = DA(text)
+    except ValueError:
+        return None
+    return dt.date(value.year, value.month, value.day) if value else None
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,89 @@
+"""The job queue: rows in the index that workers claim, finish, or fail with a bounded number of retries.
+
+Claiming is a conditional UPDATE (``state = pending`` in the WHERE clause), so two workers, in one process or
+several, never run the same job; it works the same on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Job, JobState
+
+_MAX_ERROR_LENGTH = 2000
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    instance_pk: int
+    attempt: int
+
+
+class JobQueue:
+    def __init__(self, sessions: sessionmaker[Session], max_attempts: int, retry_backoff: float) -> None:
+        self.sessions = sessions
+        self.max_attempts = max_attempts
+        self.retry_backoff = retry_backoff
+
+    def claim(self, kinds: Collection[str]) -> ClaimedJob | None:
+        """Take the oldest pending job of one of ``kinds`` that is due, or return None."""
+        if not kinds:
+            return None
+        with self.sessions.begin() as session:
+            while True:
+                job = session.scalar(
+                    select(Job)
+                    .where(Job.state == JobState.PENDING, Job.kind.in_(kinds), Job.available_at <= _now())
+                    .order_by(Job.id)
+                    .limit(1)
+                )
+                if job is None:
+                    return None
+                taken = session.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.state == JobState.PENDING)
+                    .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if taken:
+                    return ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1)
+
+    def complete(self, job_id: int) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, last_error=None))
+
+    def fail(self, job_id: int, error: str) -> JobState:
+        """Record a failed attempt: retry later with exponential backoff, or mark failed after the last one."""
+        with self.sessions.begin() as session:
+            job = session.get_one(Job, job_id)
+            job.last_error = error[:_MAX_ERROR_LENGTH]
+            if job.attempts >= self.max_attempts:
+                job.state = JobState.FAILED
+            else:
+                job.state = JobState.PENDING
+                delay = self.retry_backoff * 2 ** (job.attempts - 1)
+                job.available_at = _now() + dt.timedelta(seconds=delay)
+            return job.state
+
+    def recover_interrupted(self) -> int:
+        """At start-up: jobs left running by a stopped process go back to pending (their attempt counted)."""
+        with self.sessions.begin() as session:
+            return session.execute(
+                update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.PENDING)
+            ).rowcount
+
+
+def count_by_state(session: Session) -> dict[JobState, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {JobState(state): count for state, count in rows}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,45 @@
+"""The node: storage, index, DICOM listener and workers, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from dicom_node.config import Settings
+from dicom_node.database import create_index_engine, session_factory
+from dicom_node.ingest import Ingestor
+from dicom_node.jobs import JobQueue
+from dicom_node.scp import StorageSCP
+from dicom_node.storage import InstanceStore
+from dicom_node.workers import JobHandler, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings, job_handlers: Mapping[str, JobHandler] | None = None) -> None:
+        self.settings = settings
+        self.store = InstanceStore(settings.storage.root)
+        self.engine = create_index_engine(settings.database.url)
+        self.sessions = session_factory(self.engine)
+        self.ingestor = Ingestor(self.store, self.sessions, settings.dicom.duplicate_policy)
+        self.scp = StorageSCP(settings.dicom, self.ingestor)
+        self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
+        self.workers = WorkerPool(
+            self.queue, job_handlers or {}, settings.workers.count, settings.workers.poll_interval
+        )
+
+    def start(self) -> None:
+        """Resume where a previous run stopped, then listen and work."""
+        swept = self.store.sweep_incoming()
+        resumed = self.queue.recover_interrupted()
+        if swept or resumed:
+            log.info("recovered after restart: %d partial writes removed, %d jobs resumed", swept, resumed)
+        self.scp.start()
+        self.workers.start()
+
+    def stop(self) -> None:
+        """Stop listening first, so nothing new arrives, then finish the jobs in hand."""
+        self.scp.stop()
+        self.workers.stop()
+        self.engine.dispose()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and benchmarks use as real DICOM peers and judges.
+# Skips apt entirely when every program is already present.
+set -euo pipefail
+
+# program -> Debian package
+declare -A needed=(
+  [storescu]=dcmtk
+  [docker-compose]=docker-compose
+)
+
+missing=()
+for program in "${!needed[@]}"; do
+  command -v "$program" >/dev/null 2>&1 || missing+=("${needed[$program]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${missing[*]} (run this script as root, or install them)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
