@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pydicom
+from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.valuerep import DA
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -39,6 +42,10 @@ log = logging.getLogger(__name__)
 INFERENCE_JOB = "inference"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _INTEGRITY_RETRIES = 3
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Values larger than this stay on disk while the header is checked.
+_DEFER_BYTES = 4096
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class Rejected(Exception):
@@ -84,6 +91,7 @@ class InstanceHeader:
     instance_number: int | None
     rows: int | None
     columns: int | None
+    has_pixel_data: bool
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
@@ -105,6 +113,7 @@ class InstanceHeader:
             instance_number=_integer(ds, "InstanceNumber"),
             rows=_integer(ds, "Rows"),
             columns=_integer(ds, "Columns"),
+            has_pixel_data=any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS),
         )
 
 
@@ -138,7 +147,7 @@ class Ingestor:
         except OSError as error:
             raise Rejected(StoreStatus.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}") from None
         try:
-            header = _read_header(temporary)
+            header = _read_header(temporary, file_meta.TransferSyntaxUID)
             relative = self._check(header, file_meta, expected_sop_class_uid)
             return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID)
         finally:
@@ -153,6 +162,8 @@ class Ingestor:
             raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID is missing")
         if header.sop_class_uid != (expected_sop_class_uid or file_meta.MediaStorageSOPClassUID):
             raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the request")
+        if _is_image_storage(header.sop_class_uid) and not header.has_pixel_data:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData is missing")
         try:
             relative = self.store.relative_path(
                 header.patient_id, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
@@ -271,20 +282,49 @@ def _encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def _read_header(path: Path) -> InstanceHeader:
+def _read_header(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parse the whole dataset, leaving large values on disk, and refuse it if it was cut short."""
+    # A deflated dataset is parsed from its inflated copy in memory, where deferred offsets mean nothing.
+    defer = None if transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian else _DEFER_BYTES
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return InstanceHeader.from_dataset(ds)
+        ds = pydicom.dcmread(path, defer_size=defer)
+        truncated = _is_truncated(ds, path.stat().st_size)  # before any access converts the raw elements
+        header = InstanceHeader.from_dataset(ds)
     except Exception as error:  # pydicom raises many types on malformed input; all mean the same here
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded ({type(error).__name__})") from None
+    if truncated:
+        raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "dataset is truncated")
+    return header
+
+
+def _is_truncated(ds: Dataset, stream_size: int) -> bool:
+    """Whether the last element holds fewer bytes than its length says.
+
+    pydicom reads a short final value without complaint; a dataset cut off in transit or by a faulty
+    modality would otherwise be acknowledged and fail only later, in the workers.
+    """
+    if not ds:
+        return False
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)  # the raw element, its value not read
+    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
+        return False
+    if last.value is None:  # deferred: still on disk
+        return last.value_tell + last.length > stream_size
+    return len(last.value) < last.length
+
+
+def _is_image_storage(sop_class_uid: str) -> bool:
+    """Image storage SOP classes require Pixel Data (PS3.3 C.7.6.3, Type 1)."""
+    return "Image Storage" in uid.UID(sop_class_uid).name
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
+    """The value as received; a multi-valued one (a backslash in the value) joined back with backslashes."""
     value = ds.get(keyword)
     if value is None or isinstance(value, bytes):
         return None
-    text = str(value).strip()
-    return text or None
+    text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+    return text.strip() or None
 
 
 def _date(ds: Dataset, keyword: str) -> dt.date | None:
