@@ -53,9 +53,8 @@ def _dockerfile_environment() -> dict[str, str]:
     logical_lines = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8")).splitlines()
     environment = {}
     for line in logical_lines:
-        words = shlex.split(line, comments=True)
-        if words and words[0].upper() == "ENV":
-            for word in words[1:]:
+        if line.split(maxsplit=1)[:1] == ["ENV"]:
+            for word in shlex.split(line, comments=True)[1:]:
                 key, separator, value = word.partition("=")
                 assert separator, f"Dockerfile: use ENV KEY=VALUE, not the legacy ENV KEY VALUE form: {line!r}"
                 environment[key] = value
@@ -72,7 +71,7 @@ def _unknown_setting(key: str) -> str | None:
     """Why ``key`` names no setting, or None. ``load_settings`` refuses an unknown key of a known section
     (DICOM_NODE_DICOM__BOGUS) but pydantic-settings ignores a variable whose section does not exist
     (DICOM_NODE_MLFLOW__TRACKING_URI, or DICOM_NODE_DICOM_PORT with one underscore), so both are checked here."""
-    parts = key.removeprefix(ENV_PREFIX).lower().split("__")
+    parts = key[len(ENV_PREFIX) :].lower().split("__")
     if not key.upper().startswith(ENV_PREFIX) or len(parts) != 2:
         return f"{key} is not of the form {ENV_PREFIX}<SECTION>__<KEY>"
     section, field = parts
