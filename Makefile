@@ -29,6 +29,8 @@ run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
 test: install-test system-packages
+	$(VENV)/bin/ruff check dicom_node inference web tests benchmarks
+	$(VENV)/bin/ruff format --check dicom_node inference web tests benchmarks
 	$(PYTHON) -m pytest
 
 bench: install-test system-packages

@@ -55,7 +55,10 @@ def serve(settings: Settings) -> int:
     try:
         node.start()
     except OSError as error:
-        print(f"dicom-node: cannot listen on {settings.dicom.host}:{settings.dicom.port}: {error.strerror}", file=sys.stderr)
+        print(
+            f"dicom-node: cannot listen on {settings.dicom.host}:{settings.dicom.port}: {error.strerror}",
+            file=sys.stderr,
+        )
         node.stop()
         return EXIT_START_FAILED
 

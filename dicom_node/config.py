@@ -7,7 +7,9 @@ the file; values absent from both take the defaults below. ``config.yaml`` docum
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,10 +136,26 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"{path}{line}: not valid YAML") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = _unknown_environment_variables(os.environ)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a setting (expected {ENV_PREFIX}<SECTION>__<KEY>)")
     try:
         return Settings(**file_values)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+
+
+def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
+    """``DICOM_NODE_*`` variables that name no setting; pydantic-settings would ignore them silently."""
+    unknown = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        section, separator, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        field = Settings.model_fields.get(section)
+        if field is None or (separator and key not in field.annotation.model_fields):
+            unknown.append(name)
+    return unknown
 
 
 def _describe(error: ValidationError) -> str:

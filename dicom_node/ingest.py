@@ -172,7 +172,11 @@ class Ingestor:
             raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error)) from None
         if header.sop_instance_uid != file_meta.MediaStorageSOPInstanceUID:
             # Seen from archives that rewrote one and not the other; the dataset is what readers will see.
-            log.warning("%s sent as %s: indexed by the dataset's UID", header.sop_instance_uid, file_meta.MediaStorageSOPInstanceUID)
+            log.warning(
+                "%s sent as %s: indexed by the dataset's UID",
+                header.sop_instance_uid,
+                file_meta.MediaStorageSOPInstanceUID,
+            )
         return relative
 
     def _index_and_publish(

@@ -95,7 +95,10 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]), default=JobState.PENDING)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]),
+        default=JobState.PENDING,
+    )
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -139,9 +139,7 @@ class StorageSCP:
         self._server = self.build_ae().start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )
-        log.info(
-            "DICOM listener %s on %s:%d", self.settings.ae_title, self.settings.host, self.settings.port
-        )
+        log.info("DICOM listener %s on %s:%d", self.settings.ae_title, self.settings.host, self.settings.port)
 
     @property
     def listening(self) -> bool:
@@ -151,4 +149,3 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-

@@ -18,9 +18,7 @@ JobHandler = Callable[[ClaimedJob], None]
 
 
 class WorkerPool:
-    def __init__(
-        self, queue: JobQueue, handlers: Mapping[str, JobHandler], count: int, poll_interval: float
-    ) -> None:
+    def __init__(self, queue: JobQueue, handlers: Mapping[str, JobHandler], count: int, poll_interval: float) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
         self.count = count
@@ -54,7 +52,9 @@ class WorkerPool:
             self.handlers[job.kind](job)
         except Exception as error:
             state = self.queue.fail(job.id, f"{type(error).__name__}: {error}")
-            log.warning("job %d (%s) attempt %d failed, now %s: %s", job.id, job.kind, job.attempt, state, type(error).__name__)
+            log.warning(
+                "job %d (%s) attempt %d failed, now %s: %s", job.id, job.kind, job.attempt, state, type(error).__name__
+            )
         else:
             self.queue.complete(job.id)
         return True

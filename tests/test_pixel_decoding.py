@@ -58,7 +58,7 @@ def test_pixels_decode(item) -> None:
 @pytest.mark.parametrize("name", sorted(UNDECODABLE))
 def test_damaged_pixel_data_raises(name: str) -> None:
     with pytest.raises((RuntimeError, ValueError)):
-        read(name).pixel_array
+        _ = read(name).pixel_array
 
 
 @pytest.mark.parametrize("name", LOSSLESS_TWINS_OF_MR_SMALL)

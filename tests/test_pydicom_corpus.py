@@ -8,7 +8,6 @@ from sqlalchemy import select
 from dicom_node.models import Instance
 from dicom_node.node import Node
 from dicom_node.status import StoreStatus
-from tests.conftest import NodeFactory
 from tests.dicom_peers import file_dataset_bytes, send_files
 from tests.pydicom_corpus import CorpusFile, storage_files
 
@@ -33,7 +32,11 @@ def expected_status(item: CorpusFile) -> StoreStatus:
 
 def test_corpus_covers_every_kind_of_case() -> None:
     statuses = {expected_status(item) for item in CORPUS}
-    assert statuses == {StoreStatus.SUCCESS, StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, StoreStatus.CANNOT_UNDERSTAND}
+    assert statuses == {
+        StoreStatus.SUCCESS,
+        StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        StoreStatus.CANNOT_UNDERSTAND,
+    }
     assert len({item.transfer_syntax_uid for item in CORPUS if expected_status(item) == StoreStatus.SUCCESS}) >= 10
 
 
@@ -62,7 +65,9 @@ def responses(corpus_node: Node) -> dict[str, object]:
     answers = {}
     for start in range(0, len(CORPUS), 40):
         batch = CORPUS[start : start + 40]
-        for item, response in zip(batch, send_files(corpus_node.settings.dicom.port, [i.path for i in batch])):
+        for item, response in zip(
+            batch, send_files(corpus_node.settings.dicom.port, [i.path for i in batch]), strict=True
+        ):
             answers[item.name] = response
     return answers
 

@@ -178,7 +178,12 @@ def dataset_followed_by(tmp_path: Path, name: str, cut: int = 0, extra: bytes = 
     ("case", "cut", "extra", "reason"),
     [
         ("cut-in-pixel-data", 1000, b"", "dataset is truncated"),
-        ("garbage-after-header", 0, b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10", "cannot be decoded"),
+        (
+            "garbage-after-header",
+            0,
+            b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10",
+            "cannot be decoded",
+        ),
     ],
 )
 def test_malformed_dataset_is_refused_and_the_node_keeps_serving(

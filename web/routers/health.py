@@ -34,7 +34,9 @@ def health(context: ContextDep, response: Response) -> Health:
     database, jobs = _database(context)
     root = context.settings.storage.root
     storage = PartHealth(ok=os.access(root, os.W_OK), detail=str(root))
-    listener = PartHealth(ok=context.listener_up(), detail=f"{context.settings.dicom.ae_title}@{context.settings.dicom.port}")
+    listener = PartHealth(
+        ok=context.listener_up(), detail=f"{context.settings.dicom.ae_title}@{context.settings.dicom.port}"
+    )
     healthy = database.ok and storage.ok and listener.ok
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE

@@ -1,0 +1,107 @@
+"""Configuration: defaults, the file, environment overrides, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.config import ConfigError, Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config.yaml"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DICOM_NODE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_those_of_the_design() -> None:
+    settings = load_settings(None)
+    assert settings.dicom.ae_title == "AINODE"
+    assert settings.dicom.port == 11112
+    assert settings.dicom.allowed_calling_aets == []
+    assert settings.web.port == 8000
+    assert settings.storage.root == Path("storage")
+    assert settings.database.url == "sqlite:///storage/index.sqlite3"
+
+
+def test_config_yaml_sets_every_key_and_documents_it() -> None:
+    text = CONFIG.read_text()
+    from_file = yaml.safe_load(text)
+    for section, field in Settings.model_fields.items():
+        assert set(from_file[section]) == set(field.annotation.model_fields), f"section {section}"
+        for key in field.annotation.model_fields:
+            line_number = next(i for i, line in enumerate(text.splitlines()) if line.strip().startswith(f"{key}:"))
+            assert text.splitlines()[line_number - 1].strip().startswith("#"), f"{section}.{key} has no comment"
+    assert load_settings(CONFIG) == load_settings(None), "config.yaml should spell out the defaults"
+
+
+def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE_DICOM__PORT", "11113")
+    monkeypatch.setenv("DICOM_NODE_DICOM__ALLOWED_CALLING_AETS", '["ORTHANC", "MODALITY1"]')
+    monkeypatch.setenv("DICOM_NODE_STORAGE__ROOT", "/srv/node")
+    settings = load_settings(CONFIG)
+    assert settings.dicom.port == 11113
+    assert settings.dicom.allowed_calling_aets == ["ORTHANC", "MODALITY1"]
+    assert settings.dicom.ae_title == "AINODE", "keys not overridden keep the file's value"
+    assert settings.database.url == "sqlite:////srv/node/index.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("dicom:\n  port: 70000\n", "dicom.port: Input should be less than or equal to 65535 (got 70000)"),
+        ("dicom:\n  ae_title: THIS_TITLE_IS_TOO_LONG\n", "dicom.ae_title: an AE title has 1 to 16 characters"),
+        ("dicom:\n  prot: 104\n", "dicom.prot: unknown key"),
+        ("dicom:\n  duplicate_policy: newest\n", "dicom.duplicate_policy:"),
+        ("workers:\n  max_attempts: 0\n", "workers.max_attempts:"),
+        ("dicom: [1, 2\n", "line"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_invalid_file_gives_one_line_naming_the_key(tmp_path: Path, yaml_text: str, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["DICOM_NODE_DICOM_PORT", "DICOM_NODE_MLFLOW__URI", "DICOM_NODE_DICOM__PROT"])
+def test_environment_variable_that_names_no_setting_is_an_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(ConfigError, match=name):
+        load_settings(CONFIG)
+
+
+def test_invalid_environment_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE_WEB__PORT", "eighty")
+    with pytest.raises(ConfigError, match="web.port"):
+        load_settings(CONFIG)
+
+
+def test_serve_with_a_bad_config_exits_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("dicom:\n  port: -1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "dicom-node: invalid configuration: dicom.port: Input should be greater than or equal to 1 (got -1)"
+    ]
+    assert not (tmp_path / "storage").exists(), "nothing may be created before the configuration is valid"
