@@ -1,0 +1,154 @@
+"""The job queue and the workers: each job runs once, failures retry with backoff, then fail with a reason."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from dicom_node.config import Settings
+from dicom_node.database import create_index_engine, session_factory
+from dicom_node.ingest import INFERENCE_JOB
+from dicom_node.jobs import ClaimedJob, JobQueue
+from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
+from dicom_node.node import Node
+from dicom_node.synthetic import synthetic_dx
+from tests.conftest import stored_jobs
+from tests.dicom_peers import free_port, send_datasets
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def add_jobs(sessions, count: int, kind: str = INFERENCE_JOB) -> list[int]:
+    """``count`` instances of a new patient, each with one pending job of ``kind``."""
+    with sessions.begin() as session:
+        n = session.query(Patient).count() + 1
+        patient = Patient(patient_id=f"P{n}", storage_key=f"P{n}-0")
+        series = Series(series_instance_uid=f"1.{n}.3", study=Study(study_instance_uid=f"1.{n}", patient=patient))
+        jobs = []
+        for number in range(count):
+            instance = Instance(
+                sop_instance_uid=f"1.{n}.3.{number}",
+                series=series,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"patients/P{n}-0/1.{n}/1.{n}.3/1.{n}.3.{number}.dcm",
+                size_bytes=1,
+            )
+            jobs.append(Job(instance=instance, kind=kind))
+        session.add_all(jobs)
+        session.flush()
+        return [job.id for job in jobs]
+
+
+def job(sessions, job_id: int) -> Job:
+    with sessions() as session:
+        return session.get_one(Job, job_id)
+
+
+def test_claims_the_oldest_due_job_of_the_kinds_asked_for(sessions) -> None:
+    [other] = add_jobs(sessions, 1, kind="other")
+    first, second = add_jobs(sessions, 2)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=1)
+
+    claimed = queue.claim([INFERENCE_JOB])
+    assert (claimed.id, claimed.attempt) == (first, 1)
+    assert job(sessions, first).state == JobState.RUNNING
+    assert queue.claim([INFERENCE_JOB]).id == second
+    assert queue.claim([INFERENCE_JOB]) is None
+    assert queue.claim([]) is None
+    assert job(sessions, other).state == JobState.PENDING
+
+
+def test_concurrent_workers_never_claim_the_same_job(sessions) -> None:
+    ids = add_jobs(sessions, 60)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=1)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while (taken := queue.claim([INFERENCE_JOB])) is not None:
+            with lock:
+                claimed.append(taken.id)
+
+    threads = [threading.Thread(target=drain) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(claimed) == ids
+
+
+def test_a_failed_attempt_is_retried_after_backoff_then_marked_failed(sessions) -> None:
+    [job_id] = add_jobs(sessions, 1)
+    queue = JobQueue(sessions, max_attempts=2, retry_backoff=60)
+
+    queue.claim([INFERENCE_JOB])
+    assert queue.fail(job_id, "ValueError: first") == JobState.PENDING
+    assert queue.claim([INFERENCE_JOB]) is None, "not due before its backoff"
+
+    with sessions.begin() as session:  # let the backoff pass
+        session.execute(update(Job).values(available_at=Job.created_at))
+    assert queue.claim([INFERENCE_JOB]).attempt == 2
+    assert queue.fail(job_id, "ValueError: second") == JobState.FAILED
+
+    failed = job(sessions, job_id)
+    assert (failed.state, failed.attempts, failed.last_error) == (JobState.FAILED, 2, "ValueError: second")
+    assert queue.claim([INFERENCE_JOB]) is None
+
+
+def test_jobs_left_running_by_a_stopped_process_resume(sessions) -> None:
+    [job_id] = add_jobs(sessions, 1)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=1)
+    queue.claim([INFERENCE_JOB])  # then the process dies
+
+    assert queue.recover_interrupted() == 1
+    assert queue.claim([INFERENCE_JOB]).id == job_id
+
+
+def test_workers_run_each_received_instance_once(tmp_path: Path) -> None:
+    seen: list[int] = []
+    failing_uid = "1.2.826.0.1.3680043.8.498.999"
+
+    def handler(claimed: ClaimedJob) -> None:
+        with node.sessions() as session:
+            instance = session.get_one(Instance, claimed.instance_pk)
+            if instance.sop_instance_uid == failing_uid:
+                raise RuntimeError("model exploded")
+        seen.append(claimed.instance_pk)
+
+    settings = Settings(
+        dicom={"host": "127.0.0.1", "port": free_port()},
+        storage={"root": tmp_path / "storage"},
+        workers={"count": 2, "poll_interval": 0.05, "max_attempts": 2, "retry_backoff": 0.05},
+    )
+    node = Node(settings, job_handlers={INFERENCE_JOB: handler})
+    node.start()
+    try:
+        datasets = [synthetic_dx(f"W{n}", side=64, seed=n) for n in range(6)]
+        datasets[0].SOPInstanceUID = datasets[0].file_meta.MediaStorageSOPInstanceUID = failing_uid
+        send_datasets(settings.dicom.port, datasets)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [job.state for job in stored_jobs(node)]
+            if len(states) == 6 and JobState.PENDING not in states and JobState.RUNNING not in states:
+                break
+            time.sleep(0.05)
+    finally:
+        node.stop()
+
+    jobs = {job.instance_pk: job for job in stored_jobs(node)}
+    with node.sessions() as session:
+        failing_pk = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == failing_uid))
+    assert sorted(seen) == sorted(pk for pk in jobs if pk != failing_pk), "every other job ran exactly once"
+    assert jobs[failing_pk].state == JobState.FAILED
+    assert (jobs[failing_pk].attempts, jobs[failing_pk].last_error) == (2, "RuntimeError: model exploded")
+    assert all(job.state == JobState.DONE for pk, job in jobs.items() if pk != failing_pk)

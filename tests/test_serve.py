@@ -1,0 +1,129 @@
+"""``dicom-node serve`` as an administrator runs it: one process, real DCMTK peers, clean stop on signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.synthetic import write_synthetic_dx
+from tests.dicom_peers import NODE_AE, dcmtk, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DICOM_NODE = Path(sys.executable).parent / "dicom-node"
+
+
+class ServeProcess:
+    def __init__(self, storage: Path, dicom_port: int | None = None) -> None:
+        self.dicom_port = dicom_port or free_port()
+        self.web_port = free_port()
+        self.storage = storage
+        environment = os.environ | {
+            "DICOM_NODE_DICOM__HOST": "127.0.0.1",
+            "DICOM_NODE_DICOM__PORT": str(self.dicom_port),
+            "DICOM_NODE_WEB__PORT": str(self.web_port),
+            "DICOM_NODE_STORAGE__ROOT": str(storage),
+        }
+        self.process = subprocess.Popen(
+            [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
+            env=environment,
+            cwd=storage.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def wait_until_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"serve exited early:\n{self.process.stdout.read()}"
+            try:
+                if self.health()[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("the node did not become ready")
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/health", timeout=5) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        self.process.send_signal(signal_number)
+        output, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, output
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    process = ServeProcess(tmp_path / "storage")
+    yield process
+    if process.process.poll() is None:
+        process.process.kill()
+        process.process.wait()
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_serve_receives_from_dcmtk_and_stops_cleanly(serve: ServeProcess, tmp_path: Path, signal_number: int) -> None:
+    serve.wait_until_ready()
+    assert dcmtk("echoscu", "-aec", NODE_AE, "127.0.0.1", serve.dicom_port).returncode == 0
+    files = write_synthetic_dx(tmp_path / "in", 3, side=256)
+    sent = dcmtk("storescu", "-aec", NODE_AE, "127.0.0.1", serve.dicom_port, *files)
+    assert sent.returncode == 0, sent.stderr
+
+    status, health = serve.health()
+    assert status == 200
+    assert health["status"] == "ok"
+    assert health["dicom_listener"]["ok"] and health["database"]["ok"] and health["storage"]["ok"]
+    assert health["jobs"] == {"pending": 3}
+    assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3
+
+    returncode, output = serve.stop(signal_number)
+    assert returncode == 0, output
+    assert "stopped" in output
+    assert "Traceback" not in output
+
+
+def test_restart_keeps_the_index_and_sweeps_partial_writes(serve: ServeProcess, tmp_path: Path) -> None:
+    serve.wait_until_ready()
+    files = write_synthetic_dx(tmp_path / "in", 2, side=128)
+    assert dcmtk("storescu", "-aec", NODE_AE, "127.0.0.1", serve.dicom_port, *files).returncode == 0
+    serve.process.kill()  # no chance to clean up
+    serve.process.wait()
+    partial = serve.storage / "incoming" / "tmpcrash.part"
+    partial.write_bytes(b"half an image")
+
+    again = ServeProcess(serve.storage)
+    try:
+        again.wait_until_ready()
+        assert again.health()[1]["jobs"] == {"pending": 2}
+        assert not partial.exists()
+        resent = dcmtk("storescu", "-aec", NODE_AE, "127.0.0.1", again.dicom_port, *files)
+        assert resent.returncode == 0
+        assert again.health()[1]["jobs"] == {"pending": 2}, "a resend after restart is still idempotent"
+    finally:
+        returncode, output = again.stop()
+    assert returncode == 0, output
+
+
+def test_serve_on_a_busy_port_exits_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        busy = ServeProcess(tmp_path / "storage", dicom_port=occupant.getsockname()[1])
+        output, _ = busy.process.communicate(timeout=60)
+    assert busy.process.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{busy.dicom_port}" in output
+    assert "Traceback" not in output
