@@ -26,10 +26,30 @@ _WEB_START_TIMEOUT = 30.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
     serve_parser = commands.add_parser("serve", help="run the DICOM listener, the workers and the web server")
     serve_parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
-    args = parser.parse_args(argv)
+    serve_parser.set_defaults(run=_serve_command)
 
+    phantoms = commands.add_parser("phantoms", help="write synthetic hand and foot X-rays with labels.csv")
+    phantoms.add_argument("--out", type=Path, required=True, help="directory for the DICOM files and labels.csv")
+    phantoms.add_argument("--n", type=_positive, required=True, help="number of images")
+    phantoms.add_argument("--seed", type=int, required=True, help="seed; disjoint seeds give disjoint sets")
+    phantoms.add_argument("--task", choices=["hand", "foot", "both"], default="both")
+    phantoms.set_defaults(run=_phantoms_command)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _serve_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
@@ -37,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     return serve(settings)
+
+
+def _phantoms_command(args: argparse.Namespace) -> int:
+    from dicom_node.phantoms import generate_phantoms
+
+    labels = generate_phantoms(args.out, args.n, args.seed, args.task)
+    print(f"wrote {len(labels)} phantoms and labels.csv to {args.out} (synthetic images, not patients)")
+    return 0
 
 
 def configure_logging(level: str) -> None:
