@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     phantoms.add_argument("--n", type=_positive, required=True, help="number of images")
     phantoms.add_argument("--seed", type=int, required=True, help="seed; disjoint seeds give disjoint sets")
     phantoms.add_argument("--task", choices=["hand", "foot", "both"], default="both")
+    phantoms.add_argument("--compress", choices=["none", "jpeg-ls", "rle"], default="none", help="lossless pixels")
     phantoms.set_defaults(run=_phantoms_command)
 
     args = parser.parse_args(argv)
@@ -62,7 +63,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 def _phantoms_command(args: argparse.Namespace) -> int:
     from dicom_node.phantoms import generate_phantoms
 
-    labels = generate_phantoms(args.out, args.n, args.seed, args.task)
+    labels = generate_phantoms(args.out, args.n, args.seed, args.task, args.compress)
     print(f"wrote {len(labels)} phantoms and labels.csv to {args.out} (synthetic images, not patients)")
     return 0
 

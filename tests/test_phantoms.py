@@ -137,6 +137,8 @@ def test_phantoms_command_writes_the_set(tmp_path: Path) -> None:
             "9",
             "--task",
             "hand",
+            "--compress",
+            "jpeg-ls",
         ],
         capture_output=True,
         text=True,
@@ -144,4 +146,9 @@ def test_phantoms_command_writes_the_set(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "not patients" in result.stdout
-    assert [label.task for label in read_labels(tmp_path / "labels.csv")] == ["hand", "hand"]
+    labels = read_labels(tmp_path / "labels.csv")
+    assert [label.task for label in labels] == ["hand", "hand"]
+    stored = pydicom.dcmread(tmp_path / labels[0].file)
+    original, _ = render_phantom(9, 0, "hand")
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    assert np.array_equal(stored.pixel_array, original.pixel_array), "lossless"

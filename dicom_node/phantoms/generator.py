@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydicom import uid
 
 from dicom_node.phantoms.foot import FOOT_CLASSES, FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.hand import FULL_MATURITY_MONTHS, HAND_EXTENT_MM, draw_hand, growth, maturity
@@ -20,6 +21,7 @@ from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Placement, expose,
 from dicom_node.synthetic import Demographics, dx_dataset
 
 Task = Literal["hand", "foot", "both"]
+COMPRESSIONS = {"none": None, "jpeg-ls": uid.JPEGLSLossless, "rle": uid.RLELossless}
 SIDE_RANGE = (1500, 3000)  # pixels, each side
 MONOCHROME1_SHARE = 0.3
 WINDOW_SHARE = 0.5
@@ -57,13 +59,20 @@ class PhantomLabel:
 LABEL_COLUMNS = tuple(field.name for field in fields(PhantomLabel))
 
 
-def generate_phantoms(out: Path, count: int, seed: int, task: Task = "both") -> list[PhantomLabel]:
-    """Write ``count`` phantoms as DICOM files into ``out`` with ``labels.csv``; return the labels."""
+def generate_phantoms(
+    out: Path, count: int, seed: int, task: Task = "both", compression: str = "none"
+) -> list[PhantomLabel]:
+    """Write ``count`` phantoms as DICOM files into ``out`` with ``labels.csv``; return the labels.
+
+    ``compression`` (a key of :data:`COMPRESSIONS`) stores the pixels losslessly compressed.
+    """
     out.mkdir(parents=True, exist_ok=True)
     labels = []
     for index in range(count):
         kind = task if task != "both" else ("hand", "foot")[index % 2]
         ds, label = render_phantom(seed, index, kind)
+        if COMPRESSIONS[compression] is not None:
+            ds.compress(COMPRESSIONS[compression])
         ds.save_as(out / label.file, enforce_file_format=True)
         labels.append(label)
     write_labels(out / "labels.csv", labels)
