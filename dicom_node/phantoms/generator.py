@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ from dicom_node.phantoms.foot import FOOT_CLASSES, FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.hand import FULL_MATURITY_MONTHS, HAND_EXTENT_MM, draw_hand, growth, maturity
 from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Placement, expose, random_exposure
 from dicom_node.synthetic import Demographics, dx_dataset
+from inference.training.labels import LABEL_COLUMNS, PhantomLabel
 
 Task = Literal["hand", "foot", "both"]
 COMPRESSIONS = {"none": None, "jpeg-ls": uid.JPEGLSLossless, "rle": uid.RLELossless}
@@ -30,35 +31,6 @@ LOWEST_BONE_AGE_MONTHS = 12.0
 CHRONOLOGICAL_SD_MONTHS = 10.0  # spread of chronological around bone age, about one reference SD
 
 
-@dataclass(frozen=True)
-class PhantomLabel:
-    """One row of ``labels.csv``: the ground truth of one file. Empty fields do not apply to the task."""
-
-    file: str
-    task: str
-    sex: str
-    chronological_age_months: float
-    bone_age_months: float | None
-    foot_class: str | None
-    hallux_valgus_angle_deg: float | None
-    intermetatarsal_angle_deg: float | None
-    finding_x0: int | None
-    finding_y0: int | None
-    finding_x1: int | None
-    finding_y1: int | None
-    photometric_interpretation: str
-    patient_id: str
-
-    @property
-    def finding_box(self) -> tuple[int, int, int, int] | None:
-        if self.finding_x0 is None:
-            return None
-        return (self.finding_x0, self.finding_y0, self.finding_x1, self.finding_y1)
-
-
-LABEL_COLUMNS = tuple(field.name for field in fields(PhantomLabel))
-
-
 def generate_phantoms(
     out: Path, count: int, seed: int, task: Task = "both", compression: str = "none"
 ) -> list[PhantomLabel]:
@@ -68,14 +40,19 @@ def generate_phantoms(
     """
     out.mkdir(parents=True, exist_ok=True)
     labels = []
-    for index in range(count):
-        kind = task if task != "both" else ("hand", "foot")[index % 2]
-        ds, label = render_phantom(seed, index, kind)
-        if COMPRESSIONS[compression] is not None:
-            ds.compress(COMPRESSIONS[compression])
-        ds.save_as(out / label.file, enforce_file_format=True)
-        labels.append(label)
-    write_labels(out / "labels.csv", labels)
+    with (out / "labels.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=LABEL_COLUMNS)
+        writer.writeheader()
+        for index in range(count):
+            kind = task if task != "both" else ("hand", "foot")[index % 2]
+            ds, label = render_phantom(seed, index, kind)
+            if COMPRESSIONS[compression] is not None:
+                ds.compress(COMPRESSIONS[compression])
+            ds.save_as(out / label.file, enforce_file_format=True)
+            # a row per finished file, so that an interrupted set is still a valid (smaller) set
+            writer.writerow({key: "" if value is None else value for key, value in asdict(label).items()})
+            file.flush()
+            labels.append(label)
     return labels
 
 
@@ -162,32 +139,3 @@ def _window(pixels: np.ndarray) -> tuple[float, float]:
     """A VOI window around the anatomy: the 1st to 99th percentile of a subsample."""
     low, high = np.percentile(pixels[::8, ::8], [1, 99])
     return float((low + high) / 2), float(max(high - low, 1.0))
-
-
-def write_labels(path: Path, labels: list[PhantomLabel]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=LABEL_COLUMNS)
-        writer.writeheader()
-        for label in labels:
-            writer.writerow({key: "" if value is None else value for key, value in asdict(label).items()})
-
-
-def read_labels(path: Path) -> list[PhantomLabel]:
-    """Read ``labels.csv`` back into :class:`PhantomLabel` rows with their types."""
-    types = {field.name: field.type for field in fields(PhantomLabel)}
-    rows = []
-    with path.open(newline="") as file:
-        for row in csv.DictReader(file):
-            values = {}
-            for key, text in row.items():
-                kind = types[key]
-                if text == "":
-                    values[key] = None
-                elif "float" in kind:
-                    values[key] = float(text)
-                elif "int" in kind:
-                    values[key] = int(text)
-                else:
-                    values[key] = text
-            rows.append(PhantomLabel(**values))
-    return rows

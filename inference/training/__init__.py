@@ -1,0 +1,1 @@
+"""Training and evaluation of the node's models (MONAI DenseNet121), tracked in MLflow."""
