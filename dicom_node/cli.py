@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.node import Node
@@ -20,6 +22,7 @@ log = logging.getLogger("dicom_node")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_START_FAILED = 1
+EXIT_FORCED = 130
 _WEB_START_TIMEOUT = 30.0
 
 
@@ -77,10 +80,23 @@ def configure_logging(level: str) -> None:
 def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then stop listening, finish jobs in hand and exit 0."""
     stop = threading.Event()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop.set())
 
-    node = Node(settings)
+    def on_signal(*_: object) -> None:
+        if stop.is_set():  # a second signal: the operator does not want to wait
+            os._exit(EXIT_FORCED)
+        stop.set()
+
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, on_signal)
+
+    try:
+        node = Node(settings)
+    except OSError as error:
+        print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except (SQLAlchemyError, ImportError) as error:
+        print(f"dicom-node: cannot open the database ({type(error).__name__}: {error})", file=sys.stderr)
+        return EXIT_START_FAILED
     try:
         node.start()
     except OSError as error:

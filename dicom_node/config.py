@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "DICOM_NODE_"
 
@@ -56,6 +58,7 @@ class DicomSettings(Section):
     accept_all_storage: bool = False
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     max_pdu_size: int = Field(0, ge=0)
+    max_inflated_mb: int = Field(256, ge=1)
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 60.0
     network_timeout: Seconds = 60.0
@@ -72,6 +75,16 @@ class StorageSettings(Section):
 
 class DatabaseSettings(Section):
     url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _is_database_url(cls, value: str) -> str:
+        if value:
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError("not a database URL such as sqlite:///path or postgresql+psycopg://...") from None
+        return value
 
 
 class WorkerSettings(Section):
@@ -143,6 +156,11 @@ def load_settings(path: Path | None = None) -> Settings:
         return Settings(**file_values)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+    except SettingsError as error:  # an environment value that is not valid JSON for a list or mapping
+        section = str(error).split('"')[1] if '"' in str(error) else "?"
+        raise ConfigError(
+            f"{ENV_PREFIX}{section.upper()}__*: cannot parse the value (a list is JSON, e.g. '[\"ORTHANC\"]')"
+        ) from None
 
 
 def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:

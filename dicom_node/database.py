@@ -18,14 +18,19 @@ def create_index_engine(url: str) -> Engine:
 
     SQLite runs in WAL mode so that readers (the web viewer) never block the SCP's writes, with
     ``synchronous=FULL`` so that a committed index row survives a power cut as the file it points at does.
+    Statement parameters are kept out of error messages: they hold patient data.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     else:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
     return engine

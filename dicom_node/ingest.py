@@ -17,9 +17,11 @@ import datetime as dt
 import enum
 import logging
 import threading
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import pydicom
 from pydicom import uid
@@ -33,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Instance, Job, Patient, Series, Study
+from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
 
@@ -42,10 +44,14 @@ log = logging.getLogger(__name__)
 INFERENCE_JOB = "inference"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _INTEGRITY_RETRIES = 3
+_MAX_PATIENT_ID = 64  # VR LO
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Values larger than this stay on disk while the header is checked.
 _DEFER_BYTES = 4096
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+DuplicatePolicy = Literal["keep_first", "replace"]
 
 
 class Rejected(Exception):
@@ -97,17 +103,17 @@ class InstanceHeader:
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
         return cls(
             patient_id=_text(ds, "PatientID") or "",
-            patient_name=_text(ds, "PatientName"),
-            patient_sex=_text(ds, "PatientSex"),
+            patient_name=_fitted(ds, "PatientName", Patient.name),
+            patient_sex=_fitted(ds, "PatientSex", Patient.sex),
             patient_birth_date=_date(ds, "PatientBirthDate"),
             study_instance_uid=_text(ds, "StudyInstanceUID") or "",
             study_date=_date(ds, "StudyDate"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_description=_text(ds, "StudyDescription"),
+            accession_number=_fitted(ds, "AccessionNumber", Study.accession_number),
+            study_description=_fitted(ds, "StudyDescription", Study.description),
             series_instance_uid=_text(ds, "SeriesInstanceUID") or "",
-            modality=_text(ds, "Modality"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            series_description=_text(ds, "SeriesDescription"),
+            modality=_fitted(ds, "Modality", Series.modality),
+            body_part_examined=_fitted(ds, "BodyPartExamined", Series.body_part_examined),
+            series_description=_fitted(ds, "SeriesDescription", Series.description),
             sop_class_uid=_text(ds, "SOPClassUID") or "",
             sop_instance_uid=_text(ds, "SOPInstanceUID") or "",
             instance_number=_integer(ds, "InstanceNumber"),
@@ -121,11 +127,16 @@ class Ingestor:
     """Stores, indexes and queues received instances; safe to call from many association threads."""
 
     def __init__(
-        self, store: InstanceStore, sessions: sessionmaker[Session], duplicate_policy: str = "keep_first"
+        self,
+        store: InstanceStore,
+        sessions: sessionmaker[Session],
+        duplicate_policy: DuplicatePolicy = "keep_first",
+        max_inflated_bytes: int = 256 * 2**20,
     ) -> None:
         self.store = store
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
+        self.max_inflated_bytes = max_inflated_bytes
         # Serialises the read-then-write of get-or-create rows between this process's threads;
         # other processes are handled by retrying on a unique-constraint violation.
         self._lock = threading.Lock()
@@ -140,14 +151,34 @@ class Ingestor:
         """Make the encoded ``dataset`` (as received, without file meta) durable and indexed.
 
         Raises:
-            Rejected: the dataset is not acceptable or cannot be stored; nothing was kept.
+            Rejected: the dataset is not acceptable or cannot be stored now. No index row was written, and a
+            previously acknowledged copy of the same instance is kept.
         """
         try:
-            temporary = self.store.write_temporary([_PREAMBLE, _encode_file_meta(file_meta), *dataset])
+            return self._ingest(file_meta, dataset, calling_ae, expected_sop_class_uid)
+        except Rejected:
+            raise
+        # Only the error's type is logged: messages of storage and database errors can carry patient data.
         except OSError as error:
+            log.error("storage write failed (%s)", type(error).__name__)
             raise Rejected(StoreStatus.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}") from None
+        except OperationalError:
+            log.error("index write failed (OperationalError)")
+            raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index unavailable, try again") from None
+        except Exception as error:
+            log.error("ingest failed (%s)", type(error).__name__)
+            raise Rejected(StoreStatus.PROCESSING_FAILURE, f"internal error ({type(error).__name__})") from None
+
+    def _ingest(
+        self,
+        file_meta: FileMetaDataset,
+        dataset: Iterable[bytes | memoryview],
+        calling_ae: str | None,
+        expected_sop_class_uid: str | None,
+    ) -> IngestResult:
+        temporary = self.store.write_temporary([_PREAMBLE, _encode_file_meta(file_meta), *dataset])
         try:
-            header = _read_header(temporary, file_meta.TransferSyntaxUID)
+            header = _read_header(temporary, file_meta.TransferSyntaxUID, self.max_inflated_bytes)
             relative = self._check(header, file_meta, expected_sop_class_uid)
             return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID)
         finally:
@@ -158,6 +189,8 @@ class Ingestor:
     ) -> PurePosixPath:
         if not header.patient_id:
             raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PatientID is missing")
+        if len(header.patient_id) > _MAX_PATIENT_ID:
+            raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PatientID is longer than 64 characters")
         if not header.sop_class_uid:
             raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID is missing")
         if header.sop_class_uid != (expected_sop_class_uid or file_meta.MediaStorageSOPClassUID):
@@ -192,12 +225,9 @@ class Ingestor:
             try:
                 with self._lock:
                     return self._transaction(header, relative, temporary, size, calling_ae, transfer_syntax_uid)
-            except IntegrityError:
+            except IntegrityError:  # another process inserted the same patient/study/series first
                 if attempt == _INTEGRITY_RETRIES:
-                    raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index busy, try again") from None
-            except OperationalError as error:
-                log.error("index write failed for %s: %s", header.sop_instance_uid, error.orig)
-                raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index unavailable, try again") from None
+                    raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index conflict, try again") from None
         raise AssertionError("unreachable")
 
     def _transaction(
@@ -212,15 +242,13 @@ class Ingestor:
         with self.sessions() as session:
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
             if existing is not None and self.duplicate_policy == "keep_first":
+                self._restore_if_missing(PurePosixPath(existing.path), temporary)
                 return IngestResult(Outcome.DUPLICATE_IGNORED, header.sop_instance_uid, PurePosixPath(existing.path))
 
             series = _series(session, header)
-            replaced_path = None
-            if existing is None:
-                instance = Instance(sop_instance_uid=header.sop_instance_uid)
-                session.add(instance)
-            else:
-                instance, replaced_path = existing, existing.path
+            previous = PurePosixPath(existing.path) if existing is not None else None
+            instance = existing if existing is not None else Instance(sop_instance_uid=header.sop_instance_uid)
+            session.add(instance)
             instance.series = series
             instance.sop_class_uid = header.sop_class_uid
             instance.transfer_syntax_uid = transfer_syntax_uid
@@ -230,20 +258,41 @@ class Ingestor:
             instance.size_bytes = size
             instance.calling_ae = calling_ae
             instance.received_at = dt.datetime.now(dt.UTC)
-            session.add(Job(instance=instance, kind=INFERENCE_JOB))
+            _queue(session, instance)
             session.flush()
 
-            published = self.store.publish(temporary, relative)
+            set_aside = self.store.set_aside(previous) if previous is not None else None
             try:
+                self.store.publish(temporary, relative)
                 session.commit()
             except BaseException:
-                if replaced_path is None:
-                    published.unlink(missing_ok=True)
+                # The acknowledged copy goes back in place. The new file is not deleted: a commit that
+                # reported an error may still have reached the database, and then its row points at it.
+                if set_aside is not None:
+                    self.store.restore(set_aside, previous)
                 raise
-        if replaced_path is not None and replaced_path != str(relative):
-            self.store.absolute(replaced_path).unlink(missing_ok=True)
-        outcome = Outcome.STORED if replaced_path is None else Outcome.REPLACED
+        if set_aside is not None:
+            set_aside.unlink(missing_ok=True)
+        outcome = Outcome.STORED if previous is None else Outcome.REPLACED
         return IngestResult(outcome, header.sop_instance_uid, relative)
+
+    def _restore_if_missing(self, relative: PurePosixPath, temporary: Path) -> None:
+        """A duplicate whose indexed file is gone (lost after an uncertain commit) puts it back."""
+        if not self.store.absolute(relative).exists():
+            log.warning("file of an indexed instance was missing; stored the copy sent again")
+            self.store.publish(temporary, relative)
+
+
+def _queue(session: Session, instance: Instance) -> None:
+    """One inference job per instance: a new one, or the existing one queued again after a replace."""
+    job = None
+    if instance.id is not None:
+        job = session.scalar(select(Job).where(Job.instance_pk == instance.id, Job.kind == INFERENCE_JOB))
+    if job is None:
+        session.add(Job(instance=instance, kind=INFERENCE_JOB))
+        return
+    job.state, job.attempts, job.last_error = JobState.PENDING, 0, None
+    job.available_at = dt.datetime.now(dt.UTC)
 
 
 def _series(session: Session, header: InstanceHeader) -> Series:
@@ -259,6 +308,10 @@ def _series(session: Session, header: InstanceHeader) -> Series:
         )
         session.add(patient)
     study = session.scalar(select(Study).where(Study.study_instance_uid == header.study_instance_uid))
+    if study is not None and study.patient is not patient:
+        raise Rejected(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID is indexed under another patient"
+        )
     if study is None:
         study = Study(
             study_instance_uid=header.study_instance_uid,
@@ -269,6 +322,8 @@ def _series(session: Session, header: InstanceHeader) -> Series:
         )
         session.add(study)
     series = session.scalar(select(Series).where(Series.series_instance_uid == header.series_instance_uid))
+    if series is not None and series.study is not study:
+        raise Rejected(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is indexed under another study")
     if series is None:
         series = Series(
             series_instance_uid=header.series_instance_uid,
@@ -287,10 +342,13 @@ def _encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def _read_header(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
+def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int) -> InstanceHeader:
     """Parse the whole dataset, leaving large values on disk, and refuse it if it was cut short."""
+    deflated = transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian
+    if deflated:
+        _check_inflated_size(path, max_inflated_bytes)
     # A deflated dataset is parsed from its inflated copy in memory, where deferred offsets mean nothing.
-    defer = None if transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian else _DEFER_BYTES
+    defer = None if deflated else _DEFER_BYTES
     try:
         ds = pydicom.dcmread(path, defer_size=defer)
         truncated = _is_truncated(ds, path.stat().st_size)  # before any access converts the raw elements
@@ -300,6 +358,22 @@ def _read_header(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
     if truncated:
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "dataset is truncated")
     return header
+
+
+def _check_inflated_size(path: Path, limit: int) -> None:
+    """Refuse a deflated dataset that would inflate beyond ``limit`` bytes (pydicom inflates it whole)."""
+    meta_length = pydicom.filereader.read_file_meta_info(path).FileMetaInformationGroupLength
+    with open(path, "rb") as file:
+        file.seek(len(_PREAMBLE) + 12 + meta_length)
+        inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while block := file.read(1 << 20):
+            while block:
+                inflated += len(inflater.decompress(block, 1 << 22))
+                if inflated > limit:
+                    raise Rejected(StoreStatus.OUT_OF_RESOURCES, f"deflated dataset inflates beyond {limit >> 20} MiB")
+                block = inflater.unconsumed_tail
+            if inflater.eof:
+                return
 
 
 def _is_truncated(ds: Dataset, stream_size: int) -> bool:
@@ -344,8 +418,16 @@ def _date(ds: Dataset, keyword: str) -> dt.date | None:
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
+    """An integer that fits the index (32 bits), else None: the file keeps the value as sent."""
     try:
         value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and -(2**31) <= number < 2**31 else None
+
+
+def _fitted(ds: Dataset, keyword: str, column) -> str | None:
+    """Text for an index column, cut to the column's length (a longer value breaks the VR, not the node)."""
+    text = _text(ds, keyword)
+    return text[: column.type.length] if text else text

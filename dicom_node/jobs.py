@@ -73,8 +73,14 @@ class JobQueue:
             return job.state
 
     def recover_interrupted(self) -> int:
-        """At start-up: jobs left running by a stopped process go back to pending (their attempt counted)."""
+        """At start-up: jobs left running by a stopped process go back to pending, their attempt counted;
+        one that has used all its attempts (it may be what stopped the process) is marked failed."""
         with self.sessions.begin() as session:
+            session.execute(
+                update(Job)
+                .where(Job.state == JobState.RUNNING, Job.attempts >= self.max_attempts)
+                .values(state=JobState.FAILED, last_error="interrupted on every attempt")
+            )
             return session.execute(
                 update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.PENDING)
             ).rowcount

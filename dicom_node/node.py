@@ -22,7 +22,9 @@ class Node:
         self.store = InstanceStore(settings.storage.root)
         self.engine = create_index_engine(settings.database.url)
         self.sessions = session_factory(self.engine)
-        self.ingestor = Ingestor(self.store, self.sessions, settings.dicom.duplicate_policy)
+        self.ingestor = Ingestor(
+            self.store, self.sessions, settings.dicom.duplicate_policy, settings.dicom.max_inflated_mb * 2**20
+        )
         self.scp = StorageSCP(settings.dicom, self.ingestor)
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
         self.workers = WorkerPool(

@@ -7,6 +7,7 @@ Each C-STORE is handed to the :class:`~dicom_node.ingest.Ingestor` with the byte
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from pydicom import uid
@@ -145,7 +146,15 @@ class StorageSCP:
     def listening(self) -> bool:
         return self._server is not None and self._server.socket is not None and self._server.socket.fileno() >= 0
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting associations, give open ones ``grace`` seconds to finish, then abort them."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace
+        for association in list(server.active_associations):
+            association.join(max(deadline - time.monotonic(), 0.0))
+            if association.is_alive():
+                association.abort()
+                association.join(5.0)

@@ -98,6 +98,20 @@ class InstanceStore:
         _fsync_directory(destination.parent)
         return destination
 
+    def set_aside(self, relative: PurePosixPath) -> Path | None:
+        """Rename a stored file out of the way before it is replaced; None if it does not exist."""
+        path = self.absolute(relative)
+        if not path.exists():
+            return None
+        aside = path.with_name(path.name + ".replaced")
+        os.replace(path, aside)
+        return aside
+
+    def restore(self, aside: Path, relative: PurePosixPath) -> None:
+        """Put a file set aside back in its place (the replacement failed)."""
+        os.replace(aside, self.absolute(relative))
+        _fsync_directory(aside.parent)
+
     @staticmethod
     def discard(path: Path) -> None:
         path.unlink(missing_ok=True)

@@ -13,6 +13,8 @@ missing=()
 for program in "${!needed[@]}"; do
   command -v "$program" >/dev/null 2>&1 || missing+=("${needed[$program]}")
 done
+# PostgreSQL's server programs are not on PATH in Debian's layout.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -105,3 +105,15 @@ def test_serve_with_a_bad_config_exits_with_one_line(tmp_path: Path) -> None:
         "dicom-node: invalid configuration: dicom.port: Input should be greater than or equal to 1 (got -1)"
     ]
     assert not (tmp_path / "storage").exists(), "nothing may be created before the configuration is valid"
+
+
+def test_a_database_url_that_is_not_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE_DATABASE__URL", "notaurl")
+    with pytest.raises(ConfigError, match="database.url: not a database URL"):
+        load_settings(CONFIG)
+
+
+def test_a_list_that_is_not_json_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE_DICOM__ALLOWED_CALLING_AETS", "ORTHANC")
+    with pytest.raises(ConfigError, match=r"DICOM_NODE_DICOM__\*: cannot parse"):
+        load_settings(CONFIG)

@@ -152,3 +152,14 @@ def test_workers_run_each_received_instance_once(tmp_path: Path) -> None:
     assert jobs[failing_pk].state == JobState.FAILED
     assert (jobs[failing_pk].attempts, jobs[failing_pk].last_error) == (2, "RuntimeError: model exploded")
     assert all(job.state == JobState.DONE for pk, job in jobs.items() if pk != failing_pk)
+
+
+def test_a_job_interrupted_on_every_attempt_is_failed_not_retried_forever(sessions) -> None:
+    [job_id] = add_jobs(sessions, 1)
+    queue = JobQueue(sessions, max_attempts=2, retry_backoff=1)
+    for _ in range(2):  # the job kills the process on each attempt
+        assert queue.claim([INFERENCE_JOB]).id == job_id
+        queue.recover_interrupted()
+    failed = job(sessions, job_id)
+    assert (failed.state, failed.last_error) == (JobState.FAILED, "interrupted on every attempt")
+    assert queue.claim([INFERENCE_JOB]) is None

@@ -12,9 +12,9 @@ import pytest
 from pydicom import uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from dicom_node.models import Instance, JobState, Patient
+from dicom_node.models import Instance, Job, JobState, Patient
 from dicom_node.node import Node
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore
@@ -118,10 +118,12 @@ def test_resend_keeps_the_first_copy_and_queues_one_job(node: Node, tmp_path: Pa
     assert pydicom.dcmread(node.store.absolute(instance.path)).PatientName != "Changed^Name"
 
 
-def test_replace_policy_overwrites_and_queues_again(start_node: NodeFactory) -> None:
+def test_replace_policy_overwrites_and_queues_the_one_job_again(start_node: NodeFactory) -> None:
     node = start_node(duplicate_policy="replace")
     ds = synthetic_dx("PAT-REPL")
     send_datasets(node.settings.dicom.port, [ds])
+    with node.sessions.begin() as session:  # as if a worker had finished it
+        session.execute(update(Job).values(state=JobState.DONE, attempts=1))
     ds.BodyPartExamined = "FOOT"
     [response] = send_datasets(node.settings.dicom.port, [ds])
 
@@ -129,7 +131,25 @@ def test_replace_policy_overwrites_and_queues_again(start_node: NodeFactory) -> 
     [instance] = stored_instances(node)
     assert pydicom.dcmread(node.store.absolute(instance.path)).BodyPartExamined == "FOOT"
     assert len(files_under_patients(node)) == 1
-    assert len(stored_jobs(node)) == 2
+    [job] = stored_jobs(node)
+    assert (job.state, job.attempts) == (JobState.PENDING, 0)
+
+
+def test_concurrent_replaces_of_one_instance_keep_one_row_and_one_job(start_node: NodeFactory) -> None:
+    node = start_node(duplicate_policy="replace")
+    ds = synthetic_dx("PAT-RACE")
+
+    def send() -> None:
+        send_datasets(node.settings.dicom.port, [ds] * 5)
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(stored_instances(node)) == 1
+    assert len(stored_jobs(node)) == 1
+    assert len(files_under_patients(node)) == 1
 
 
 @pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])

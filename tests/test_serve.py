@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from dicom_node.synthetic import write_synthetic_dx
 from tests.dicom_peers import NODE_AE, dcmtk, free_port
@@ -23,7 +25,7 @@ DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 
 
 class ServeProcess:
-    def __init__(self, storage: Path, dicom_port: int | None = None) -> None:
+    def __init__(self, storage: Path, dicom_port: int | None = None, cwd: Path | None = None) -> None:
         self.dicom_port = dicom_port or free_port()
         self.web_port = free_port()
         self.storage = storage
@@ -36,7 +38,7 @@ class ServeProcess:
         self.process = subprocess.Popen(
             [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
             env=environment,
-            cwd=storage.parent,
+            cwd=cwd or storage.parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -50,7 +52,8 @@ class ServeProcess:
                 if self.health()[0] == 200:
                     return
             except OSError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise TimeoutError("the node did not become ready")
 
     def health(self) -> tuple[int, dict]:
@@ -126,4 +129,27 @@ def test_serve_on_a_busy_port_exits_with_one_line(tmp_path: Path) -> None:
         output, _ = busy.process.communicate(timeout=60)
     assert busy.process.returncode == 1
     assert f"cannot listen on 127.0.0.1:{busy.dicom_port}" in output
+    assert "Traceback" not in output
+
+
+def test_sigterm_with_an_open_association_exits_within_the_grace_period(serve: ServeProcess) -> None:
+    serve.wait_until_ready()
+    ae = AE(ae_title="LINGER")
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", serve.dicom_port, ae_title=NODE_AE)
+    assert association.is_established
+    started = time.monotonic()
+    returncode, output = serve.stop(signal.SIGTERM, timeout=40)
+    assert returncode == 0, output
+    assert time.monotonic() - started < 30
+    assert "stopped" in output
+
+
+def test_an_unusable_storage_root_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the storage root should be")
+    process = ServeProcess(blocker / "storage", cwd=tmp_path)
+    output, _ = process.process.communicate(timeout=60)
+    assert process.process.returncode == 1
+    assert "cannot use storage root" in output
     assert "Traceback" not in output

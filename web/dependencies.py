@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,10 +23,4 @@ def get_context(request: Request) -> WebContext:
     return request.app.state.context
 
 
-def get_session(context: Annotated[WebContext, Depends(get_context)]) -> Iterator[Session]:
-    with context.sessions() as session:
-        yield session
-
-
 ContextDep = Annotated[WebContext, Depends(get_context)]
-SessionDep = Annotated[Session, Depends(get_session)]

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.jobs import count_by_state
-from web.dependencies import ContextDep
+from web.dependencies import ContextDep, WebContext
 
 router = APIRouter(tags=["health"])
 
@@ -45,7 +45,7 @@ def health(context: ContextDep, response: Response) -> Health:
     )
 
 
-def _database(context: ContextDep) -> tuple[PartHealth, dict[str, int]]:
+def _database(context: WebContext) -> tuple[PartHealth, dict[str, int]]:
     """The database's health and, when it answers, the number of jobs in each state."""
     try:
         with context.sessions() as session:

@@ -1,0 +1,54 @@
+"""A throw-away PostgreSQL server on a free loopback port, from Debian's packages, for tests."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.dicom_peers import free_port
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@contextmanager
+def temporary_postgres() -> Iterator[str]:
+    """Start a cluster (trust authentication, loopback only) and yield its SQLAlchemy URL; remove it after."""
+    binaries = postgres_bin()
+    assert binaries is not None, "PostgreSQL is not installed (make system-packages)"
+    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def run(*command: object) -> None:
+        subprocess.run([*as_postgres, *map(str, command)], check=True, capture_output=True, timeout=120)
+
+    run(binaries / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    run(binaries / "pg_ctl", "-D", data, "-o", options, "-l", base / "server.log", "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(binaries / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """A new empty database on the server of ``admin_url``; its URL."""
+    import psycopg
+
+    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
