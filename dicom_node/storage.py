@@ -70,8 +70,12 @@ class InstanceStore:
         )
 
     def absolute(self, relative: PurePosixPath | str) -> Path:
-        """The absolute path of a stored file; refuses anything that resolves outside the root."""
-        path = (self.root / relative).resolve()
+        """The absolute path of a stored file; refuses anything that leads outside the root.
+
+        The check is lexical, not through symbolic links: an administrator may link ``patients/`` to
+        another disk.
+        """
+        path = Path(os.path.normpath(self.root / relative))
         if not path.is_relative_to(self.root):
             raise InvalidIdentifier(f"{relative} is outside the storage root")
         return path

@@ -80,3 +80,13 @@ def test_absolute_refuses_paths_outside_the_root(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path / "root")
     with pytest.raises(InvalidIdentifier):
         store.absolute("../outside.dcm")
+
+
+def test_patients_may_be_a_symbolic_link_to_another_disk(tmp_path: Path) -> None:
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    store = InstanceStore(tmp_path / "root")
+    (store.root / "patients").symlink_to(other_disk)
+    final = store.publish(store.write_temporary([b"x"]), PurePosixPath("patients/k/1/2/3.dcm"))
+    assert (other_disk / "k/1/2/3.dcm").read_bytes() == b"x"
+    assert final == store.root / "patients/k/1/2/3.dcm"
