@@ -42,6 +42,35 @@ def main(argv: list[str] | None = None) -> int:
     phantoms.add_argument("--compress", choices=["none", "jpeg-ls", "rle"], default="none", help="lossless pixels")
     phantoms.set_defaults(run=_phantoms_command)
 
+    train = commands.add_parser("train", help="train a model (MONAI DenseNet121), tracked in MLflow")
+    train.add_argument("task", choices=["hallux-valgus", "bone-age"])
+    train.add_argument("--data", type=Path, required=True, help="directory of labelled images")
+    train.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
+    train.add_argument("--out", type=Path, default=Path("models"), help="where the weights and card go")
+    train.add_argument("--name", help="model name (default: <task>-demo for phantoms, <task> otherwise)")
+    train.add_argument("--version", default="1.0.0")
+    train.add_argument("--input-size", type=_positive, default=160)
+    train.add_argument("--epochs", type=_positive, default=10)
+    train.add_argument("--batch-size", type=_positive, default=16)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--max-steps", type=_positive, help="stop after this many steps (a smoke test)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=_positive, default=2, help="processes that decode the images")
+    train.add_argument("--mlflow-uri", default="sqlite:///storage/mlflow/mlflow.db")
+    train.add_argument("--experiment", default="training")
+    train.set_defaults(run=_train_command)
+
+    evaluate = commands.add_parser("evaluate", help="measure the models on a labelled phantom set")
+    evaluate.add_argument("--data", type=Path, required=True, help="a set written by dicom-node phantoms")
+    evaluate.add_argument("--foot-card", type=Path, default=Path("models/hallux-valgus-demo.yaml"))
+    evaluate.add_argument("--hand-card", type=Path, default=Path("models/bone-age-demo.yaml"))
+    evaluate.add_argument("--out", type=Path, default=Path("models/EVALUATION.md"), help="the Markdown report")
+    evaluate.add_argument("--threshold", type=float, default=0.3, help="Hallux Valgus probability that flags")
+    evaluate.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
+    evaluate.add_argument("--mlflow-uri", default="sqlite:///storage/mlflow/mlflow.db")
+    evaluate.add_argument("--experiment", default="evaluation")
+    evaluate.set_defaults(run=_evaluate_command)
+
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -61,6 +90,82 @@ def _serve_command(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     return serve(settings)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from inference.training.datasets import DatasetError
+    from inference.training.run import run_training
+    from inference.training.trainer import TrainingOptions
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    task = args.task.replace("-", "_")
+    name = args.name or (f"{args.task}-demo" if args.format == "phantom" else args.task)
+    options = TrainingOptions(
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        max_steps=args.max_steps,
+    )
+    try:
+        trained = run_training(
+            task,
+            args.data,
+            args.format,
+            args.out,
+            name,
+            args.version,
+            options,
+            args.mlflow_uri,
+            args.experiment,
+            args.workers,
+        )
+    except DatasetError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"wrote {trained.card_path} (MLflow run {trained.run_id}): {trained.validation}")
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from inference.model_card import ModelLoadError
+    from inference.predict import Model
+    from inference.training.evaluate import evaluate, log_to_mlflow, write_report
+    from inference.training.run import use_tracking
+    from inference.training.trainer import write_card
+
+    try:
+        foot, hand = Model.load(args.foot_card), Model.load(args.hand_card)
+    except ModelLoadError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_START_FAILED
+    metrics, counts, plots = evaluate(args.data, foot, hand, args.out, args.threshold)
+    about = {
+        "evaluation set": f"{args.data.resolve().name} (seeds disjoint from the training sets)",
+        "foot model": f"{foot.card.name} {foot.card.version}, sha256 {foot.weights_digest}",
+        "hand model": f"{hand.card.name} {hand.card.version}, sha256 {hand.weights_digest}",
+        "hallux valgus threshold": str(args.threshold),
+    }
+    write_report(args.out, metrics, counts, plots, about)
+    use_tracking(args.mlflow_uri, args.experiment)
+    run_id = log_to_mlflow(metrics, args.out, plots, about)
+    if args.update_cards:
+        for model, card_path, prefix in (
+            (foot, args.foot_card, ("hallux", "flatfoot", "foot", "normal")),
+            (hand, args.hand_card, ("bone_age", "hand")),
+        ):
+            measured = {
+                f"evaluation_{key}": round(value, 4) for key, value in metrics.items() if key.startswith(prefix)
+            }
+            card = model.card.model_copy(
+                update={"metrics": {**model.card.metrics, **measured, "evaluation_report": args.out.name}}
+            )
+            write_card(card, card_path, trained=f"evaluated in MLflow run {run_id}")
+    print(f"wrote {args.out} (MLflow run {run_id})")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key}: {value:.4f}")
+    return 0
 
 
 def _phantoms_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,168 @@
+"""Model cards: what a set of weights is, how to feed it, what it outputs, and how well it measured.
+
+A card is a YAML file beside its weights (``models/*.yaml``). Loading checks the card's fields, the weights'
+SHA-256 and that the weights fit the declared architecture, and says precisely what is wrong otherwise.
+Weights can be a PyTorch state dict of MONAI's DenseNet121, a TorchScript file, or an MLflow model URI
+(``models:/name/version``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from monai.networks.nets import DenseNet121
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+HALLUX_VALGUS_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
+HALLUX_VALGUS_ANGLE = "hallux_valgus_angle"
+BONE_AGE_OUTPUTS = ("male_mean", "male_log_variance", "female_mean", "female_log_variance")
+DEMO_DISCLAIMER = "trained on synthetic phantoms; not for clinical use"
+
+
+class ModelLoadError(Exception):
+    """A model card or its weights cannot be used; the message names the card and the problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Weights(Strict):
+    format: Literal["state_dict", "torchscript", "mlflow"]
+    path: str | None = None  # relative to the card's directory
+    uri: str | None = None  # MLflow model URI
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _location_fits_format(self) -> Weights:
+        if self.format == "mlflow":
+            if not self.uri:
+                raise ValueError("an mlflow weights entry needs a uri such as models:/name/1")
+        elif not (self.path and self.sha256):
+            raise ValueError(f"{self.format} weights need a path and their sha256")
+        return self
+
+
+class Preprocessing(Strict):
+    """Aspect-preserving resize into a square of ``input_size``, padding black, then (x - mean) / std."""
+
+    mean: float = 0.5
+    std: float = Field(0.25, gt=0)
+
+
+class TargetScaling(Strict):
+    """Regression outputs are (value - center) / scale."""
+
+    age_center_months: float = 108.0
+    age_scale_months: float = 60.0
+    angle_scale_deg: float = 45.0
+
+
+class ModelCard(Strict):
+    name: str
+    version: str
+    task: Literal["hallux_valgus", "bone_age"]
+    architecture: Literal["monai.DenseNet121"] = "monai.DenseNet121"
+    in_channels: Literal[1, 3] = 1
+    input_size: int = Field(ge=32, le=1024)
+    preprocessing: Preprocessing = Preprocessing()
+    outputs: list[str]
+    target_scaling: TargetScaling = TargetScaling()
+    sigma_scale: float = Field(1.0, gt=0, description="Calibration factor for predicted sigmas.")
+    weights: Weights
+    demo: bool = False
+    disclaimer: str = ""
+    training_data: str = ""
+    intended_use: str = ""
+    limitations: list[str] = []
+    metrics: dict[str, float | int | str] = {}
+
+    @model_validator(mode="after")
+    def _outputs_fit_task(self) -> ModelCard:
+        if self.task == "hallux_valgus":
+            if tuple(self.outputs[:4]) != HALLUX_VALGUS_CLASSES or self.outputs[4:] not in ([], [HALLUX_VALGUS_ANGLE]):
+                raise ValueError(
+                    f"hallux_valgus outputs must be {list(HALLUX_VALGUS_CLASSES)} [+ {HALLUX_VALGUS_ANGLE}]"
+                )
+        elif tuple(self.outputs) != BONE_AGE_OUTPUTS:
+            raise ValueError(f"bone_age outputs must be {list(BONE_AGE_OUTPUTS)}")
+        if self.demo and DEMO_DISCLAIMER not in self.disclaimer:
+            raise ValueError(f"a demo model's disclaimer must say '{DEMO_DISCLAIMER}'")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Name and version, with the demo disclaimer where it applies: what every output shows."""
+        return f"{self.name} {self.version}" + (f" ({DEMO_DISCLAIMER})" if self.demo else "")
+
+
+def read_card(path: Path) -> ModelCard:
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return ModelCard.model_validate(values)
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read the model card: {error.strerror}") from None
+    except yaml.YAMLError:
+        raise ModelLoadError(f"{path}: the model card is not valid YAML") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(card)"
+        raise ModelLoadError(f"{path}: {key}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_network(card: ModelCard, card_path: Path) -> torch.nn.Module:
+    """The card's network in eval mode, its weights verified."""
+    if card.weights.format == "mlflow":
+        import mlflow.pytorch
+
+        try:
+            return mlflow.pytorch.load_model(card.weights.uri, map_location="cpu").eval()
+        except Exception as error:  # MLflow raises many kinds; all mean "not loadable"
+            raise ModelLoadError(f"{card_path}: cannot load {card.weights.uri}: {error}") from None
+    weights_path = Path(card_path).parent / card.weights.path
+    if not weights_path.is_file():
+        raise ModelLoadError(f"{card_path}: weights file {weights_path} is missing")
+    actual = sha256_of(weights_path)
+    if actual != card.weights.sha256:
+        raise ModelLoadError(
+            f"{card_path}: weights {weights_path.name} have sha256 {actual}, the card says {card.weights.sha256}"
+        )
+    if card.weights.format == "torchscript":
+        return torch.jit.load(weights_path, map_location="cpu").eval()
+    network = DenseNet121(spatial_dims=2, in_channels=card.in_channels, out_channels=len(card.outputs))
+    state = _unwrap_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    if state is None:
+        raise ModelLoadError(f"{card_path}: {weights_path.name} holds no state dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ModelLoadError(
+            f"{card_path}: weights do not fit {card.architecture} with in_channels={card.in_channels} and "
+            f"{len(card.outputs)} outputs: {detail}"
+        ) from None
+    return network.eval()
+
+
+def _unwrap_state_dict(loaded: object) -> dict[str, torch.Tensor] | None:
+    """Accept a bare state dict, one saved inside a training checkpoint, or one of a DataParallel model."""
+    if isinstance(loaded, dict):
+        for key in ("model_state_dict", "state_dict", "model"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        return None
+    return {key.removeprefix("module."): value for key, value in loaded.items()}

@@ -1,0 +1,81 @@
+"""From a DICOM X-ray to display-ready pixels: bone bright, values in [0, 1].
+
+The order is that of the grayscale pipeline of PS3.4 N.2.1: decode the stored values, apply the Modality LUT
+(rescale slope and intercept, or a Modality LUT Sequence), then the VOI LUT (a window, PS3.3 C.11.2.1.2, or a
+VOI LUT Sequence), and finally the Presentation LUT implied by the photometric interpretation: MONOCHROME1
+shows low values bright, so it is inverted to the MONOCHROME2 convention the models use. Without a VOI, the
+image is stretched between robust percentiles of its own values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+# Without a VOI, these percentiles of the image map to 0 and 1: collimator blades and markers do not set the range.
+STRETCH_PERCENTILES = (0.5, 99.5)
+
+
+class UnsupportedImage(ValueError):
+    """The dataset holds no image the models can read."""
+
+
+def radiograph_pixels(ds: Dataset) -> np.ndarray:
+    """The image of ``ds`` as float32 in [0, 1], MONOCHROME2 convention (high attenuation bright)."""
+    if "PixelData" not in ds:
+        raise UnsupportedImage("the dataset has no Pixel Data")
+    stored = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        stored = stored[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return _colour_to_gray(ds, stored)
+    values = apply_modality_lut(stored, ds).astype(np.float32)
+    shown = _apply_voi(values, ds)
+    return (1.0 - shown) if photometric == "MONOCHROME1" else shown
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    if "VOILUTSequence" in ds:
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        return np.clip(apply_voi_lut(values, ds).astype(np.float32) / (2**bits - 1), 0.0, 1.0)
+    return stretch(values)
+
+
+def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The LINEAR VOI function of PS3.3 C.11.2.1.2.1, with output range [0, 1]."""
+    if width <= 1.0:  # a width of 1 is a threshold at the center
+        return (values >= center).astype(np.float32)
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def stretch(values: np.ndarray) -> np.ndarray:
+    """Map robust percentiles of ``values`` to [0, 1]."""
+    sample = values[:: max(values.shape[0] // 512, 1), :: max(values.shape[1] // 512, 1)]
+    low, high = np.percentile(sample, STRETCH_PERCENTILES)
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def _colour_to_gray(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """Luminance of a colour image (an X-ray saved as RGB, a secondary capture), stretched to [0, 1]."""
+    if stored.ndim != 3 or stored.shape[-1] != 3:
+        raise UnsupportedImage(f"cannot read {ds.get('PhotometricInterpretation')} with shape {stored.shape}")
+    if str(ds.PhotometricInterpretation).startswith("YBR"):
+        luminance = stored[..., 0].astype(np.float32)  # pydicom converts to RGB by default; Y if it did not
+    else:
+        luminance = stored.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return stretch(luminance)
+
+
+def _first(value) -> float:
+    """The first of a multi-valued window attribute (several windows may be offered)."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)

@@ -1,0 +1,187 @@
+"""Predictions and heatmaps of the two tasks from radiograph pixels.
+
+- Foot: probabilities of Normal, Flatfoot, Foot Ulcer and Hallux Valgus, the predicted class, and
+  ``hallux_valgus_detected`` when the Hallux Valgus probability reaches a threshold (set low for recall),
+  the hallux valgus angle when the model has that output, and the CAM of the predicted class.
+- Hand: bone age from the male and from the female head of the bone-age model, each with its sigma (the
+  model's predicted log-variance, times the card's calibration factor) and the CAM of its mean output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from inference.cam import CamNetwork, as_cam_network, autograd_grad_cam, class_activation_maps
+from inference.model_card import (
+    HALLUX_VALGUS_ANGLE,
+    HALLUX_VALGUS_CLASSES,
+    ModelCard,
+    ModelLoadError,
+    load_network,
+    read_card,
+    sha256_of,
+)
+from inference.preprocess import Letterbox, model_input
+
+DEFAULT_HALLUX_VALGUS_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A CAM over the model's square input, and where the image lies in that square."""
+
+    values: np.ndarray  # h x w, in [0, 1]
+    letterbox: Letterbox
+
+    def on_image(self) -> np.ndarray:
+        """The heatmap resized onto the original image (rows x columns)."""
+        upsampled = _upsample(self.values, self.letterbox.size)
+        return np.clip(self.letterbox.to_image(upsampled), 0.0, 1.0)
+
+    def peak(self) -> tuple[float, float]:
+        """(x, y) in image pixels of the heatmap's maximum within the image (not the padding)."""
+        upsampled = _upsample(self.values, self.letterbox.size)
+        x0, y0, width, height = self.letterbox.inner
+        inside = upsampled[y0 : y0 + height, x0 : x0 + width]
+        y, x = np.unravel_index(int(np.argmax(inside)), inside.shape)
+        return self.letterbox.point_to_image(x + x0 + 0.5, y + y0 + 0.5)
+
+
+@dataclass(frozen=True)
+class HalluxValgusResult:
+    probabilities: dict[str, float]
+    prediction: str
+    confidence: float
+    hallux_valgus_detected: bool
+    hallux_valgus_angle_deg: float | None
+    heatmap: Heatmap
+
+
+@dataclass(frozen=True)
+class BoneAgeEstimate:
+    sex: Literal["M", "F"]
+    age_months: float
+    sigma_months: float
+    heatmap: Heatmap
+
+    @property
+    def age_years(self) -> float:
+        return self.age_months / 12.0
+
+
+@dataclass
+class Model:
+    """A loaded model: its card, its network, the digest of its weights."""
+
+    card: ModelCard
+    network: torch.nn.Module
+    cam_network: CamNetwork | None
+    weights_digest: str
+
+    @classmethod
+    def load(cls, card_path: Path) -> Model:
+        card = read_card(card_path)
+        network = load_network(card, card_path)
+        digest = sha256_of(Path(card_path).parent / card.weights.path) if card.weights.path else card.weights.uri
+        return cls(card, network, as_cam_network(network), digest)
+
+    def inputs(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
+        """Batch of model inputs from [0, 1] images, with their letterboxes."""
+        prepared = [
+            model_input(image, self.card.input_size, self.card.preprocessing.mean, self.card.preprocessing.std)
+            for image in images
+        ]
+        batch = torch.from_numpy(np.stack([square for square, _ in prepared]))[:, None]
+        return batch.expand(-1, self.card.in_channels, -1, -1), [box for _, box in prepared]
+
+    @torch.no_grad()
+    def run(self, batch: torch.Tensor, heatmap_outputs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs (B x K) and CAMs of ``heatmap_outputs`` (B x len x h x w), in one forward pass when the
+        network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
+        if self.cam_network is not None:
+            outputs, feature_map = self.cam_network(batch)
+            maps = class_activation_maps(feature_map, self.cam_network.head.weight, heatmap_outputs)
+            return outputs.float().numpy(), maps.float().numpy()
+        outputs = self.network(batch)
+        if not hasattr(self.network, "class_layers"):
+            raise ModelLoadError(f"{self.card.name}: no feature layer to compute Grad-CAM on")
+        maps = torch.cat(
+            [
+                torch.cat(
+                    [
+                        autograd_grad_cam(self.network, batch[i : i + 1], k, "class_layers.relu")
+                        for k in heatmap_outputs
+                    ],
+                    1,
+                )
+                for i in range(len(batch))
+            ]
+        )
+        return outputs.float().numpy(), maps.float().numpy()
+
+
+def predict_hallux_valgus(
+    model: Model, images: list[np.ndarray], threshold: float = DEFAULT_HALLUX_VALGUS_THRESHOLD
+) -> list[HalluxValgusResult]:
+    batch, boxes = model.inputs(images)
+    # The CAMs of all four classes come from the same pass; each image shows its predicted class's.
+    outputs, maps = model.run(batch, list(range(len(HALLUX_VALGUS_CLASSES))))
+    probabilities = _softmax(outputs[:, : len(HALLUX_VALGUS_CLASSES)])
+    predicted = probabilities.argmax(axis=1)
+    has_angle = HALLUX_VALGUS_ANGLE in model.card.outputs
+    angle_index = model.card.outputs.index(HALLUX_VALGUS_ANGLE) if has_angle else None
+    hallux_valgus = HALLUX_VALGUS_CLASSES.index("Hallux Valgus")
+    results = []
+    for i, box in enumerate(boxes):
+        angle = float(outputs[i, angle_index]) * model.card.target_scaling.angle_scale_deg if has_angle else None
+        results.append(
+            HalluxValgusResult(
+                probabilities={name: float(p) for name, p in zip(HALLUX_VALGUS_CLASSES, probabilities[i], strict=True)},
+                prediction=HALLUX_VALGUS_CLASSES[predicted[i]],
+                confidence=float(probabilities[i, predicted[i]]),
+                hallux_valgus_detected=bool(probabilities[i, hallux_valgus] >= threshold),
+                hallux_valgus_angle_deg=angle,
+                heatmap=Heatmap(maps[i, predicted[i]], box),
+            )
+        )
+    return results
+
+
+def predict_bone_age(model: Model, images: list[np.ndarray]) -> list[dict[str, BoneAgeEstimate]]:
+    """For each image, the estimates of both sexes' heads: ``{"M": ..., "F": ...}``."""
+    names = model.card.outputs
+    batch, boxes = model.inputs(images)
+    means = [names.index("male_mean"), names.index("female_mean")]
+    outputs, maps = model.run(batch, means)
+    scaling = model.card.target_scaling
+    results = []
+    for i, box in enumerate(boxes):
+        estimates = {}
+        for j, (sex, prefix) in enumerate((("M", "male"), ("F", "female"))):
+            mean = outputs[i, names.index(f"{prefix}_mean")]
+            log_variance = outputs[i, names.index(f"{prefix}_log_variance")]
+            estimates[sex] = BoneAgeEstimate(
+                sex=sex,
+                age_months=float(mean * scaling.age_scale_months + scaling.age_center_months),
+                sigma_months=float(np.exp(0.5 * log_variance) * scaling.age_scale_months * model.card.sigma_scale),
+                heatmap=Heatmap(maps[i, j], box),
+            )
+        results.append(estimates)
+    return results
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _upsample(values: np.ndarray, size: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(values, np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()

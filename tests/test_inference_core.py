@@ -1,0 +1,81 @@
+"""The pixel path and CAM: pure functions of inference/, on pydicom's files and on phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+from pydicom.data import get_testdata_file
+
+from dicom_node.phantoms.generator import render_phantom
+from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
+from inference.pixels import radiograph_pixels, window
+from inference.preprocess import Letterbox
+
+
+def twins(index: int) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+    """A phantom and its twin with the same anatomy stored the other way round (MONOCHROME1 <-> 2)."""
+    ds, _ = render_phantom(5, index, "foot")
+    twin, _ = render_phantom(5, index, "foot")
+    twin.PixelData = (4095 - twin.pixel_array).astype(np.uint16).tobytes()
+    twin.PhotometricInterpretation = "MONOCHROME2" if ds.PhotometricInterpretation == "MONOCHROME1" else "MONOCHROME1"
+    if "WindowCenter" in twin:
+        twin.WindowCenter = 4095 - float(twin.WindowCenter)
+    return ds, twin
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_monochrome1_and_its_monochrome2_twin_give_the_same_pixels(index: int) -> None:
+    ds, twin = twins(index)
+    assert np.abs(radiograph_pixels(ds) - radiograph_pixels(twin)).max() < 2e-3
+
+
+def test_linear_window_follows_the_standard() -> None:
+    values = np.array([0.0, 1499.5, 1500.0, 2000.0, 2500.5, 4095.0])
+    shown = window(values, center=2000.0, width=1001.0)
+    assert shown[0] == 0 and shown[-1] == 1
+    assert shown[3] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_pixels_of_other_kinds_of_image_land_in_zero_to_one(name: str) -> None:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not among the installed test files")
+    pixels = radiograph_pixels(pydicom.dcmread(path))
+    assert pixels.ndim == 2 and pixels.dtype == np.float32
+    assert 0.0 <= pixels.min() < pixels.max() <= 1.0
+
+
+def test_letterbox_round_trip() -> None:
+    box = Letterbox(rows=300, columns=150, size=64)
+    x0, y0, width, height = box.inner
+    assert (width, height) == (32, 64) and (x0, y0) == (16, 0)
+    square = box.to_square(np.ones((300, 150), np.float32))
+    assert square[:, :16].max() == 0 and square[:, 16:48].min() > 0.99
+    assert box.to_image(np.ones((8, 8), np.float32)).shape == (300, 150)
+    assert box.point_to_image(16, 0) == (0, 0)
+
+
+def test_cam_equals_autograd_grad_cam() -> None:
+    torch.manual_seed(3)
+    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=4).eval()
+    x = torch.randn(2, 1, 160, 160)
+    cam_network = as_cam_network(network)
+    with torch.no_grad():
+        outputs, feature_map = cam_network(x)
+        assert torch.allclose(outputs, network(x), atol=1e-5), "one pass gives the network's own outputs"
+    compared = 0
+    for output in range(4):
+        ours = class_activation_maps(feature_map, cam_network.head.weight, [output])
+        for i in range(2):
+            reference = autograd_grad_cam(network, x[i : i + 1], output, "class_layers.relu")[0, 0]
+            if reference.max() == 0:
+                assert ours[i, 0].max() == 0
+                continue
+            correlation = torch.corrcoef(torch.stack([ours[i, 0].flatten(), reference.flatten()]))[0, 1]
+            assert correlation >= 0.999
+            compared += 1
+    assert compared >= 4

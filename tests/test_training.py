@@ -1,0 +1,180 @@
+"""Training and evaluation end to end on a few phantoms, model cards and the loading of outside weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from monai.networks.nets import DenseNet121
+from PIL import Image
+
+from dicom_node.cli import main
+from dicom_node.phantoms import generate_phantoms
+from inference.model_card import DEMO_DISCLAIMER, ModelLoadError, read_card, sha256_of
+from inference.predict import Model, predict_bone_age, predict_hallux_valgus
+from inference.training.datasets import DatasetError, read_examples
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(out, 12, seed=41, task="both")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Both models after two training steps each at a small input size, logged to a temporary store."""
+    work = tmp_path_factory.mktemp("training")
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    for task in ("hallux-valgus", "bone-age"):
+        code = main(
+            ["train", task, "--data", str(phantoms), "--out", str(work / "models"), "--epochs", "1", "--max-steps", "2"]
+            + ["--batch-size", "4", "--input-size", "64", "--mlflow-uri", tracking, "--workers", "1"]
+        )
+        assert code == 0
+    return work, tracking
+
+
+def test_training_logs_runs_and_registers_models_in_mlflow(trained: tuple[Path, str]) -> None:
+    work, tracking = trained
+    mlflow.set_tracking_uri(tracking)
+    client = MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["training"], output_format="list")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.params["architecture"] == "monai.DenseNet121"
+        assert run.data.params["input_size"] == "64"
+        assert "val_loss" in run.data.metrics and "train_loss" in run.data.metrics
+        assert any(item.path == "card" for item in client.list_artifacts(run.info.run_id))
+    names = {model.name for model in client.search_registered_models()}
+    assert names == {"hallux-valgus-demo", "bone-age-demo"}
+
+
+def test_trained_cards_load_and_say_they_are_demo_models(trained: tuple[Path, str], phantoms: Path) -> None:
+    models = trained[0] / "models"
+    foot, hand = Model.load(models / "hallux-valgus-demo.yaml"), Model.load(models / "bone-age-demo.yaml")
+    assert foot.card.demo and DEMO_DISCLAIMER in foot.card.disclaimer and DEMO_DISCLAIMER in foot.card.label
+    assert "synthetic phantoms" in (models / "bone-age-demo.yaml").read_text()
+    assert foot.weights_digest == sha256_of(models / "hallux-valgus-demo.pt")
+    image = np.random.default_rng(0).random((300, 200)).astype(np.float32)
+    [foot_result] = predict_hallux_valgus(foot, [image])
+    assert sum(foot_result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert foot_result.heatmap.on_image().shape == (300, 200)
+    [estimates] = predict_bone_age(hand, [image])
+    assert set(estimates) == {"M", "F"} and all(estimate.sigma_months > 0 for estimate in estimates.values())
+
+
+def test_evaluate_writes_a_report_and_updates_the_cards(trained: tuple[Path, str], phantoms: Path) -> None:
+    work, tracking = trained
+    models = work / "models"
+    report = models / "EVALUATION.md"
+    code = main(
+        ["evaluate", "--data", str(phantoms), "--foot-card", str(models / "hallux-valgus-demo.yaml")]
+        + ["--hand-card", str(models / "bone-age-demo.yaml"), "--out", str(report), "--update-cards"]
+        + ["--mlflow-uri", tracking]
+    )
+    assert code == 0
+    text = report.read_text()
+    assert "not for clinical use" in text and "| hallux_valgus_recall |" in text
+    assert (models / "evaluation" / "confusion_matrix.png").is_file()
+    card = read_card(models / "bone-age-demo.yaml")
+    assert "evaluation_bone_age_mae_months_male" in card.metrics
+    assert Model.load(models / "bone-age-demo.yaml").card.metrics == card.metrics, "the card still loads"
+
+
+def write_card(path: Path, weights_file: Path, **changes: object) -> Path:
+    card = {
+        "name": "seed-foot",
+        "version": "0.1",
+        "task": "hallux_valgus",
+        "in_channels": 3,
+        "input_size": 64,
+        "outputs": ["Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus"],
+        "weights": {"format": "state_dict", "path": weights_file.name, "sha256": sha256_of(weights_file)},
+    }
+    card.update(changes)
+    path.write_text(yaml.safe_dump(card))
+    return path
+
+
+@pytest.fixture
+def seed_weights(tmp_path: Path) -> Path:
+    """A state dict as the hallux valgus seed project saved it: DenseNet121, RGB input, 4 classes, in a
+    checkpoint of a DataParallel model."""
+    network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=4)
+    state = {f"module.{key}": value for key, value in network.state_dict().items()}
+    path = tmp_path / "monai_densenet_efficient.pth"
+    torch.save({"model_state_dict": state, "epoch": 12}, path)
+    return path
+
+
+def test_a_seed_style_state_dict_loads_given_a_card(tmp_path: Path, seed_weights: Path) -> None:
+    model = Model.load(write_card(tmp_path / "seed.yaml", seed_weights))
+    [result] = predict_hallux_valgus(model, [np.zeros((100, 80), np.float32)])
+    assert result.prediction in model.card.outputs
+
+
+def test_a_wrong_checksum_is_a_clear_error(tmp_path: Path, seed_weights: Path) -> None:
+    card = write_card(tmp_path / "seed.yaml", seed_weights)
+    text = card.read_text().replace(sha256_of(seed_weights), "f" * 64)
+    card.write_text(text)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"seed.yaml: weights monai_densenet_efficient.pth have sha256 [0-9a-f]{64}, the card says f{64}",
+    ):
+        Model.load(card)
+
+
+def test_weights_of_another_shape_are_a_clear_error(tmp_path: Path, seed_weights: Path) -> None:
+    card = write_card(tmp_path / "seed.yaml", seed_weights, in_channels=1)
+    with pytest.raises(ModelLoadError, match="weights do not fit monai.DenseNet121 with in_channels=1 and 4 outputs"):
+        Model.load(card)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"outputs": ["Normal", "Other"]}, "outputs must be"),
+        ({"demo": True}, "disclaimer must say"),
+        ({"input_size": 8}, "input_size"),
+        ({"weights": {"format": "state_dict", "path": "x.pt"}}, "need a path and their sha256"),
+    ],
+)
+def test_an_invalid_card_names_the_problem(tmp_path: Path, seed_weights: Path, change: dict, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        Model.load(write_card(tmp_path / "bad.yaml", seed_weights, **change))
+
+
+def test_the_rsna_layout_is_read(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    for identifier in (1377, 1378):
+        Image.fromarray((np.random.default_rng(identifier).random((40, 30)) * 255).astype(np.uint8)).save(
+            tmp_path / "images" / f"{identifier}.png"
+        )
+    (tmp_path / "boneage-training-dataset.csv").write_text(
+        "id,boneage,male\n1377,180,False\n1378,12,True\n1379,50,True\n"
+    )
+    examples = read_examples(tmp_path, "rsna", "bone_age")
+    assert [(e.path.name, e.sex, e.bone_age_months) for e in examples] == [
+        ("1377.png", "F", 180.0),
+        ("1378.png", "M", 12.0),
+    ]
+
+
+def test_the_folders_layout_is_read_and_a_stray_folder_is_an_error(tmp_path: Path, phantoms: Path) -> None:
+    feet = sorted(phantoms.glob("foot_*.dcm"))
+    for folder, source in (("Normal", feet[0]), ("Foot_Ulcer", feet[1]), ("hallux valgus", feet[2])):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / source.name)
+    classes = [example.foot_class for example in read_examples(tmp_path, "folders", "hallux_valgus")]
+    assert sorted(classes) == [0, 2, 3]
+    (tmp_path / "Gout").mkdir()
+    with pytest.raises(DatasetError, match="Gout: not a class folder"):
+        read_examples(tmp_path, "folders", "hallux_valgus")
