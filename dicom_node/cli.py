@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.node import Node
+from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
 from web.app import create_app
 from web.dependencies import WebContext
 
@@ -61,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(run=_train_command)
 
     evaluate = commands.add_parser("evaluate", help="measure the models on a labelled phantom set")
-    evaluate.add_argument("--data", type=Path, required=True, help="a set written by dicom-node phantoms")
+    evaluate.add_argument("--data", type=Path, required=True, help="a labelled set, e.g. from dicom-node phantoms")
+    evaluate.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
     evaluate.add_argument("--foot-card", type=Path, default=Path("models/hallux-valgus-demo.yaml"))
     evaluate.add_argument("--hand-card", type=Path, default=Path("models/bone-age-demo.yaml"))
     evaluate.add_argument("--out", type=Path, default=Path("models/EVALUATION.md"), help="the Markdown report")
-    evaluate.add_argument("--threshold", type=float, default=0.3, help="Hallux Valgus probability that flags")
+    evaluate.add_argument(
+        "--threshold", type=float, default=DEFAULT_HALLUX_VALGUS_THRESHOLD, help="Hallux Valgus probability that flags"
+    )
     evaluate.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
     evaluate.add_argument("--mlflow-uri", default="sqlite:///storage/mlflow/mlflow.db")
     evaluate.add_argument("--experiment", default="evaluation")
@@ -131,39 +135,36 @@ def _train_command(args: argparse.Namespace) -> int:
 def _evaluate_command(args: argparse.Namespace) -> int:
     from inference.model_card import ModelLoadError
     from inference.predict import Model
+    from inference.training.datasets import DatasetError
     from inference.training.evaluate import evaluate, log_to_mlflow, write_report
     from inference.training.run import use_tracking
     from inference.training.trainer import write_card
 
     try:
         foot, hand = Model.load(args.foot_card), Model.load(args.hand_card)
-    except ModelLoadError as error:
+        evaluation = evaluate(args.data, args.format, foot, hand, args.out.parent / "evaluation", args.threshold)
+    except (ModelLoadError, DatasetError) as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
-    metrics, counts, plots = evaluate(args.data, foot, hand, args.out, args.threshold)
     about = {
-        "evaluation set": f"{args.data.resolve().name} (seeds disjoint from the training sets)",
-        "foot model": f"{foot.card.name} {foot.card.version}, sha256 {foot.weights_digest}",
-        "hand model": f"{hand.card.name} {hand.card.version}, sha256 {hand.weights_digest}",
+        "evaluation set": f"{args.data.resolve().name} ({args.format} layout)",
+        "foot model": f"{foot.card.name} {foot.card.version}, weights {foot.weights_digest}",
+        "hand model": f"{hand.card.name} {hand.card.version}, weights {hand.weights_digest}",
         "hallux valgus threshold": str(args.threshold),
     }
-    write_report(args.out, metrics, counts, plots, about)
+    write_report(args.out, evaluation, about, demo=foot.card.demo or hand.card.demo)
     use_tracking(args.mlflow_uri, args.experiment)
-    run_id = log_to_mlflow(metrics, args.out, plots, about)
+    run_id = log_to_mlflow(evaluation.metrics, args.out, evaluation.plots, about)
     if args.update_cards:
-        for model, card_path, prefix in (
-            (foot, args.foot_card, ("hallux", "flatfoot", "foot", "normal")),
-            (hand, args.hand_card, ("bone_age", "hand")),
-        ):
-            measured = {
-                f"evaluation_{key}": round(value, 4) for key, value in metrics.items() if key.startswith(prefix)
-            }
-            card = model.card.model_copy(
-                update={"metrics": {**model.card.metrics, **measured, "evaluation_report": args.out.name}}
+        for model, card_path in ((foot, args.foot_card), (hand, args.hand_card)):
+            prefixes = (
+                ("bone_age", "hand") if model.card.task == "bone_age" else ("hallux", "flatfoot", "foot", "normal")
             )
-            write_card(card, card_path, trained=f"evaluated in MLflow run {run_id}")
+            measured = {f"evaluation_{k}": round(v, 4) for k, v in evaluation.metrics.items() if k.startswith(prefixes)}
+            metrics = {**model.card.metrics, **measured, "evaluation_report": args.out.name, "evaluation_run": run_id}
+            write_card(model.card.model_copy(update={"metrics": metrics}), card_path)
     print(f"wrote {args.out} (MLflow run {run_id})")
-    for key, value in sorted(metrics.items()):
+    for key, value in sorted(evaluation.metrics.items()):
         print(f"  {key}: {value:.4f}")
     return 0
 

@@ -43,6 +43,7 @@ def dx_dataset(
     window: tuple[float, float] | None = None,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    sop_uid: str | None = None,
 ) -> FileDataset:
     """A DX For Presentation instance (PS3.3 A.26) holding ``pixels`` (12-bit, uint16), explicit VR LE.
 
@@ -53,7 +54,7 @@ def dx_dataset(
         raise ValueError("pixels must be a 2-D uint16 array")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_uid or uid.generate_uid()
     meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\x00" * 128)
     acquired = dt.datetime.combine(who.study_date, dt.time(10, 30))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 HALLUX_VALGUS_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
 HALLUX_VALGUS_ANGLE = "hallux_valgus_angle"
 BONE_AGE_OUTPUTS = ("male_mean", "male_log_variance", "female_mean", "female_log_variance")
+LOG_VARIANCE_RANGE = (-7.0, 3.0)  # of the bone-age heads, in training and in inference alike
 DEMO_DISCLAIMER = "trained on synthetic phantoms; not for clinical use"
 
 
@@ -123,28 +124,40 @@ def sha256_of(path: Path) -> str:
 
 
 def load_network(card: ModelCard, card_path: Path) -> torch.nn.Module:
-    """The card's network in eval mode, its weights verified."""
+    """The card's network in eval mode, its weights verified and its outputs counted."""
+    network = _load_weights(card, Path(card_path))
+    _check_outputs(network, card, card_path)
+    return network
+
+
+def _load_weights(card: ModelCard, card_path: Path) -> torch.nn.Module:
     if card.weights.format == "mlflow":
         import mlflow.pytorch
 
         try:
             return mlflow.pytorch.load_model(card.weights.uri, map_location="cpu").eval()
         except Exception as error:  # MLflow raises many kinds; all mean "not loadable"
-            raise ModelLoadError(f"{card_path}: cannot load {card.weights.uri}: {error}") from None
-    weights_path = Path(card_path).parent / card.weights.path
+            raise ModelLoadError(f"{card_path}: cannot load {card.weights.uri}: {type(error).__name__}") from None
+    weights_path = card_path.parent / card.weights.path
     if not weights_path.is_file():
         raise ModelLoadError(f"{card_path}: weights file {weights_path} is missing")
     actual = sha256_of(weights_path)
-    if actual != card.weights.sha256:
+    if actual != card.weights.sha256.lower():
         raise ModelLoadError(
             f"{card_path}: weights {weights_path.name} have sha256 {actual}, the card says {card.weights.sha256}"
         )
-    if card.weights.format == "torchscript":
-        return torch.jit.load(weights_path, map_location="cpu").eval()
-    network = DenseNet121(spatial_dims=2, in_channels=card.in_channels, out_channels=len(card.outputs))
-    state = _unwrap_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    try:
+        if card.weights.format == "torchscript":
+            return torch.jit.load(weights_path, map_location="cpu").eval()
+        loaded = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt file, a TorchScript archive given as a state dict, a pickled module
+        raise ModelLoadError(
+            f"{card_path}: {weights_path.name} is not a {card.weights.format}: {type(error).__name__}"
+        ) from None
+    state = _unwrap_state_dict(loaded)
     if state is None:
         raise ModelLoadError(f"{card_path}: {weights_path.name} holds no state dict")
+    network = DenseNet121(spatial_dims=2, in_channels=card.in_channels, out_channels=len(card.outputs))
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -154,6 +167,23 @@ def load_network(card: ModelCard, card_path: Path) -> torch.nn.Module:
             f"{len(card.outputs)} outputs: {detail}"
         ) from None
     return network.eval()
+
+
+def _check_outputs(network: torch.nn.Module, card: ModelCard, card_path: Path) -> None:
+    """One forward pass on a blank input: a network that does not take the card's input or does not give
+    its outputs is refused now, not at the first X-ray."""
+    probe = torch.zeros(1, card.in_channels, card.input_size, card.input_size)
+    try:
+        with torch.no_grad():
+            outputs = network(probe)
+    except Exception as error:
+        raise ModelLoadError(
+            f"{card_path}: the network does not take a {tuple(probe.shape)} input: {type(error).__name__}"
+        ) from None
+    if outputs.ndim != 2 or outputs.shape[1] != len(card.outputs):
+        raise ModelLoadError(
+            f"{card_path}: the network gives {tuple(outputs.shape)} outputs, the card lists {len(card.outputs)}"
+        )
 
 
 def _unwrap_state_dict(loaded: object) -> dict[str, torch.Tensor] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 # Without a VOI, these percentiles of the image map to 0 and 1: collimator blades and markers do not set the range.
 STRETCH_PERCENTILES = (0.5, 99.5)
@@ -25,9 +25,8 @@ def radiograph_pixels(ds: Dataset) -> np.ndarray:
     """The image of ``ds`` as float32 in [0, 1], MONOCHROME2 convention (high attenuation bright)."""
     if "PixelData" not in ds:
         raise UnsupportedImage("the dataset has no Pixel Data")
-    stored = ds.pixel_array
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        stored = stored[0]
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    stored = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # the first frame only
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return _colour_to_gray(ds, stored)
@@ -38,19 +37,31 @@ def radiograph_pixels(ds: Dataset) -> np.ndarray:
 
 def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2])
-        return np.clip(apply_voi_lut(values, ds).astype(np.float32) / (2**bits - 1), 0.0, 1.0)
+        return voi_lut(values, ds.VOILUTSequence[0])
     return stretch(values)
 
 
-def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """The LINEAR VOI function of PS3.3 C.11.2.1.2.1, with output range [0, 1]."""
-    if width <= 1.0:  # a width of 1 is a threshold at the center
-        return (values >= center).astype(np.float32)
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A VOI window of PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT or SIGMOID), with output range [0, 1]."""
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / max(width, 1e-6) + 0.5, 0.0, 1.0).astype(np.float32)
+    if width <= 1.0:  # LINEAR with a width of 1 is a threshold
+        return (values > center - 0.5).astype(np.float32)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def voi_lut(values: np.ndarray, item: Dataset) -> np.ndarray:
+    """A VOI LUT (PS3.3 C.11.2.1.1): values below the first mapped one take the first entry, above the last
+    the last; the output is scaled by the LUT's largest entry (some vendors declare 16 bits and use 12)."""
+    entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
+    lut = np.asarray(item.LUTData, np.float32).ravel()[: entries or 65536]
+    index = np.clip(np.rint(values).astype(np.int64) - first_mapped, 0, len(lut) - 1)
+    return lut[index] / max(float(lut.max()), 1.0)
 
 
 def stretch(values: np.ndarray) -> np.ndarray:
@@ -66,10 +77,8 @@ def _colour_to_gray(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """Luminance of a colour image (an X-ray saved as RGB, a secondary capture), stretched to [0, 1]."""
     if stored.ndim != 3 or stored.shape[-1] != 3:
         raise UnsupportedImage(f"cannot read {ds.get('PhotometricInterpretation')} with shape {stored.shape}")
-    if str(ds.PhotometricInterpretation).startswith("YBR"):
-        luminance = stored[..., 0].astype(np.float32)  # pydicom converts to RGB by default; Y if it did not
-    else:
-        luminance = stored.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    # pydicom hands YBR images over converted to RGB, so one luminance formula serves both
+    luminance = stored.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return stretch(luminance)
 
 

@@ -20,11 +20,11 @@ from inference.cam import CamNetwork, as_cam_network, autograd_grad_cam, class_a
 from inference.model_card import (
     HALLUX_VALGUS_ANGLE,
     HALLUX_VALGUS_CLASSES,
+    LOG_VARIANCE_RANGE,
     ModelCard,
     ModelLoadError,
     load_network,
     read_card,
-    sha256_of,
 )
 from inference.preprocess import Letterbox, model_input
 
@@ -59,7 +59,12 @@ class HalluxValgusResult:
     confidence: float
     hallux_valgus_detected: bool
     hallux_valgus_angle_deg: float | None
-    heatmap: Heatmap
+    heatmaps: dict[str, Heatmap]  # the CAM of every class, from the same pass
+
+    @property
+    def heatmap(self) -> Heatmap:
+        """The predicted class's CAM: what the result shows."""
+        return self.heatmaps[self.prediction]
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class Model:
     def load(cls, card_path: Path) -> Model:
         card = read_card(card_path)
         network = load_network(card, card_path)
-        digest = sha256_of(Path(card_path).parent / card.weights.path) if card.weights.path else card.weights.uri
+        digest = card.weights.sha256 or card.weights.uri  # load_network verified the file against it
         return cls(card, network, as_cam_network(network), digest)
 
     def inputs(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
@@ -146,7 +151,7 @@ def predict_hallux_valgus(
                 confidence=float(probabilities[i, predicted[i]]),
                 hallux_valgus_detected=bool(probabilities[i, hallux_valgus] >= threshold),
                 hallux_valgus_angle_deg=angle,
-                heatmap=Heatmap(maps[i, predicted[i]], box),
+                heatmaps={name: Heatmap(maps[i, k], box) for k, name in enumerate(HALLUX_VALGUS_CLASSES)},
             )
         )
     return results
@@ -168,7 +173,11 @@ def predict_bone_age(model: Model, images: list[np.ndarray]) -> list[dict[str, B
             estimates[sex] = BoneAgeEstimate(
                 sex=sex,
                 age_months=float(mean * scaling.age_scale_months + scaling.age_center_months),
-                sigma_months=float(np.exp(0.5 * log_variance) * scaling.age_scale_months * model.card.sigma_scale),
+                sigma_months=float(
+                    np.exp(0.5 * np.clip(log_variance, *LOG_VARIANCE_RANGE))
+                    * scaling.age_scale_months
+                    * model.card.sigma_scale
+                ),
                 heatmap=Heatmap(maps[i, j], box),
             )
         results.append(estimates)

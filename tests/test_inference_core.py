@@ -79,3 +79,74 @@ def test_cam_equals_autograd_grad_cam() -> None:
             assert correlation >= 0.999
             compared += 1
     assert compared >= 4
+
+
+def grayscale(values: np.ndarray, **attributes: object) -> pydicom.Dataset:
+    """A minimal grayscale dataset holding ``values`` (uint16), with extra attributes."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = values.shape[-2:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if values.ndim == 3:
+        ds.NumberOfFrames = values.shape[0]
+    ds.PixelData = values.astype(np.uint16).tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_an_8_bit_voi_lut_longer_than_256_entries_is_applied_as_written() -> None:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = [round(value * 255 / 4095) for value in range(4096)]
+    values = np.array([[0, 1000, 2000, 4095]], np.uint16)
+    shown = radiograph_pixels(grayscale(values, VOILUTSequence=[item]))
+    assert shown[0] == pytest.approx([0.0, 0.244, 0.489, 1.0], abs=0.005)
+    inverted = radiograph_pixels(grayscale(values, VOILUTSequence=[item], PhotometricInterpretation="MONOCHROME1"))
+    assert inverted[0] == pytest.approx([1.0, 0.756, 0.511, 0.0], abs=0.005)
+
+
+def test_sigmoid_and_linear_exact_windows() -> None:
+    values = np.array([[1000, 2000, 3000]], np.uint16)
+    sigmoid = radiograph_pixels(grayscale(values, WindowCenter=2000, WindowWidth=1000, VOILUTFunction="SIGMOID"))
+    assert sigmoid[0, 1] == pytest.approx(0.5) and sigmoid[0, 0] < 0.05 and sigmoid[0, 2] > 0.95
+    exact = radiograph_pixels(grayscale(values, WindowCenter=2000, WindowWidth=2000, VOILUTFunction="LINEAR_EXACT"))
+    assert exact[0] == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_the_modality_lut_comes_before_the_window() -> None:
+    values = np.array([[500, 1000, 1500]], np.uint16)
+    ds = grayscale(values, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000, WindowWidth=2001)
+    assert radiograph_pixels(ds)[0] == pytest.approx([0.0, 0.5, 1.0], abs=1e-3)  # 0, 1000, 2000 after rescale
+
+
+def test_a_multi_frame_image_is_read_from_its_first_frame() -> None:
+    frames = np.stack([np.full((4, 4), 100), np.full((4, 4), 4000)])
+    frames[0, 0, 0] = 4000
+    shown = radiograph_pixels(grayscale(frames, WindowCenter=2048, WindowWidth=4096))
+    assert shown.shape == (4, 4) and shown[1, 1] < 0.1 and shown[0, 0] > 0.9
+
+
+def test_a_heatmap_peak_maps_back_to_the_image() -> None:
+    from inference.predict import Heatmap
+
+    box = Letterbox(rows=400, columns=200, size=64)  # the image fills x 16..48 of the square
+    values = np.zeros((8, 8), np.float32)
+    values[1, 5] = 1.0  # square x 40..48, y 8..16: right part of the image, near the top
+    x, y = Heatmap(values, box).peak()
+    assert 120 <= x <= 200 and 25 <= y <= 125
+    assert Heatmap(values, box).on_image().shape == (400, 200)
+
+
+def test_inference_never_imports_the_node_or_the_web_app() -> None:
+    import ast
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parents[1].joinpath("inference").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(name.split(".")[0] in ("dicom_node", "web") for name in names), f"{path}: {names}"

@@ -15,7 +15,7 @@ from dicom_node.phantoms import LABEL_COLUMNS, generate_phantoms, read_labels
 from dicom_node.phantoms.foot import FOOT_CLASSES, draw_foot
 from dicom_node.phantoms.generator import SIDE_RANGE, render_phantom
 from dicom_node.phantoms.hand import CARPALS, FULL_MATURITY_MONTHS, draw_hand, maturity
-from dicom_node.phantoms.radiograph import Canvas, Placement
+from dicom_node.phantoms.radiograph import Canvas, Exposure, Placement, clear_of
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,21 @@ def phantom_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     return out, generate_phantoms(out, 16, seed=3, task="both")
 
 
-def test_the_same_seed_and_index_give_the_same_image() -> None:
-    first, first_label = render_phantom(5, 2, "foot")
-    again, again_label = render_phantom(5, 2, "foot")
-    other, _ = render_phantom(6, 2, "foot")
+@pytest.mark.parametrize("kind", ["hand", "foot"])
+def test_the_same_seed_and_index_give_the_same_instance(kind: str) -> None:
+    first, first_label = render_phantom(5, 2, kind)
+    again, again_label = render_phantom(5, 2, kind)
+    other, _ = render_phantom(6, 2, kind)
     assert first.PixelData == again.PixelData and first_label == again_label
-    assert first.PixelData != other.PixelData
+    assert (first.SOPInstanceUID, first.StudyInstanceUID) == (again.SOPInstanceUID, again.StudyInstanceUID)
+    assert first.PixelData != other.PixelData and first.SOPInstanceUID != other.SOPInstanceUID
+
+
+def test_a_larger_set_extends_a_smaller_one(tmp_path: Path) -> None:
+    small = generate_phantoms(tmp_path / "small", 2, seed=12, task="foot")
+    large = generate_phantoms(tmp_path / "large", 3, seed=12, task="foot")
+    assert large[:2] == small
+    assert (tmp_path / "small" / small[1].file).read_bytes() == (tmp_path / "large" / large[1].file).read_bytes()
 
 
 def test_files_and_labels_csv_agree(phantom_set) -> None:
@@ -59,13 +68,22 @@ def test_files_are_realistic_dx_images(phantom_set) -> None:
 
 
 def test_finding_boxes_lie_in_the_image_and_only_pathology_has_one(phantom_set) -> None:
-    _, labels = phantom_set
+    out, labels = phantom_set
     for label in labels:
         if label.foot_class == "Normal":
             assert label.finding_box is None
             continue
+        ds = pydicom.dcmread(out / label.file, stop_before_pixels=True)
         x0, y0, x1, y1 = label.finding_box
-        assert 0 <= x0 < x1 and 0 <= y0 < y1
+        assert 0 <= x0 < x1 < ds.Columns and 0 <= y0 < y1 < ds.Rows
+
+
+def test_the_collimator_never_covers_a_finding() -> None:
+    exposure = Exposure(1.0, 1.0, 1.0, collimation=(0.3, 0.3, 0.3, 0.3), marker="R")
+    cleared = clear_of(exposure, (100, 200, 900, 700), rows=1000, columns=1000)
+    left, top, right, bottom = cleared.collimation
+    assert left * 1000 <= 100 and top * 1000 <= 200 and (1 - right) * 1000 >= 900 and (1 - bottom) * 1000 >= 700
+    assert clear_of(exposure, (400, 400, 600, 600), 1000, 1000).collimation == exposure.collimation
 
 
 def canvas(rotation: float = 7.0, mirrored: bool = False) -> Canvas:

@@ -178,3 +178,74 @@ def test_the_folders_layout_is_read_and_a_stray_folder_is_an_error(tmp_path: Pat
     (tmp_path / "Gout").mkdir()
     with pytest.raises(DatasetError, match="Gout: not a class folder"):
         read_examples(tmp_path, "folders", "hallux_valgus")
+
+
+def test_a_registered_mlflow_model_loads_through_a_card(trained: tuple[Path, str], tmp_path: Path) -> None:
+    _, tracking = trained
+    mlflow.set_tracking_uri(tracking)
+    card = tmp_path / "registry.yaml"
+    card.write_text(
+        yaml.safe_dump(
+            {
+                "name": "from-registry",
+                "version": "1",
+                "task": "bone_age",
+                "input_size": 64,
+                "outputs": ["male_mean", "male_log_variance", "female_mean", "female_log_variance"],
+                "weights": {"format": "mlflow", "uri": "models:/bone-age-demo/1"},
+            }
+        )
+    )
+    model = Model.load(card)
+    assert model.cam_network is not None, "the registered network keeps the layers the heatmaps need"
+    images = [np.random.default_rng(i).random((90, 70)).astype(np.float32) for i in range(3)]
+    assert len(predict_bone_age(model, images)) == 3
+
+
+def test_torchscript_weights_load_and_a_wrong_output_count_is_refused(tmp_path: Path) -> None:
+    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=4).eval()
+    scripted = tmp_path / "foot.ts"
+    torch.jit.script(network).save(str(scripted))
+    good = write_card(tmp_path / "ts.yaml", scripted, in_channels=1)
+    text = good.read_text().replace("format: state_dict", "format: torchscript")
+    good.write_text(text)
+    [result] = predict_hallux_valgus(Model.load(good), [np.zeros((50, 50), np.float32)])
+    assert result.prediction in ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
+
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(text.replace("- Hallux Valgus", "- Hallux Valgus\n- hallux_valgus_angle"))
+    with pytest.raises(ModelLoadError, match=r"gives \(1, 4\) outputs, the card lists 5"):
+        Model.load(wrong)
+
+
+def test_a_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path: Path) -> None:
+    junk = tmp_path / "weights.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelLoadError, match="weights.pt is not a state_dict"):
+        Model.load(write_card(tmp_path / "junk.yaml", junk))
+
+
+def test_the_loaded_seed_weights_compute_what_the_original_network_did(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    original = DenseNet121(spatial_dims=2, in_channels=3, out_channels=4).eval()
+    path = tmp_path / "seed.pth"
+    torch.save({f"module.{k}": v for k, v in original.state_dict().items()}, path)
+    model = Model.load(write_card(tmp_path / "seed.yaml", path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.network(x), original(x), atol=1e-5)
+
+
+def test_classification_metrics_of_a_known_confusion() -> None:
+    from inference.training.evaluate import classification_metrics, interval_coverage
+
+    truth = np.array([0, 0, 1, 1, 2, 3, 3, 3])
+    predicted = np.array([0, 1, 1, 1, 2, 3, 3, 0])
+    metrics, confusion = classification_metrics(truth, predicted)
+    assert confusion.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [1, 0, 0, 2]]
+    assert metrics["hallux_valgus_accuracy"] == pytest.approx(6 / 8)
+    assert metrics["hallux_valgus_recall"] == pytest.approx(2 / 3)
+    assert metrics["hallux_valgus_precision"] == pytest.approx(1.0)
+    assert metrics["normal_precision"] == pytest.approx(0.5)
+    assert metrics["flatfoot_f1"] == pytest.approx(2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))
+    assert interval_coverage(np.array([0.5, 1.0, 1.9, 2.5])) == pytest.approx(0.75)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicom_node.phantoms.radiograph import Canvas, ellipse, long_bone, perpendicular, unit
+from inference.model_card import HALLUX_VALGUS_CLASSES
 
-FOOT_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
+FOOT_CLASSES = HALLUX_VALGUS_CLASSES  # the classes of the foot model
 FOOT_EXTENT_MM = (-150.0, 180.0)
 NORMAL_HVA, HALLUX_VALGUS_HVA = (3.0, 12.0), (18.0, 45.0)
 NORMAL_IMA, HALLUX_VALGUS_IMA = (5.0, 8.0), (10.0, 18.0)
@@ -159,7 +160,7 @@ def _ulcer(canvas: Canvas, heads: dict, size: float, rng: np.random.Generator) -
         end, angle, width = heads["mt5"]
         center, inward = end + perpendicular(unit(angle)) * (width / 2 + 9 * size), -perpendicular(unit(angle))
     else:
-        center, inward = np.array([3.0, -152.0]) * size, np.array([0.0, 1.0])
+        center, inward = np.array([3.0, -146.0]) * size, np.array([0.0, 1.0])  # at the skin of the heel
     radius = rng.uniform(12, 17) * size
     canvas.fill(canvas.tissue, ellipse(center + inward * radius, radius * 1.6, radius * 1.6), 0.35)  # swelling
     angles = np.linspace(0, 2 * np.pi, 28, endpoint=False)

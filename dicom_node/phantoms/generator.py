@@ -17,7 +17,7 @@ from pydicom import uid
 
 from dicom_node.phantoms.foot import FOOT_CLASSES, FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.hand import FULL_MATURITY_MONTHS, HAND_EXTENT_MM, draw_hand, growth, maturity
-from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Placement, expose, random_exposure
+from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Placement, clear_of, expose, random_exposure
 from dicom_node.synthetic import Demographics, dx_dataset
 from inference.training.labels import LABEL_COLUMNS, PhantomLabel
 
@@ -72,7 +72,7 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
         age = float(rng.uniform(20 * 12, 80 * 12))
         extent, size = FOOT_EXTENT_MM, float(rng.uniform(0.85, 1.05))
     height_mm = (extent[1] - extent[0]) * size
-    spacing = height_mm / (rows * rng.uniform(0.72, 0.86))
+    spacing = height_mm / (rows * rng.uniform(0.70, 0.82))  # room for rotation and collimation
     middle_mm = (extent[0] + extent[1]) / 2 * size
     placement = Placement(
         rows=rows,
@@ -93,7 +93,10 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
         truth = draw_foot(canvas, foot_class, size, rng)
         box, hva, ima = truth.finding_box, truth.hallux_valgus_angle, truth.intermetatarsal_angle
         bone_age = None
-    pixels = expose(canvas, random_exposure(rng, laterality), rng)
+    exposure = random_exposure(rng, laterality)
+    if box is not None:  # the finding must stay in the exposed field: every label decidable from the image
+        exposure = clear_of(exposure, box, rows, columns)
+    pixels = expose(canvas, exposure, rng)
 
     monochrome1 = bool(rng.random() < MONOCHROME1_SHARE)
     window = _window(pixels) if rng.random() < WINDOW_SHARE else None
@@ -113,7 +116,17 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
         view_position="PA" if kind == "hand" else "AP",
         laterality=laterality,
     )
-    ds = dx_dataset(pixels, who, pixel_spacing_mm=placement.spacing_mm, monochrome1=monochrome1, window=window)
+    ds = dx_dataset(
+        pixels,
+        who,
+        pixel_spacing_mm=placement.spacing_mm,
+        monochrome1=monochrome1,
+        window=window,
+        **{
+            f"{level}_uid": uid.generate_uid(entropy_srcs=[str(seed), str(index), kind, level])
+            for level in ("study", "series", "sop")
+        },
+    )
     ds.SeriesDescription = f"{kind.upper()} {'PA' if kind == 'hand' else 'DP'} (synthetic phantom)"
     ds.ImageComments = "Synthetic phantom: not a patient image"
     label = PhantomLabel(

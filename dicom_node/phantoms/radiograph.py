@@ -10,7 +10,7 @@ lead side marker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -136,6 +136,20 @@ class Exposure:
     noise: float
     collimation: tuple[float, float, float, float]  # fraction of the image collimated at left, top, right, bottom
     marker: str  # "L" or "R"
+
+
+def clear_of(exposure: Exposure, box: tuple[int, int, int, int], rows: int, columns: int) -> Exposure:
+    """The same exposure with the collimator blades moved back so that they leave ``box`` exposed."""
+    x0, y0, x1, y1 = box
+    margin = 0.01
+    left, top, right, bottom = exposure.collimation
+    collimation = (
+        min(left, max(x0 / columns - margin, 0.0)),
+        min(top, max(y0 / rows - margin, 0.0)),
+        min(right, max(1 - x1 / columns - margin, 0.0)),
+        min(bottom, max(1 - y1 / rows - margin, 0.0)),
+    )
+    return replace(exposure, collimation=collimation)
 
 
 def random_exposure(rng: np.random.Generator, laterality: str) -> Exposure:

@@ -46,7 +46,6 @@ class Example:
     foot_class: int | None = None  # index into HALLUX_VALGUS_CLASSES
     hallux_valgus_angle_deg: float | None = None
     finding_box: tuple[int, int, int, int] | None = None
-    chronological_age_months: float | None = None
 
 
 def read_examples(data: Path, layout: Format, task: TaskName) -> list[Example]:
@@ -70,7 +69,6 @@ def _phantom(data: Path, task: TaskName) -> list[Example]:
             foot_class=HALLUX_VALGUS_CLASSES.index(label.foot_class) if label.foot_class else None,
             hallux_valgus_angle_deg=label.hallux_valgus_angle_deg,
             finding_box=label.finding_box,
-            chronological_age_months=label.chronological_age_months,
         )
         for label in read_labels(labels_path)
         if label.task == wanted and (data / label.file).is_file()
@@ -139,8 +137,10 @@ def _square(job: tuple[Path, int]) -> np.ndarray:
 
 
 def prepare_inputs(examples: list[Example], size: int, cache_dir: Path | None = None, workers: int = 2) -> torch.Tensor:
-    """Letterboxed [0, 1] inputs (N x 1 x size x size, float16), cached on disk by file list and size."""
-    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(str(e.path) for e in examples).encode()).hexdigest()[:16]
+    """Letterboxed [0, 1] inputs (N x 1 x size x size, float16), cached on disk by input size and by the
+    files' paths, sizes and modification times (a changed image is read again)."""
+    files = "\n".join(f"{e.path}:{e.path.stat().st_size}:{e.path.stat().st_mtime_ns}" for e in examples)
+    key = hashlib.sha256(f"{size}\n{files}".encode()).hexdigest()[:16]
     cached = cache_dir / f"inputs-{size}-{key}.pt" if cache_dir else None
     if cached is not None and cached.is_file():
         return torch.load(cached)

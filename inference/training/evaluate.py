@@ -16,22 +16,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import matplotlib
 import mlflow
 import numpy as np
-import pydicom
 
 from inference.model_card import HALLUX_VALGUS_CLASSES
-from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap, Model, predict_bone_age, predict_hallux_valgus
-from inference.training.datasets import Example, read_examples
+from inference.training.datasets import DatasetError, Example, Format, load_image, read_examples
 
 matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402  (after choosing the non-interactive backend)
 
 BATCH = 16
 COVERAGE_LEVELS = (0.5, 0.68, 0.8, 0.9, 0.95, 0.99)
+Z95 = NormalDist().inv_cdf(0.975)
 
 
 @dataclass
@@ -40,11 +40,40 @@ class Evaluation:
     plots: list[Path] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
+    def merge(self, other: Evaluation) -> Evaluation:
+        return Evaluation({**self.metrics, **other.metrics}, self.plots + other.plots, {**self.counts, **other.counts})
+
+
+def classification_metrics(truth: np.ndarray, predicted: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy, and recall, precision and F1 of each foot class; the confusion matrix (rows: truth)."""
+    n = len(HALLUX_VALGUS_CLASSES)
+    confusion = np.zeros((n, n), int)
+    np.add.at(confusion, (truth, predicted), 1)
+    metrics = {"hallux_valgus_accuracy": float((truth == predicted).mean())}
+    for index, name in enumerate(HALLUX_VALGUS_CLASSES):
+        key = name.lower().replace(" ", "_")
+        true_positives = confusion[index, index]
+        recall = true_positives / max(confusion[index].sum(), 1)
+        precision = true_positives / max(confusion[:, index].sum(), 1)
+        metrics[f"{key}_recall"] = float(recall)
+        metrics[f"{key}_precision"] = float(precision)
+        metrics[f"{key}_f1"] = float(2 * precision * recall / max(precision + recall, 1e-12))
+    return metrics, confusion
+
+
+def interval_coverage(z: np.ndarray, z_limit: float = Z95) -> float:
+    """Share of errors within ``z_limit`` sigmas (|error| / sigma = z)."""
+    return float((z <= z_limit).mean()) if len(z) else float("nan")
+
+
+def pointing_accuracy(hits: list[bool]) -> float:
+    return float(np.mean(hits)) if hits else float("nan")
+
 
 def _batches(examples: list[Example]):
     for start in range(0, len(examples), BATCH):
         chunk = examples[start : start + BATCH]
-        yield chunk, [radiograph_pixels(pydicom.dcmread(example.path)) for example in chunk]
+        yield chunk, [load_image(example.path) for example in chunk]
 
 
 def _inside(heatmap: Heatmap, box: tuple[int, int, int, int]) -> bool:
@@ -59,30 +88,18 @@ def evaluate_hallux_valgus(model: Model, examples: list[Example], plots: Path, t
             truth.append(example.foot_class)
             predicted.append(HALLUX_VALGUS_CLASSES.index(result.prediction))
             detected.append(result.hallux_valgus_detected)
-            if example.finding_box is not None:
-                hits.append(_inside(result.heatmap, example.finding_box))
+            if example.finding_box is not None:  # the pointing game asks the true class's map
+                hits.append(_inside(result.heatmaps[HALLUX_VALGUS_CLASSES[example.foot_class]], example.finding_box))
     truth, predicted, detected = np.array(truth), np.array(predicted), np.array(detected)
-    n = len(HALLUX_VALGUS_CLASSES)
-    confusion = np.zeros((n, n), int)
-    np.add.at(confusion, (truth, predicted), 1)
-    evaluation = Evaluation(counts={"foot_images": len(truth), "foot_findings_with_box": len(hits)})
-    evaluation.metrics["hallux_valgus_accuracy"] = float((truth == predicted).mean())
-    for index, name in enumerate(HALLUX_VALGUS_CLASSES):
-        key = name.lower().replace(" ", "_")
-        tp = confusion[index, index]
-        recall = tp / max(confusion[index].sum(), 1)
-        precision = tp / max(confusion[:, index].sum(), 1)
-        evaluation.metrics[f"{key}_recall"] = float(recall)
-        evaluation.metrics[f"{key}_precision"] = float(precision)
-        evaluation.metrics[f"{key}_f1"] = float(2 * precision * recall / max(precision + recall, 1e-12))
+    metrics, confusion = classification_metrics(truth, predicted)
     is_hallux_valgus = truth == HALLUX_VALGUS_CLASSES.index("Hallux Valgus")
-    evaluation.metrics["hallux_valgus_detected_recall"] = float(detected[is_hallux_valgus].mean())
-    evaluation.metrics["hallux_valgus_detected_precision"] = (
-        float(is_hallux_valgus[detected].mean()) if detected.any() else 0.0
-    )
-    evaluation.metrics["foot_pointing_accuracy"] = float(np.mean(hits)) if hits else float("nan")
-    evaluation.plots.append(_confusion_plot(confusion, plots / "confusion_matrix.png"))
-    return evaluation
+    if is_hallux_valgus.any():
+        metrics["hallux_valgus_detected_recall"] = float(detected[is_hallux_valgus].mean())
+    if detected.any():
+        metrics["hallux_valgus_detected_precision"] = float(is_hallux_valgus[detected].mean())
+    metrics["foot_pointing_accuracy"] = pointing_accuracy(hits)
+    counts = {"foot_images": len(truth), "foot_findings_with_box": len(hits)}
+    return Evaluation(metrics, [_confusion_plot(confusion, plots / "confusion_matrix.png")], counts)
 
 
 def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Evaluation:
@@ -102,26 +119,38 @@ def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Eva
     for sex, word in (("M", "male"), ("F", "female")):
         mask = sexes == sex
         evaluation.counts[f"hand_images_{word}"] = int(mask.sum())
-        evaluation.metrics[f"bone_age_mae_months_{word}"] = float(np.abs(means - truth)[mask].mean())
-        evaluation.metrics[f"bone_age_coverage95_{word}"] = float((z[mask] <= 1.959964).mean())
-    evaluation.metrics["bone_age_coverage95"] = float((z <= 1.959964).mean())
+        if mask.any():
+            evaluation.metrics[f"bone_age_mae_months_{word}"] = float(np.abs(means - truth)[mask].mean())
+            evaluation.metrics[f"bone_age_coverage95_{word}"] = interval_coverage(z[mask])
+    evaluation.metrics["bone_age_coverage95"] = interval_coverage(z)
     evaluation.metrics["bone_age_mean_sigma_months"] = float(sigmas.mean())
-    evaluation.metrics["hand_wrist_pointing_accuracy"] = float(np.mean(hits)) if hits else float("nan")
+    evaluation.metrics["hand_wrist_pointing_accuracy"] = pointing_accuracy(hits)
     evaluation.plots.append(_bone_age_plot(sexes, truth, means, plots / "bone_age_predicted_vs_true.png"))
     evaluation.plots.append(_calibration_plot(z, plots / "sigma_calibration.png"))
     return evaluation
 
 
 def evaluate(
-    data: Path, foot_model: Model, hand_model: Model, out: Path, threshold: float
-) -> tuple[dict[str, float], dict[str, int], list[Path]]:
-    """Evaluate both models on the phantom set in ``data``; return metrics, counts and plot paths."""
-    plots = out.parent / "evaluation"
+    data: Path, layout: Format, foot_model: Model | None, hand_model: Model | None, plots: Path, threshold: float
+) -> Evaluation:
+    """Evaluate the given models on whichever of their tasks ``data`` holds labels for."""
     plots.mkdir(parents=True, exist_ok=True)
-    feet = evaluate_hallux_valgus(foot_model, read_examples(data, "phantom", "hallux_valgus"), plots, threshold)
-    hands = evaluate_bone_age(hand_model, read_examples(data, "phantom", "bone_age"), plots)
-    metrics = {**feet.metrics, **hands.metrics}
-    return metrics, {**feet.counts, **hands.counts}, feet.plots + hands.plots
+    evaluation, tasks = Evaluation(), 0
+    for task, model in (("hallux_valgus", foot_model), ("bone_age", hand_model)):
+        if model is None:
+            continue
+        try:
+            examples = read_examples(data, layout, task)
+        except DatasetError:
+            continue  # the set holds no labels for this task
+        if task == "hallux_valgus":
+            evaluation = evaluation.merge(evaluate_hallux_valgus(model, examples, plots, threshold))
+        else:
+            evaluation = evaluation.merge(evaluate_bone_age(model, examples, plots))
+        tasks += 1
+    if not tasks:
+        raise DatasetError(f"{data}: no labelled examples for the given models in the {layout} layout")
+    return evaluation
 
 
 def log_to_mlflow(metrics: dict[str, float], report: Path, plots: list[Path], params: dict[str, str]) -> str:
@@ -171,8 +200,6 @@ def _bone_age_plot(sexes: np.ndarray, truth: np.ndarray, means: np.ndarray, path
 
 
 def _calibration_plot(z: np.ndarray, path: Path) -> Path:
-    from statistics import NormalDist
-
     nominal = np.array(COVERAGE_LEVELS)
     observed = [(z <= NormalDist().inv_cdf(0.5 + level / 2)).mean() for level in nominal]
     figure, axes = pyplot.subplots(figsize=(5, 5))
@@ -207,15 +234,16 @@ def meets(value: float, comparison: str, target) -> bool:
     return target[0] <= value <= target[1]
 
 
-def write_report(
-    path: Path, metrics: dict[str, float], counts: dict[str, int], plots: list[Path], about: dict[str, str]
-) -> None:
-    lines = [
-        "# Evaluation of the demo models",
-        "",
-        "> **Demo models trained on synthetic phantoms; not for clinical use.** These figures describe",
-        "> performance on synthetic images drawn by `dicom-node phantoms`, not on radiographs of patients.",
-        "",
+def write_report(path: Path, evaluation: Evaluation, about: dict[str, str], demo: bool) -> None:
+    metrics, counts, plots = evaluation.metrics, evaluation.counts, evaluation.plots
+    lines = ["# Evaluation of the models", ""]
+    if demo:
+        lines += [
+            "> **Demo models trained on synthetic phantoms; not for clinical use.** These figures describe",
+            "> performance on synthetic images drawn by `dicom-node phantoms`, not on radiographs of patients.",
+            "",
+        ]
+    lines += [
         "Written by `dicom-node evaluate`; every figure below was measured by that command.",
         "",
         *(f"- {key}: {value}" for key, value in about.items()),
@@ -227,11 +255,13 @@ def write_report(
         "|---|---|---|---|",
     ]
     for key, comparison, target in TARGETS:
+        if key not in metrics:
+            continue
         shown = f"{target[0]}-{target[1]}" if comparison == "between" else f"{comparison} {target}"
         value = metrics[key]
         lines.append(f"| {key} | {shown} | {value:.4g} | {'PASS' if meets(value, comparison, target) else 'MISS'} |")
     lines += ["", "## All metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value:.4g} |" for key, value in sorted(metrics.items())]
     lines += ["", "## Plots", ""]
-    lines += [f"![{plot.stem}](evaluation/{plot.name})" for plot in plots]
+    lines += [f"![{plot.stem}]({plot.parent.name}/{plot.name})" for plot in plots]
     path.write_text("\n".join(lines) + "\n")

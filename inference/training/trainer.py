@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import mlflow
 import mlflow.pytorch
@@ -30,6 +31,7 @@ from inference.model_card import (
     DEMO_DISCLAIMER,
     HALLUX_VALGUS_ANGLE,
     HALLUX_VALGUS_CLASSES,
+    LOG_VARIANCE_RANGE,
     ModelCard,
     Preprocessing,
     TargetScaling,
@@ -40,8 +42,7 @@ from inference.training.augment import augment
 from inference.training.datasets import Example, TaskName
 
 log = logging.getLogger(__name__)
-_LOG_VARIANCE_RANGE = (-7.0, 3.0)
-_Z95 = 1.959964
+_Z95 = NormalDist().inv_cdf(0.975)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,12 @@ class TrainedModel:
     validation: dict[str, float]
 
 
-def outputs_of(task: TaskName) -> list[str]:
-    return [*HALLUX_VALGUS_CLASSES, HALLUX_VALGUS_ANGLE] if task == "hallux_valgus" else list(BONE_AGE_OUTPUTS)
+def outputs_of(task: TaskName, examples: list[Example]) -> list[str]:
+    """The network's outputs; the angle only where the labels give angles to learn it from."""
+    if task == "bone_age":
+        return list(BONE_AGE_OUTPUTS)
+    with_angle = any(example.hallux_valgus_angle_deg is not None for example in examples)
+    return [*HALLUX_VALGUS_CLASSES, HALLUX_VALGUS_ANGLE] if with_angle else list(HALLUX_VALGUS_CLASSES)
 
 
 def train_model(
@@ -89,7 +94,7 @@ def train_model(
     n_validation = max(1, round(len(examples) * options.validation_fraction))
     validation, training = order[:n_validation], order[n_validation:]
     scaling, preprocessing = TargetScaling(), Preprocessing()
-    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(outputs_of(task)))
+    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(outputs_of(task, examples)))
     optimiser = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(training) // options.batch_size)
     total_steps = min(options.epochs * steps_per_epoch, options.max_steps or 10**9)
@@ -122,7 +127,7 @@ def train_model(
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
                 if step >= total_steps:
                     break
@@ -146,6 +151,8 @@ def train_model(
                 best_metrics = metrics
             if step >= total_steps:
                 break
+        if best_state is None:
+            raise RuntimeError("no epoch gave a finite validation loss")
         network.load_state_dict(best_state)
         network.eval()
         sigma_scale = (
@@ -167,13 +174,13 @@ def train_model(
             task=task,
             input_size=options.input_size,
             preprocessing=preprocessing,
-            outputs=outputs_of(task),
+            outputs=outputs_of(task, examples),
             target_scaling=scaling,
             sigma_scale=round(sigma_scale, 4),
             weights=Weights(format="state_dict", path=weights_path.name, sha256=sha256_of(weights_path)),
             demo=demo,
             disclaimer=DEMO_DISCLAIMER if demo else "",
-            training_data=data_description,
+            training_data=f"{data_description}; trained {dt.date.today().isoformat()}, MLflow run {run.info.run_id}",
             intended_use=_INTENDED_USE[task] + (f" Demo weights, {DEMO_DISCLAIMER}." if demo else ""),
             limitations=_LIMITATIONS[task] + ([f"Demo model: {DEMO_DISCLAIMER}."] if demo else []),
             metrics={
@@ -181,24 +188,24 @@ def train_model(
             },
         )
         card_path = out_dir / f"{name}.yaml"
-        write_card(card, card_path, trained=f"{dt.date.today().isoformat()}, MLflow run {run.info.run_id}")
+        write_card(card, card_path)
         mlflow.log_metric("sigma_scale", sigma_scale)
         mlflow.log_artifact(str(card_path), artifact_path="card")
-        example = np.zeros((1, 1, options.input_size, options.input_size), np.float32)
-        # pt2 (torch.export) stores a traced graph rather than pickled code, safe to load from the registry
+        mlflow.log_artifact(str(weights_path), artifact_path="card")
+        # pickle, not pt2: an exported graph cannot go to eval mode, fixes its batch size and loses the
+        # feature layers the heatmaps need; a card with weights: {format: mlflow} loads this one
         mlflow.pytorch.log_model(
             network.float(),
             name="model",
             registered_model_name=name,
-            input_example=example,
-            serialization_format="pt2",
+            serialization_format="pickle",
             pip_requirements=["torch", "monai"],
         )
         return TrainedModel(card_path, run.info.run_id, best_metrics)
 
 
-def write_card(card: ModelCard, path: Path, trained: str = "") -> None:
-    header = f"# Model card of {card.name} {card.version}" + (f"; trained {trained}" if trained else "") + "\n"
+def write_card(card: ModelCard, path: Path) -> None:
+    header = f"# Model card of {card.name} {card.version}\n"
     if card.demo:
         header += f"# DEMO MODEL: {DEMO_DISCLAIMER}.\n"
     path.write_text(header + yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, width=110))
@@ -239,14 +246,14 @@ def _targets(task: TaskName, examples: list[Example]) -> dict[str, torch.Tensor]
 def _head(out: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and log-variance of each image's own sex's head."""
     mean = torch.where(male, out[:, 0], out[:, 2])
-    log_variance = torch.where(male, out[:, 1], out[:, 3]).clamp(*_LOG_VARIANCE_RANGE)
+    log_variance = torch.where(male, out[:, 1], out[:, 3]).clamp(*LOG_VARIANCE_RANGE)
     return mean, log_variance
 
 
 def _loss(task: TaskName, out: torch.Tensor, target: dict[str, torch.Tensor], scaling: TargetScaling) -> torch.Tensor:
     if task == "hallux_valgus":
         loss = F.cross_entropy(out[:, : len(HALLUX_VALGUS_CLASSES)], target["class"])
-        if target["has_angle"].any():
+        if target["has_angle"].any() and out.shape[1] > len(HALLUX_VALGUS_CLASSES):
             angle = out[target["has_angle"], -1]
             loss = loss + 0.5 * F.smooth_l1_loss(angle, target["angle"][target["has_angle"]] / scaling.angle_scale_deg)
         return loss
