@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,20 +23,29 @@ def node_settings(storage_root: Path, **dicom: object) -> Settings:
     )
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
-    """Start a real node (listener and index, no workers) on a free loopback port; ``dicom`` keys override."""
+@contextmanager
+def started_nodes(settings_for: Callable[..., Settings]) -> Iterator[NodeFactory]:
+    """A factory of started nodes built from ``settings_for(**dicom)``; all are stopped at the end."""
     started: list[Node] = []
 
     def start(**dicom: object) -> Node:
-        node = Node(node_settings(tmp_path / "storage", **dicom))
+        node = Node(settings_for(**dicom))
         node.start()
         started.append(node)
         return node
 
-    yield start
-    for node in started:
-        node.stop()
+    try:
+        yield start
+    finally:
+        for node in started:
+            node.stop()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start a real node (listener and index, no workers) on a free loopback port; ``dicom`` keys override."""
+    with started_nodes(lambda **dicom: node_settings(tmp_path / "storage", **dicom)) as start:
+        yield start
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.config import Settings
 from dicom_node.node import Node
-from tests.conftest import NodeFactory, node_settings
+from tests.conftest import NodeFactory, node_settings, started_nodes
 from tests.postgres import create_database, postgres_bin, temporary_postgres
 from tests.test_ingest_failures import (  # noqa: F401  (collected here against PostgreSQL)
     test_a_study_sent_again_under_another_patient_is_refused,
@@ -39,19 +40,13 @@ def postgres_server() -> Iterator[str]:
 
 @pytest.fixture
 def start_node(tmp_path: Path, postgres_server: str) -> Iterator[NodeFactory]:
-    started: list[Node] = []
-
-    def start(**dicom: object) -> Node:
+    def settings_for(**dicom: object) -> Settings:
         settings = node_settings(tmp_path / "storage", **dicom)
         settings.database.url = create_database(postgres_server, f"node_{next(_numbers)}")
-        node = Node(settings)
-        node.start()
-        started.append(node)
-        return node
+        return settings
 
-    yield start
-    for node in started:
-        node.stop()
+    with started_nodes(settings_for) as start:
+        yield start
 
 
 def test_the_nodes_here_really_use_postgresql(node: Node) -> None:

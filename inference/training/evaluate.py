@@ -169,15 +169,9 @@ def _confusion_plot(confusion: np.ndarray, path: Path) -> Path:
     labels = list(HALLUX_VALGUS_CLASSES)
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_yticks(range(len(labels)), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
     for (row, column), count in np.ndenumerate(confusion):
         axes.text(column, row, str(count), ha="center", va="center", color="black")
-    axes.set_title("Foot model on held-out phantoms")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
-    return path
+    return _finish(figure, axes, path, "Foot model", "predicted", "true", legend=False)
 
 
 def _bone_age_plot(sexes: np.ndarray, truth: np.ndarray, means: np.ndarray, path: Path) -> Path:
@@ -189,14 +183,7 @@ def _bone_age_plot(sexes: np.ndarray, truth: np.ndarray, means: np.ndarray, path
         )
     limit = max(truth.max(), means.max()) / 12 + 1
     axes.plot([0, limit], [0, limit], color="gray", linewidth=1)
-    axes.set_xlabel("true bone age (years)")
-    axes.set_ylabel("predicted bone age (years)")
-    axes.set_title("Bone age on held-out phantoms")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
-    return path
+    return _finish(figure, axes, path, "Bone age", "true bone age (years)", "predicted bone age (years)")
 
 
 def _calibration_plot(z: np.ndarray, path: Path) -> Path:
@@ -205,10 +192,17 @@ def _calibration_plot(z: np.ndarray, path: Path) -> Path:
     figure, axes = pyplot.subplots(figsize=(5, 5))
     axes.plot(nominal, observed, marker="o", label="observed")
     axes.plot([0.4, 1], [0.4, 1], color="gray", linewidth=1, label="ideal")
-    axes.set_xlabel("nominal coverage of mean +- k sigma")
-    axes.set_ylabel("observed coverage")
-    axes.set_title("Bone-age sigma calibration")
-    axes.legend()
+    return _finish(
+        figure, axes, path, "Bone-age sigma calibration", "nominal coverage of mean +- k sigma", "observed coverage"
+    )
+
+
+def _finish(figure, axes, path: Path, title: str, xlabel: str, ylabel: str, legend: bool = True) -> Path:
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if legend:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
