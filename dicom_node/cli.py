@@ -101,7 +101,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from inference.training.run import run_training
     from inference.training.trainer import TrainingOptions
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     task = args.task.replace("-", "_")
     name = args.name or (f"{args.task}-demo" if args.format == "phantom" else args.task)
     options = TrainingOptions(
