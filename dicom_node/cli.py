@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     phantoms.add_argument("--seed", type=int, required=True, help="seed; disjoint seeds give disjoint sets")
     phantoms.add_argument("--task", choices=["hand", "foot", "both"], default="both")
     phantoms.add_argument("--compress", choices=["none", "jpeg-ls", "rle"], default="none", help="lossless pixels")
+    phantoms.add_argument("--workers", type=_positive, default=1, help="processes drawing images in parallel")
     phantoms.set_defaults(run=_phantoms_command)
 
     train = commands.add_parser("train", help="train a model (MONAI DenseNet121), tracked in MLflow")
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=_positive, default=10)
     train.add_argument("--batch-size", type=_positive, default=16)
     train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument(
+        "--feature-stride", type=int, choices=[16, 32], default=32, help="input pixels per heatmap cell (16: finer)"
+    )
+    train.add_argument(
+        "--localisation-weight",
+        type=float,
+        default=0.0,
+        help="weight of the term that asks the true class's heatmap to lie in the labelled finding box",
+    )
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs with AVX512-BF16 or AMX only)")
     train.add_argument("--max-steps", type=_positive, help="stop after this many steps (a smoke test)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=_positive, default=2, help="processes that decode the images")
@@ -111,6 +122,9 @@ def _train_command(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         max_steps=args.max_steps,
+        feature_stride=args.feature_stride,
+        localisation_weight=args.localisation_weight,
+        bf16=args.bf16,
     )
     try:
         trained = run_training(
@@ -172,7 +186,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 def _phantoms_command(args: argparse.Namespace) -> int:
     from dicom_node.phantoms import generate_phantoms
 
-    labels = generate_phantoms(args.out, args.n, args.seed, args.task, args.compress)
+    labels = generate_phantoms(args.out, args.n, args.seed, args.task, args.compress, args.workers)
     print(f"wrote {len(labels)} phantoms and labels.csv to {args.out} (synthetic images, not patients)")
     return 0
 

@@ -70,6 +70,9 @@ class ModelCard(Strict):
     architecture: Literal["monai.DenseNet121"] = "monai.DenseNet121"
     in_channels: Literal[1, 3] = 1
     input_size: int = Field(ge=32, le=1024)
+    feature_stride: Literal[16, 32] = Field(
+        32, description="Input pixels per cell of the last feature map, so of the heatmap; see densenet121()."
+    )
     preprocessing: Preprocessing = Preprocessing()
     outputs: list[str]
     target_scaling: TargetScaling = TargetScaling()
@@ -99,6 +102,16 @@ class ModelCard(Strict):
     def label(self) -> str:
         """Name and version, with the demo disclaimer where it applies: what every output shows."""
         return f"{self.name} {self.version}" + (f" ({DEMO_DISCLAIMER})" if self.demo else "")
+
+
+def densenet121(in_channels: int, out_channels: int, feature_stride: Literal[16, 32] = 32) -> DenseNet121:
+    """MONAI's DenseNet121 (2D). With ``feature_stride`` 16 the last transition layer does not pool, so the
+    last feature map, and with it the heatmap, has twice the resolution from the same weights (the "last
+    stride" change of weakly supervised localisation; the pooling layer has no parameters)."""
+    network = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=out_channels)
+    if feature_stride == 16:
+        network.features.transition3.pool = torch.nn.Identity()
+    return network
 
 
 def read_card(path: Path) -> ModelCard:
@@ -157,7 +170,7 @@ def _load_weights(card: ModelCard, card_path: Path) -> torch.nn.Module:
     state = _unwrap_state_dict(loaded)
     if state is None:
         raise ModelLoadError(f"{card_path}: {weights_path.name} holds no state dict")
-    network = DenseNet121(spatial_dims=2, in_channels=card.in_channels, out_channels=len(card.outputs))
+    network = densenet121(card.in_channels, len(card.outputs), card.feature_stride)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

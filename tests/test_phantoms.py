@@ -41,6 +41,15 @@ def test_a_larger_set_extends_a_smaller_one(tmp_path: Path) -> None:
     assert (tmp_path / "small" / small[1].file).read_bytes() == (tmp_path / "large" / large[1].file).read_bytes()
 
 
+def test_parallel_workers_write_the_same_set_as_one_process(tmp_path: Path) -> None:
+    alone = generate_phantoms(tmp_path / "alone", 4, seed=13, task="both")
+    parallel = generate_phantoms(tmp_path / "parallel", 4, seed=13, task="both", workers=2)
+    assert parallel == alone
+    assert (tmp_path / "parallel" / "labels.csv").read_bytes() == (tmp_path / "alone" / "labels.csv").read_bytes()
+    for label in alone:
+        assert (tmp_path / "parallel" / label.file).read_bytes() == (tmp_path / "alone" / label.file).read_bytes()
+
+
 def test_files_and_labels_csv_agree(phantom_set) -> None:
     out, labels = phantom_set
     assert read_labels(out / "labels.csv") == labels

@@ -30,13 +30,17 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Both models after two training steps each at a small input size, logged to a temporary store."""
+    """Both models after two training steps each at a small input size, logged to a temporary store; the foot
+    model as the demo one is trained, with the finer heatmap grid and the localisation term."""
     work = tmp_path_factory.mktemp("training")
     tracking = f"sqlite:///{work / 'mlflow.db'}"
-    for task in ("hallux-valgus", "bone-age"):
+    for task, options in (
+        ("hallux-valgus", ["--feature-stride", "16", "--localisation-weight", "0.5"]),
+        ("bone-age", []),
+    ):
         code = main(
             ["train", task, "--data", str(phantoms), "--out", str(work / "models"), "--epochs", "1", "--max-steps", "2"]
-            + ["--batch-size", "4", "--input-size", "64", "--mlflow-uri", tracking, "--workers", "1"]
+            + ["--batch-size", "4", "--input-size", "64", "--mlflow-uri", tracking, "--workers", "1", *options]
         )
         assert code == 0
     return work, tracking
@@ -51,8 +55,12 @@ def test_training_logs_runs_and_registers_models_in_mlflow(trained: tuple[Path, 
     for run in runs:
         assert run.data.params["architecture"] == "monai.DenseNet121"
         assert run.data.params["input_size"] == "64"
+        assert run.data.params["bf16"] == "False"
         assert "val_loss" in run.data.metrics and "train_loss" in run.data.metrics
         assert any(item.path == "card" for item in client.list_artifacts(run.info.run_id))
+    foot_run = next(run for run in runs if run.data.tags["task"] == "hallux_valgus")
+    assert foot_run.data.params["feature_stride"] == "16" and foot_run.data.params["localisation_weight"] == "0.5"
+    assert int(foot_run.data.params["examples_with_finding_box"]) > 0
     names = {model.name for model in client.search_registered_models()}
     assert names == {"hallux-valgus-demo", "bone-age-demo"}
 
@@ -67,6 +75,7 @@ def test_trained_cards_load_and_say_they_are_demo_models(trained: tuple[Path, st
     [foot_result] = predict_hallux_valgus(foot, [image])
     assert sum(foot_result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert foot_result.heatmap.on_image().shape == (300, 200)
+    assert foot.card.feature_stride == 16 and foot_result.heatmap.values.shape == (4, 4)  # 64 px / 16
     [estimates] = predict_bone_age(hand, [image])
     assert set(estimates) == {"M", "F"} and all(estimate.sigma_months > 0 for estimate in estimates.values())
 

@@ -5,8 +5,8 @@
   decidable), IMA widened to 10-18 degrees, a medial eminence on the first metatarsal head and a bunion.
 - Flatfoot: on a DP view, talonavicular uncoverage (the navicular slides laterally off the talar head), an
   abducted forefoot and a medial midfoot bulge.
-- Foot Ulcer: a soft-tissue defect at the skin edge over the first or fifth metatarsal head or the heel,
-  with a swollen rim and small gas lucencies beside it.
+- Foot Ulcer: a crater through the skin and fat over the first or fifth metatarsal head or the heel, with a
+  swollen rim and gas lucencies in the soft tissue beside it.
 The finding's box covers the region that shows the sign. Frame: origin at the midfoot, +y towards the toes,
 -x towards the hallux (medial); millimetres of an adult foot, scaled by ``size``.
 """
@@ -161,15 +161,16 @@ def _ulcer(canvas: Canvas, heads: dict, size: float, rng: np.random.Generator) -
         center, inward = end + perpendicular(unit(angle)) * (width / 2 + 9 * size), -perpendicular(unit(angle))
     else:
         center, inward = np.array([3.0, -146.0]) * size, np.array([0.0, 1.0])  # at the skin of the heel
-    radius = rng.uniform(12, 17) * size
-    canvas.fill(canvas.tissue, ellipse(center + inward * radius, radius * 1.6, radius * 1.6), 0.35)  # swelling
+    radius = rng.uniform(14, 19) * size
+    canvas.fill(canvas.tissue, ellipse(center + inward * radius, radius * 1.7, radius * 1.7), 0.6)  # swollen rim
+    crater_center = center + inward * radius * 0.35  # deep enough to reach the fat over the bone
     angles = np.linspace(0, 2 * np.pi, 28, endpoint=False)
-    crater = center + np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.75, 1.2, (28, 1))
-    canvas.fill(canvas.tissue, crater, -3.0)  # clipped at zero: air where skin and fat were
+    crater = crater_center + np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.8, 1.15, (28, 1))
+    canvas.fill(canvas.tissue, crater, -5.0)  # clipped at zero: air where skin and fat were
     bubbles = []
-    for _ in range(int(rng.integers(4, 8))):
-        spot = center + inward * rng.uniform(radius * 0.9, radius * 2.0) + rng.normal(0, radius * 0.4, 2)
-        bubble = ellipse(spot, rng.uniform(1.0, 2.2) * size, rng.uniform(1.0, 2.2) * size, points=12)
-        canvas.fill(canvas.tissue, bubble, -0.6)
+    for _ in range(int(rng.integers(5, 9))):
+        spot = center + inward * rng.uniform(radius * 1.1, radius * 2.2) + rng.normal(0, radius * 0.45, 2)
+        bubble = ellipse(spot, rng.uniform(1.8, 3.2) * size, rng.uniform(1.8, 3.2) * size, points=12)
+        canvas.fill(canvas.tissue, bubble, -2.0)
         bubbles.append(bubble)
     return np.concatenate([crater, *bubbles])

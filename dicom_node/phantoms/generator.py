@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -32,28 +33,37 @@ CHRONOLOGICAL_SD_MONTHS = 10.0  # spread of chronological around bone age, about
 
 
 def generate_phantoms(
-    out: Path, count: int, seed: int, task: Task = "both", compression: str = "none"
+    out: Path, count: int, seed: int, task: Task = "both", compression: str = "none", workers: int = 1
 ) -> list[PhantomLabel]:
     """Write ``count`` phantoms as DICOM files into ``out`` with ``labels.csv``; return the labels.
 
-    ``compression`` (a key of :data:`COMPRESSIONS`) stores the pixels losslessly compressed.
+    ``compression`` (a key of :data:`COMPRESSIONS`) stores the pixels losslessly compressed. ``workers``
+    processes draw images in parallel; the files and ``labels.csv`` are the same for any number of them.
     """
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (out, seed, index, task if task != "both" else ("hand", "foot")[index % 2], compression)
+        for index in range(count)
+    ]
     labels = []
-    with (out / "labels.csv").open("w", newline="") as file:
+    with (out / "labels.csv").open("w", newline="") as file, ProcessPoolExecutor(workers) as pool:
         writer = csv.DictWriter(file, fieldnames=LABEL_COLUMNS)
         writer.writeheader()
-        for index in range(count):
-            kind = task if task != "both" else ("hand", "foot")[index % 2]
-            ds, label = render_phantom(seed, index, kind)
-            if COMPRESSIONS[compression] is not None:
-                ds.compress(COMPRESSIONS[compression])
-            ds.save_as(out / label.file, enforce_file_format=True)
-            # a row per finished file, so that an interrupted set is still a valid (smaller) set
+        for label in pool.map(_write_phantom, jobs) if workers > 1 else map(_write_phantom, jobs):
+            # a row per finished file, in index order, so that an interrupted set is still a valid (smaller) set
             writer.writerow({key: "" if value is None else value for key, value in asdict(label).items()})
             file.flush()
             labels.append(label)
     return labels
+
+
+def _write_phantom(job: tuple[Path, int, int, Literal["hand", "foot"], str]) -> PhantomLabel:
+    out, seed, index, kind, compression = job
+    ds, label = render_phantom(seed, index, kind)
+    if COMPRESSIONS[compression] is not None:
+        ds.compress(COMPRESSIONS[compression])
+    ds.save_as(out / label.file, enforce_file_format=True)
+    return label
 
 
 def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):

@@ -125,6 +125,33 @@ def load_image(path: Path) -> np.ndarray:
     return stretch(gray)
 
 
+def image_shape(path: Path) -> tuple[int, int]:
+    """(rows, columns) of an image file, from its header alone."""
+    if path.suffix.lower() == ".dcm" or _is_dicom(path):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(header.Rows), int(header.Columns)
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def finding_masks(examples: list[Example], size: int) -> torch.Tensor | None:
+    """Each example's finding box drawn into its letterboxed input (N x 1 x size x size, uint8; all zero
+    without a box), or None when no example has a box."""
+    if all(example.finding_box is None for example in examples):
+        return None
+    masks = torch.zeros(len(examples), 1, size, size, dtype=torch.uint8)
+    for index, example in enumerate(examples):
+        if example.finding_box is not None:
+            letterbox = Letterbox(*image_shape(example.path), size)
+            x0, y0, _, _ = letterbox.inner
+            left, top, right, bottom = (
+                round(value * letterbox.scale + offset)
+                for value, offset in zip(example.finding_box, (x0, y0, x0, y0), strict=True)
+            )
+            masks[index, 0, max(top, 0) : bottom + 1, max(left, 0) : right + 1] = 1
+    return masks
+
+
 def _is_dicom(path: Path) -> bool:
     with open(path, "rb") as file:
         return file.read(132)[128:] == b"DICM"
