@@ -94,6 +94,47 @@ class WorkerSettings(Section):
     retry_backoff: Seconds = 5.0
 
 
+TaskName = Literal["hallux_valgus", "bone_age"]
+RoutedAttribute = Literal["BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName"]
+ROUTED_ATTRIBUTES: tuple[RoutedAttribute, ...] = (
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+)
+
+
+class RoutingRule(Section):
+    """Instances whose ``attributes`` match ``pattern`` (a regular expression, any case) run ``tasks``."""
+
+    pattern: str
+    tasks: list[TaskName]
+    attributes: list[RoutedAttribute] = list(ROUTED_ATTRIBUTES)
+
+    @field_validator("pattern")
+    @classmethod
+    def _is_regular_expression(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return value
+
+
+class InferenceSettings(Section):
+    hallux_valgus_card: Path = Path("models/hallux-valgus-demo.yaml")
+    bone_age_card: Path = Path("models/bone-age-demo.yaml")
+    batch_size: int = Field(8, ge=1)
+    hallux_valgus_threshold: float = Field(0.3, gt=0, lt=1)
+    bone_age_flag_sds: float = Field(2.0, gt=0)
+    rules: list[RoutingRule] = [
+        RoutingRule(pattern=r"\b(FOOT|TOES?|FOREFOOT)\b", tasks=["hallux_valgus"]),
+        RoutingRule(pattern=r"\b(HAND|WRIST|BONE ?AGE)\b", tasks=["bone_age"]),
+    ]
+    undecided_tasks: list[TaskName] = ["hallux_valgus", "bone_age"]
+    skip_derived: bool = True
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -110,6 +151,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     workers: WorkerSettings = WorkerSettings()
+    inference: InferenceSettings = InferenceSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
