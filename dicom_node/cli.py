@@ -14,7 +14,9 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import Node
+from inference.model_card import ModelLoadError
 from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
 from web.app import create_app
 from web.dependencies import WebContext
@@ -147,7 +149,6 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    from inference.model_card import ModelLoadError
     from inference.predict import Model
     from inference.training.datasets import DatasetError
     from inference.training.evaluate import evaluate, log_to_mlflow, write_report
@@ -210,7 +211,13 @@ def serve(settings: Settings) -> int:
         signal.signal(signal_number, on_signal)
 
     try:
-        node = Node(settings)
+        models = InferenceModels.load(settings.inference)
+    except ModelLoadError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_START_FAILED
+    log.info("models loaded: %s; %s", models.hallux_valgus.card.label, models.bone_age.card.label)
+    try:
+        node = Node(settings, models=models)
     except OSError as error:
         print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
         return EXIT_START_FAILED

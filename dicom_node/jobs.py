@@ -34,28 +34,35 @@ class JobQueue:
 
     def claim(self, kinds: Collection[str]) -> ClaimedJob | None:
         """Take the oldest pending job of one of ``kinds`` that is due, or return None."""
+        claimed = self.claim_batch(kinds, 1)
+        return claimed[0] if claimed else None
+
+    def claim_batch(self, kinds: Collection[str], limit: int) -> list[ClaimedJob]:
+        """Take up to ``limit`` due pending jobs of the kind of the oldest one among ``kinds``, oldest first."""
         if not kinds:
-            return None
+            return []
         with self.sessions.begin() as session:
             while True:
-                job = session.scalar(
-                    select(Job)
-                    .where(Job.state == JobState.PENDING, Job.kind.in_(kinds), Job.available_at <= _now())
-                    .order_by(Job.id)
-                    .limit(1)
-                )
-                if job is None:
-                    return None
-                taken = session.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.state == JobState.PENDING)
-                    .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-                if taken:
-                    return ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1)
+                due = (Job.state == JobState.PENDING, Job.available_at <= _now())
+                oldest = session.scalar(select(Job.kind).where(*due, Job.kind.in_(kinds)).order_by(Job.id).limit(1))
+                if oldest is None:
+                    return []
+                candidates = session.scalars(select(Job).where(*due, Job.kind == oldest).order_by(Job.id).limit(limit))
+                claimed = []
+                for job in candidates.all():
+                    taken = session.execute(
+                        update(Job)
+                        .where(Job.id == job.id, Job.state == JobState.PENDING)
+                        .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
+                        .execution_options(synchronize_session=False)
+                    ).rowcount
+                    if taken:  # another worker may have taken it since the select
+                        claimed.append(ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1))
+                if claimed:
+                    return claimed
 
     def complete(self, job_id: int) -> None:
+        """Mark a job done; its handler may have recorded a note on it."""
         with self.sessions.begin() as session:
             session.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, last_error=None))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -77,6 +77,7 @@ class Instance(Base):
 
     series: Mapped[Series] = relationship(back_populates="instances")
     jobs: Mapped[list[Job]] = relationship(back_populates="instance")
+    results: Mapped[list[InferenceResult]] = relationship(back_populates="instance", order_by="InferenceResult.id")
 
 
 class JobState(enum.StrEnum):
@@ -101,6 +102,7 @@ class Job(Base):
     )
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text, doc="What a finished job did, e.g. why it ran no task.")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
@@ -108,4 +110,29 @@ class Job(Base):
     instance: Mapped[Instance] = relationship(back_populates="jobs")
 
 
-__all__ = ["Base", "Instance", "Job", "JobState", "Patient", "Series", "Study"]
+class InferenceResult(Base):
+    """One output of a model for one instance: the foot classification, or the bone age read by the male or
+    the female head. Running an instance's job again replaces its results."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("instance_pk", "task", "output"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    task: Mapped[str] = mapped_column(String(32))  # hallux_valgus | bone_age
+    output: Mapped[str] = mapped_column(String(16))  # foot | male | female
+    is_primary: Mapped[bool] = mapped_column(doc="The result to show first, e.g. the model of the patient's sex.")
+    summary: Mapped[str] = mapped_column(String(160), doc="The result in words, for lists and logs.")
+    values: Mapped[dict] = mapped_column(JSON)
+    heatmap_path: Mapped[str] = mapped_column(String(512), doc="Relative to the storage root.")
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_digest: Mapped[str] = mapped_column(String(128))
+    demo_model: Mapped[bool]
+    timings_ms: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    instance: Mapped[Instance] = relationship(back_populates="results")
+
+
+__all__ = ["Base", "InferenceResult", "Instance", "Job", "JobState", "Patient", "Series", "Study"]

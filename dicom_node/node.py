@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 from dicom_node.config import Settings
 from dicom_node.database import create_index_engine, session_factory
-from dicom_node.ingest import Ingestor
+from dicom_node.inference_jobs import InferenceJobs, InferenceModels
+from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.scp import StorageSCP
 from dicom_node.storage import InstanceStore
@@ -17,7 +18,14 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: Settings, job_handlers: Mapping[str, JobHandler] | None = None) -> None:
+    """``models``: run inference jobs with them; ``job_handlers``: other handlers by job kind (tests)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_handlers: Mapping[str, JobHandler] | None = None,
+        models: InferenceModels | None = None,
+    ) -> None:
         self.settings = settings
         self.store = InstanceStore(settings.storage.root)
         self.engine = create_index_engine(settings.database.url)
@@ -27,8 +35,15 @@ class Node:
         )
         self.scp = StorageSCP(settings.dicom, self.ingestor)
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
+        handlers = dict(job_handlers or {})
+        if models is not None:
+            handlers[INFERENCE_JOB] = InferenceJobs(settings.inference, models, self.store, self.sessions)
         self.workers = WorkerPool(
-            self.queue, job_handlers or {}, settings.workers.count, settings.workers.poll_interval
+            self.queue,
+            handlers,
+            settings.workers.count,
+            settings.workers.poll_interval,
+            settings.inference.batch_size,
         )
 
     def start(self) -> None:

@@ -1,7 +1,9 @@
 """Worker threads that run queued jobs in the node's process.
 
-A handler is a function registered by job kind (as pynetdicom registers handlers by event). It raises to say
-the attempt failed; the queue then retries it or marks it failed, and the worker moves on.
+A handler is a function registered by job kind (as pynetdicom registers handlers by event). It takes a batch
+of claimed jobs of its kind (up to ``batch_size``, so that a model runs on several images at once) and returns
+the jobs whose attempt failed, with the error; raising fails the whole batch. The queue retries a failed job
+or marks it failed, and the worker moves on.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ from dicom_node.jobs import ClaimedJob, JobQueue
 
 log = logging.getLogger(__name__)
 
-JobHandler = Callable[[ClaimedJob], None]
+JobHandler = Callable[[list[ClaimedJob]], Mapping[int, Exception]]
 
 
 class WorkerPool:
-    def __init__(self, queue: JobQueue, handlers: Mapping[str, JobHandler], count: int, poll_interval: float) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        handlers: Mapping[str, JobHandler],
+        count: int,
+        poll_interval: float,
+        batch_size: int = 1,
+    ) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
         self.count = count
         self.poll_interval = poll_interval
+        self.batch_size = batch_size
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -44,19 +54,28 @@ class WorkerPool:
         self._threads.clear()
 
     def run_once(self) -> bool:
-        """Claim and run one job; return False when none was due."""
-        job = self.queue.claim(self.handlers.keys())
-        if job is None:
+        """Claim and run one batch of jobs; return False when none was due."""
+        jobs = self.queue.claim_batch(self.handlers.keys(), self.batch_size)
+        if not jobs:
             return False
         try:
-            self.handlers[job.kind](job)
+            failures = self.handlers[jobs[0].kind](jobs)
         except Exception as error:
-            state = self.queue.fail(job.id, f"{type(error).__name__}: {error}")
-            log.warning(
-                "job %d (%s) attempt %d failed, now %s: %s", job.id, job.kind, job.attempt, state, type(error).__name__
-            )
-        else:
-            self.queue.complete(job.id)
+            failures = {job.id: error for job in jobs}
+        for job in jobs:
+            if job.id in failures:
+                error = failures[job.id]
+                state = self.queue.fail(job.id, f"{type(error).__name__}: {error}")
+                log.warning(
+                    "job %d (%s) attempt %d failed, now %s: %s",
+                    job.id,
+                    job.kind,
+                    job.attempt,
+                    state,
+                    type(error).__name__,
+                )
+            else:
+                self.queue.complete(job.id)
         return True
 
     def _work(self) -> None:

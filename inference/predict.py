@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,19 @@ class Heatmap:
 
     values: np.ndarray  # h x w, in [0, 1]
     letterbox: Letterbox
+
+    def to_bytes(self) -> bytes:
+        """The map and its placement as an ``.npz`` file's bytes (a few hundred bytes)."""
+        buffer = io.BytesIO()
+        box = self.letterbox
+        np.savez(buffer, values=self.values.astype(np.float16), letterbox=np.array([box.rows, box.columns, box.size]))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Heatmap:
+        with np.load(io.BytesIO(data)) as stored:
+            rows, columns, size = (int(value) for value in stored["letterbox"])
+            return cls(stored["values"].astype(np.float32), Letterbox(rows, columns, size))
 
     def on_image(self) -> np.ndarray:
         """The heatmap resized onto the original image (rows x columns)."""

@@ -68,6 +68,18 @@ def test_claims_the_oldest_due_job_of_the_kinds_asked_for(sessions) -> None:
     assert job(sessions, other).state == JobState.PENDING
 
 
+def test_a_batch_takes_due_jobs_of_the_oldest_jobs_kind_only(sessions) -> None:
+    first, second = add_jobs(sessions, 2)
+    [other] = add_jobs(sessions, 1, kind="other")
+    third, fourth = add_jobs(sessions, 2)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=1)
+
+    assert [job.id for job in queue.claim_batch([INFERENCE_JOB, "other"], 3)] == [first, second, third]
+    assert [job.id for job in queue.claim_batch([INFERENCE_JOB, "other"], 3)] == [other]
+    assert [job.id for job in queue.claim_batch([INFERENCE_JOB, "other"], 3)] == [fourth]
+    assert queue.claim_batch([INFERENCE_JOB, "other"], 3) == []
+
+
 def test_concurrent_workers_never_claim_the_same_job(sessions) -> None:
     ids = add_jobs(sessions, 60)
     queue = JobQueue(sessions, max_attempts=3, retry_backoff=1)
@@ -118,12 +130,16 @@ def test_workers_run_each_received_instance_once(tmp_path: Path) -> None:
     seen: list[int] = []
     failing_uid = "1.2.826.0.1.3680043.8.498.999"
 
-    def handler(claimed: ClaimedJob) -> None:
-        with node.sessions() as session:
-            instance = session.get_one(Instance, claimed.instance_pk)
+    def handler(claimed_jobs: list[ClaimedJob]) -> dict[int, Exception]:
+        failures = {}
+        for claimed in claimed_jobs:
+            with node.sessions() as session:
+                instance = session.get_one(Instance, claimed.instance_pk)
             if instance.sop_instance_uid == failing_uid:
-                raise RuntimeError("model exploded")
-        seen.append(claimed.instance_pk)
+                failures[claimed.id] = RuntimeError("model exploded")
+            else:
+                seen.append(claimed.instance_pk)
+        return failures
 
     settings = Settings(
         dicom={"host": "127.0.0.1", "port": free_port()},

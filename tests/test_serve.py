@@ -25,16 +25,28 @@ DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 
 
 class ServeProcess:
-    def __init__(self, storage: Path, dicom_port: int | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        storage: Path,
+        dicom_port: int | None = None,
+        cwd: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
         self.dicom_port = dicom_port or free_port()
         self.web_port = free_port()
         self.storage = storage
-        environment = os.environ | {
-            "DICOM_NODE_DICOM__HOST": "127.0.0.1",
-            "DICOM_NODE_DICOM__PORT": str(self.dicom_port),
-            "DICOM_NODE_WEB__PORT": str(self.web_port),
-            "DICOM_NODE_STORAGE__ROOT": str(storage),
-        }
+        environment = (
+            os.environ
+            | {
+                "DICOM_NODE_DICOM__HOST": "127.0.0.1",
+                "DICOM_NODE_DICOM__PORT": str(self.dicom_port),
+                "DICOM_NODE_WEB__PORT": str(self.web_port),
+                "DICOM_NODE_STORAGE__ROOT": str(storage),
+                "DICOM_NODE_INFERENCE__HALLUX_VALGUS_CARD": str(REPO / "models" / "hallux-valgus-demo.yaml"),
+                "DICOM_NODE_INFERENCE__BONE_AGE_CARD": str(REPO / "models" / "bone-age-demo.yaml"),
+            }
+            | (environment or {})
+        )
         self.process = subprocess.Popen(
             [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
             env=environment,
@@ -63,6 +75,16 @@ class ServeProcess:
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
 
+    def jobs_when_finished(self, count: int, timeout: float = 90) -> dict[str, int]:
+        """The jobs by state once ``count`` jobs exist and none is pending or running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.health()[1]["jobs"]
+            if sum(jobs.values()) == count and not {"pending", "running"} & set(jobs):
+                return jobs
+            time.sleep(0.2)
+        raise TimeoutError(f"jobs not finished: {self.health()[1]['jobs']}")
+
     def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
         self.process.send_signal(signal_number)
         output, _ = self.process.communicate(timeout=timeout)
@@ -90,7 +112,7 @@ def test_serve_receives_from_dcmtk_and_stops_cleanly(serve: ServeProcess, tmp_pa
     assert status == 200
     assert health["status"] == "ok"
     assert health["dicom_listener"]["ok"] and health["database"]["ok"] and health["storage"]["ok"]
-    assert health["jobs"] == {"pending": 3}
+    assert serve.jobs_when_finished(3) == {"done": 3}, "the served node runs inference on what it received"
     assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3
 
     returncode, output = serve.stop(signal_number)
@@ -111,11 +133,11 @@ def test_restart_keeps_the_index_and_sweeps_partial_writes(serve: ServeProcess, 
     again = ServeProcess(serve.storage)
     try:
         again.wait_until_ready()
-        assert again.health()[1]["jobs"] == {"pending": 2}
+        assert again.jobs_when_finished(2) == {"done": 2}, "jobs interrupted by the kill resume and finish"
         assert not partial.exists()
         resent = dcmtk("storescu", "-aec", NODE_AE, "127.0.0.1", again.dicom_port, *files)
         assert resent.returncode == 0
-        assert again.health()[1]["jobs"] == {"pending": 2}, "a resend after restart is still idempotent"
+        assert again.health()[1]["jobs"] == {"done": 2}, "a resend after restart is still idempotent"
     finally:
         returncode, output = again.stop()
     assert returncode == 0, output
@@ -153,3 +175,17 @@ def test_an_unusable_storage_root_is_one_line(tmp_path: Path) -> None:
     assert process.process.returncode == 1
     assert "cannot use storage root" in output
     assert "Traceback" not in output
+
+
+def test_a_model_card_that_fails_its_checks_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    card = (REPO / "models" / "hallux-valgus-demo.yaml").read_text()
+    bad = tmp_path / "foot.yaml"
+    bad.write_text(card.replace("sha256: ", "sha256: 0000", 1))
+    (tmp_path / "hallux-valgus-demo.pt").symlink_to(REPO / "models" / "hallux-valgus-demo.pt")
+    process = ServeProcess(tmp_path / "storage", environment={"DICOM_NODE_INFERENCE__HALLUX_VALGUS_CARD": str(bad)})
+    output, _ = process.process.communicate(timeout=60)
+    assert process.process.returncode == 1
+    [line] = output.strip().splitlines()
+    assert line.startswith(f"dicom-node: {bad}: weights hallux-valgus-demo.pt have sha256 ")
+    with socket.socket() as probe:  # nothing listens: the node did not start without its model
+        assert probe.connect_ex(("127.0.0.1", process.dicom_port)) != 0

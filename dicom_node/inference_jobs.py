@@ -1,0 +1,224 @@
+"""The inference job: from a stored instance to recorded results with heatmaps.
+
+For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
+decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance,
+the heatmaps are written under ``results/`` beside the layout of ``patients/``, and one transaction replaces
+the instance's results and notes what the job did, so a job run again leaves the same state as one run once.
+An instance that cannot be read or decoded fails its own job only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import InferenceSettings, TaskName
+from dicom_node.jobs import ClaimedJob
+from dicom_node.models import InferenceResult, Instance, Job
+from dicom_node.routing import Route, route
+from dicom_node.storage import InstanceStore
+from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
+from inference.pixels import radiograph_pixels
+from inference.predict import (
+    BoneAgeEstimate,
+    HalluxValgusResult,
+    Heatmap,
+    Model,
+    predict_bone_age,
+    predict_hallux_valgus,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceModels:
+    """The models the node serves, loaded once and shared by every worker."""
+
+    hallux_valgus: Model
+    bone_age: Model
+
+    @classmethod
+    def load(cls, settings: InferenceSettings) -> InferenceModels:
+        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem."""
+        return cls(Model.load(settings.hallux_valgus_card), Model.load(settings.bone_age_card))
+
+    def of(self, task: TaskName) -> Model:
+        return self.hallux_valgus if task == "hallux_valgus" else self.bone_age
+
+
+@dataclass
+class _Work:
+    """One claimed job on its way through the batch."""
+
+    job: ClaimedJob
+    instance_path: PurePosixPath
+    header: Dataset
+    route: Route
+    image: np.ndarray | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    rows: list[InferenceResult] = field(default_factory=list)
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by the path of its file
+
+
+class InferenceJobs:
+    """The job handler of ``inference`` jobs (see :mod:`dicom_node.workers`)."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        models: InferenceModels,
+        store: InstanceStore,
+        sessions: sessionmaker[Session],
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.sessions = sessions
+
+    def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
+        failures: dict[int, Exception] = {}
+        batch = []
+        for job in jobs:
+            try:
+                batch.append(self._prepare(job))
+            except Exception as error:  # unreadable or undecodable: this job fails, the batch goes on
+                failures[job.id] = error
+        for task, add_results in (("hallux_valgus", self._hallux_valgus_rows), ("bone_age", self._bone_age_rows)):
+            routed = [work for work in batch if task in work.route.tasks]
+            if not routed:
+                continue
+            started = time.perf_counter()
+            outputs = self._predict(task, [work.image for work in routed])
+            share = (time.perf_counter() - started) * 1000 / len(routed)
+            for work, output in zip(routed, outputs, strict=True):
+                work.timings_ms[f"{task}_model"] = share
+                add_results(work, output)
+        for work in batch:
+            try:
+                self._record(work)
+            except Exception as error:
+                failures[work.job.id] = error
+        return failures
+
+    def _prepare(self, job: ClaimedJob) -> _Work:
+        started = time.perf_counter()
+        with self.sessions() as session:
+            relative = PurePosixPath(session.scalars(select(Instance.path).where(Instance.id == job.instance_pk)).one())
+        ds = pydicom.dcmread(self.store.absolute(relative))
+        work = _Work(job, relative, ds, route(ds, self.settings))
+        if work.route.tasks:
+            work.image = radiograph_pixels(ds)
+        work.timings_ms["decode"] = (time.perf_counter() - started) * 1000
+        return work
+
+    def _predict(self, task: TaskName, images: list[np.ndarray]) -> list:
+        if task == "hallux_valgus":
+            return predict_hallux_valgus(self.models.hallux_valgus, images, self.settings.hallux_valgus_threshold)
+        return predict_bone_age(self.models.bone_age, images)
+
+    def _hallux_valgus_rows(self, work: _Work, result: HalluxValgusResult) -> None:
+        model = self.models.hallux_valgus
+        values = {
+            "probabilities": result.probabilities,
+            "prediction": result.prediction,
+            "confidence": result.confidence,
+            "hallux_valgus_detected": result.hallux_valgus_detected,
+            "threshold": self.settings.hallux_valgus_threshold,
+            "hallux_valgus_angle_deg": result.hallux_valgus_angle_deg,
+            "heatmap_of": result.prediction,
+            "heatmap_peak_xy": list(result.heatmap.peak()),
+        }
+        summary = f"{result.prediction} ({result.confidence:.0%})"
+        if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
+            summary += f"; hallux valgus flagged ({result.probabilities['Hallux Valgus']:.0%})"
+        self._add_row(work, "hallux_valgus", "foot", True, summary, values, result.heatmap, model)
+
+    def _bone_age_rows(self, work: _Work, estimates: dict[str, BoneAgeEstimate]) -> None:
+        model, header = self.models.bone_age, work.header
+        age = chronological_age(
+            _text(header, "PatientBirthDate"), _text(header, "StudyDate"), _text(header, "PatientAge")
+        )
+        patient_sex = _text(header, "PatientSex")
+        for sex, estimate in estimates.items():
+            values = {
+                "sex": sex,
+                "age_months": estimate.age_months,
+                "age_years": estimate.age_years,
+                "sigma_months": estimate.sigma_months,
+                "chronological_age_months": age.months,
+                "chronological_age_source": age.source,
+                "heatmap_peak_xy": list(estimate.heatmap.peak()),
+            }
+            if age.months is not None:
+                comparison = compare_with_chronological_age(
+                    estimate.age_months, age.months, sex, self.settings.bone_age_flag_sds
+                )
+                values |= {
+                    "difference_months": comparison.difference_months,
+                    "reference_sd_months": comparison.reference_sd_months,
+                    "z_score": comparison.z_score,
+                    "assessment": comparison.assessment,
+                    "reference": REFERENCE_NAME,
+                    "flag_sds": self.settings.bone_age_flag_sds,
+                }
+            word = "male" if sex == "M" else "female"
+            summary = (
+                f"bone age {estimate.age_years:.1f} years ({estimate.age_months:.0f} +- "
+                f"{estimate.sigma_months:.0f} months), {word} model"
+            )
+            self._add_row(work, "bone_age", word, sex == patient_sex, summary, values, estimate.heatmap, model)
+
+    @staticmethod
+    def _add_row(
+        work: _Work, task: str, output: str, primary: bool, summary: str, values: dict, heatmap: Heatmap, model: Model
+    ) -> None:
+        heatmap_path = str(_results_directory(work.instance_path) / f"{task}-{output}.npz")
+        work.heatmaps[heatmap_path] = heatmap
+        work.rows.append(
+            InferenceResult(
+                instance_pk=work.job.instance_pk,
+                task=task,
+                output=output,
+                is_primary=primary,
+                summary=summary,
+                values=values,
+                heatmap_path=heatmap_path,
+                model_name=model.card.name,
+                model_version=model.card.version,
+                weights_digest=model.weights_digest,
+                demo_model=model.card.demo,
+                timings_ms={},
+            )
+        )
+
+    def _record(self, work: _Work) -> None:
+        started = time.perf_counter()
+        for path, heatmap in work.heatmaps.items():
+            self.store.publish(self.store.write_temporary([heatmap.to_bytes()]), PurePosixPath(path))
+        note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
+        work.timings_ms["record"] = (time.perf_counter() - started) * 1000
+        with self.sessions.begin() as session:
+            session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
+            for row in work.rows:
+                row.timings_ms = dict(work.timings_ms)
+                session.add(row)
+            session.execute(update(Job).where(Job.id == work.job.id).values(note=note))
+
+
+def _results_directory(instance_path: PurePosixPath) -> PurePosixPath:
+    """``patients/<key>/<study>/<series>/<sop>.dcm`` -> ``results/<key>/<study>/<series>/<sop>``."""
+    return PurePosixPath("results", *instance_path.parts[1:-1], instance_path.stem)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() if value not in (None, "") else None

@@ -1,0 +1,160 @@
+"""The inference job in a running node: X-rays received over DICOM come out as recorded results with heatmaps,
+equal to what the models compute on the same files; skips, reruns and undecodable images behave."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from dicom_node.config import InferenceSettings, Settings
+from dicom_node.inference_jobs import InferenceModels
+from dicom_node.models import InferenceResult, Instance, Job, JobState
+from dicom_node.node import Node
+from dicom_node.phantoms import generate_phantoms, read_labels
+from dicom_node.synthetic import synthetic_dx
+from inference.pixels import radiograph_pixels
+from inference.predict import Heatmap, predict_bone_age, predict_hallux_valgus
+from tests.conftest import stored_jobs
+from tests.dicom_peers import dcmtk, free_port, send_datasets
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models() -> InferenceModels:
+    return InferenceModels.load(InferenceSettings())  # the committed demo cards
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(out, 4, seed=91, task="both")  # two hands, two feet
+    return out
+
+
+@pytest.fixture
+def node(tmp_path: Path, models: InferenceModels):
+    settings = Settings(
+        dicom={"host": "127.0.0.1", "port": free_port()},
+        storage={"root": tmp_path / "storage"},
+        workers={"count": 1, "poll_interval": 0.05, "max_attempts": 2, "retry_backoff": 0.05},
+        inference={"batch_size": 4},
+    )
+    node = Node(settings, models=models)
+    node.start()
+    yield node
+    node.stop()
+
+
+def finished_jobs(node: Node, count: int, timeout: float = 120) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = stored_jobs(node)
+        if len(jobs) == count and all(job.state in (JobState.DONE, JobState.FAILED) for job in jobs):
+            return jobs
+        time.sleep(0.1)
+    raise AssertionError(f"jobs not finished: {[(job.state, job.last_error) for job in stored_jobs(node)]}")
+
+
+def results_by_file(node: Node) -> dict[str, list[InferenceResult]]:
+    with node.sessions() as session:
+        instances = session.scalars(select(Instance)).all()
+        return {instance.sop_instance_uid: list(instance.results) for instance in instances}
+
+
+def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models: InferenceModels, phantoms: Path):
+    labels = read_labels(phantoms / "labels.csv")
+    sent = dcmtk(
+        "storescu",
+        "-aec",
+        "AINODE",
+        "127.0.0.1",
+        node.settings.dicom.port,
+        *(phantoms / label.file for label in labels),
+    )
+    assert sent.returncode == 0, sent.stderr
+    jobs = finished_jobs(node, len(labels))
+    assert all(job.state == JobState.DONE for job in jobs)
+    assert sorted(job.note for job in jobs) == sorted(
+        ["ran bone_age (rule 2 matched BodyPartExamined)"] * 2
+        + ["ran hallux_valgus (rule 1 matched BodyPartExamined)"] * 2
+    )
+
+    results = results_by_file(node)
+    for label in labels:
+        ds = pydicom.dcmread(phantoms / label.file)
+        rows = {row.output: row for row in results[ds.SOPInstanceUID]}
+        image = radiograph_pixels(ds)
+        for row in rows.values():
+            assert (row.model_name, row.demo_model) == (models.of(row.task).card.name, True)
+            assert row.weights_digest == models.of(row.task).weights_digest
+            assert {"decode", f"{row.task}_model", "record"} <= set(row.timings_ms)
+            stored = Heatmap.from_bytes(node.store.absolute(row.heatmap_path).read_bytes())
+            assert stored.letterbox.rows == ds.Rows and stored.letterbox.columns == ds.Columns
+        if label.task == "foot":
+            [expected] = predict_hallux_valgus(models.hallux_valgus, [image], 0.3)
+            assert set(rows) == {"foot"}
+            values = rows["foot"].values
+            assert values["prediction"] == expected.prediction and rows["foot"].is_primary
+            assert values["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+            assert values["hallux_valgus_detected"] == expected.hallux_valgus_detected
+            stored = Heatmap.from_bytes(node.store.absolute(rows["foot"].heatmap_path).read_bytes())
+            np.testing.assert_allclose(stored.values, expected.heatmap.values, atol=1e-3)
+        else:
+            [expected] = predict_bone_age(models.bone_age, [image])
+            assert set(rows) == {"male", "female"}
+            assert rows["male"].is_primary == (label.sex == "M") and rows["female"].is_primary == (label.sex == "F")
+            for sex, word in (("M", "male"), ("F", "female")):
+                values = rows[word].values
+                assert values["age_months"] == pytest.approx(expected[sex].age_months, abs=1e-3)
+                assert values["sigma_months"] == pytest.approx(expected[sex].sigma_months, abs=1e-3)
+                assert values["chronological_age_months"] == pytest.approx(label.chronological_age_months, abs=0.6)
+                assert values["difference_months"] == pytest.approx(
+                    values["age_months"] - values["chronological_age_months"]
+                )
+                assert values["reference"].startswith("Greulich & Pyle") and values["assessment"] in (
+                    "advanced",
+                    "delayed",
+                    "within range",
+                    None,
+                )
+
+
+def test_derived_images_are_skipped_with_a_reason_and_a_rerun_replaces_results(node: Node) -> None:
+    hand = synthetic_dx("SKIP-1", side=256, seed=1, body_part="HAND")
+    derived = synthetic_dx("SKIP-1", side=256, seed=2, body_part="HAND", study_uid=hand.StudyInstanceUID)
+    derived.ImageType = ["DERIVED", "SECONDARY"]
+    send_datasets(node.settings.dicom.port, [hand, derived])
+    jobs = {job.instance_pk: job for job in finished_jobs(node, 2)}
+    results = results_by_file(node)
+    assert len(results[hand.SOPInstanceUID]) == 2 and results[derived.SOPInstanceUID] == []
+    notes = sorted(job.note for job in jobs.values())
+    assert notes[1].startswith("skipped: derived image (ImageType DERIVED\\SECONDARY")
+
+    first_written = max(row.created_at for row in results[hand.SOPInstanceUID])
+    with node.sessions.begin() as session:  # queue the hand's job again, as a replace would
+        session.execute(update(Job).values(state=JobState.PENDING, attempts=0))
+    time.sleep(0.2)
+    finished_jobs(node, 2)
+    again = results_by_file(node)[hand.SOPInstanceUID]
+    assert len(again) == 2 and min(row.created_at for row in again) > first_written, "replaced, not added"
+
+
+def test_an_undecodable_image_fails_its_own_job_and_the_batch_goes_on(node: Node) -> None:
+    good = synthetic_dx("BAD-1", side=256, seed=3, body_part="FOOT")
+    bad = synthetic_dx("BAD-1", side=256, seed=4, body_part="FOOT", study_uid=good.StudyInstanceUID)
+    bad.PhotometricInterpretation = "PALETTE COLOR"  # and no palette: nothing can show it
+    send_datasets(node.settings.dicom.port, [bad, good])
+    jobs = finished_jobs(node, 2)
+    with node.sessions() as session:
+        bad_pk = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == bad.SOPInstanceUID))
+    states = {job.instance_pk: job for job in jobs}
+    assert states[bad_pk].state == JobState.FAILED and states[bad_pk].attempts == 2
+    assert states[bad_pk].last_error.startswith("UnsupportedImage: cannot read PALETTE COLOR")
+    assert [job.state for pk, job in states.items() if pk != bad_pk] == [JobState.DONE]
+    assert len(results_by_file(node)[good.SOPInstanceUID]) == 1
