@@ -211,7 +211,7 @@ def serve(settings: Settings) -> int:
         signal.signal(signal_number, on_signal)
 
     try:
-        models = InferenceModels.load(settings.inference)
+        models = InferenceModels.load(settings.inference, settings.storage.root / "cache" / "onnx")
     except ModelLoadError as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED

@@ -124,6 +124,8 @@ class RoutingRule(Section):
 class InferenceSettings(Section):
     hallux_valgus_card: Path = Path("models/hallux-valgus-demo.yaml")
     bone_age_card: Path = Path("models/bone-age-demo.yaml")
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    threads: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     hallux_valgus_threshold: float = Field(0.3, gt=0, lt=1)
     bone_age_flag_sds: float = Field(2.0, gt=0)

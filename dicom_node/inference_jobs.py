@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pydicom
@@ -47,9 +47,15 @@ class InferenceModels:
     bone_age: Model
 
     @classmethod
-    def load(cls, settings: InferenceSettings) -> InferenceModels:
-        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem."""
-        return cls(Model.load(settings.hallux_valgus_card), Model.load(settings.bone_age_card))
+    def load(cls, settings: InferenceSettings, cache_dir: Path | None = None) -> InferenceModels:
+        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem.
+        ``cache_dir`` keeps the graphs the onnxruntime runtime exports."""
+        return cls(
+            *(
+                Model.load(card, settings.runtime, cache_dir, settings.threads)
+                for card in (settings.hallux_valgus_card, settings.bone_age_card)
+            )
+        )
 
     def of(self, task: TaskName) -> Model:
         return self.hallux_valgus if task == "hallux_valgus" else self.bone_age

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +30,7 @@ from inference.model_card import (
     read_card,
 )
 from inference.preprocess import Letterbox, model_input
+from inference.runtime import OnnxRunner, Runner, RuntimeName, TorchRunner
 
 DEFAULT_HALLUX_VALGUS_THRESHOLD = 0.3
 
@@ -95,50 +98,60 @@ class BoneAgeEstimate:
 
 @dataclass
 class Model:
-    """A loaded model: its card, its network, the digest of its weights."""
+    """A loaded model: its card, its network, the digest of its weights, and the runner that computes it."""
 
     card: ModelCard
     network: torch.nn.Module
     cam_network: CamNetwork | None
     weights_digest: str
+    runner: Runner | None  # None: a network that is not GAP + linear, run by autograd Grad-CAM
 
     @classmethod
-    def load(cls, card_path: Path) -> Model:
+    def load(
+        cls, card_path: Path, runtime: RuntimeName = "torch", cache_dir: Path | None = None, threads: int = 0
+    ) -> Model:
+        """Load and check a card's network; ``runtime`` onnxruntime exports it once into ``cache_dir``."""
         card = read_card(card_path)
         network = load_network(card, card_path)
         digest = card.weights.sha256 or card.weights.uri  # load_network verified the file against it
-        return cls(card, network, as_cam_network(network), digest)
+        cam_network = as_cam_network(network)
+        runner: Runner | None = None
+        if cam_network is not None and runtime == "onnxruntime":
+            cache = cache_dir or Path(tempfile.gettempdir()) / "dicom-node-onnx"
+            graph = cache / f"{card.name}-{hashlib.sha256(digest.encode()).hexdigest()[:16]}-{card.input_size}.onnx"
+            runner = OnnxRunner(cam_network, card.in_channels, card.input_size, graph, threads)
+        elif cam_network is not None:
+            runner = TorchRunner(cam_network, threads)
+        return cls(card, network, cam_network, digest, runner)
 
-    def inputs(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
-        """Batch of model inputs from [0, 1] images, with their letterboxes."""
+    def inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Batch of model inputs (float32, B x channels x S x S) from [0, 1] images, with their letterboxes."""
         prepared = [
             model_input(image, self.card.input_size, self.card.preprocessing.mean, self.card.preprocessing.std)
             for image in images
         ]
-        batch = torch.from_numpy(np.stack([square for square, _ in prepared]))[:, None]
-        return batch.expand(-1, self.card.in_channels, -1, -1), [box for _, box in prepared]
+        batch = np.stack([square for square, _ in prepared])[:, None]
+        return np.ascontiguousarray(np.repeat(batch, self.card.in_channels, axis=1)), [box for _, box in prepared]
 
-    @torch.no_grad()
-    def run(self, batch: torch.Tensor, heatmap_outputs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, heatmap_outputs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Outputs (B x K) and CAMs of ``heatmap_outputs`` (B x len x h x w), in one forward pass when the
         network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
-        if self.cam_network is not None:
-            outputs, feature_map = self.cam_network(batch)
-            maps = class_activation_maps(feature_map, self.cam_network.head.weight, heatmap_outputs)
-            return outputs.float().numpy(), maps.float().numpy()
-        outputs = self.network(batch)
+        if self.runner is not None:
+            outputs, feature_map = self.runner(batch)
+            maps = class_activation_maps(torch.from_numpy(feature_map), self.cam_network.head.weight, heatmap_outputs)
+            return outputs, maps.detach().numpy()
         if not hasattr(self.network, "class_layers"):
             raise ModelLoadError(f"{self.card.name}: no feature layer to compute Grad-CAM on")
+        x = torch.from_numpy(batch)
+        with torch.no_grad():
+            outputs = self.network(x)
         maps = torch.cat(
             [
                 torch.cat(
-                    [
-                        autograd_grad_cam(self.network, batch[i : i + 1], k, "class_layers.relu")
-                        for k in heatmap_outputs
-                    ],
+                    [autograd_grad_cam(self.network, x[i : i + 1], k, "class_layers.relu") for k in heatmap_outputs],
                     1,
                 )
-                for i in range(len(batch))
+                for i in range(len(x))
             ]
         )
         return outputs.float().numpy(), maps.float().numpy()
