@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
+from dicom_node.part10 import dataset_offset
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
 
@@ -362,9 +363,8 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int) 
 
 def _check_inflated_size(path: Path, limit: int) -> None:
     """Refuse a deflated dataset that would inflate beyond ``limit`` bytes (pydicom inflates it whole)."""
-    meta_length = pydicom.filereader.read_file_meta_info(path).FileMetaInformationGroupLength
     with open(path, "rb") as file:
-        file.seek(len(_PREAMBLE) + 12 + meta_length)
+        file.seek(dataset_offset(path))
         inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
         while block := file.read(1 << 20):
             while block:

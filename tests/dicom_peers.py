@@ -20,13 +20,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def file_dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset of a DICOM file, without preamble and file meta, exactly as on disk."""
-    meta = pydicom.filereader.read_file_meta_info(path)
-    # preamble (128) + "DICM" (4) + the group length element (12) + the rest of the file meta group
-    return Path(path).read_bytes()[132 + 12 + meta.FileMetaInformationGroupLength :]
-
-
 def send_files(
     port: int, paths: Sequence[Path], *, calling_aet: str = "TESTSCU", called_aet: str = NODE_AE
 ) -> list[Dataset | None]:

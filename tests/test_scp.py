@@ -16,11 +16,12 @@ from sqlalchemy import select, update
 
 from dicom_node.models import Instance, Job, JobState, Patient
 from dicom_node.node import Node
+from dicom_node.part10 import encoded_dataset
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore
 from dicom_node.synthetic import synthetic_dx, write_synthetic_dx
 from tests.conftest import NodeFactory, files_under_patients, stored_instances, stored_jobs
-from tests.dicom_peers import NODE_AE, dcmtk, file_dataset_bytes, send_datasets, send_files
+from tests.dicom_peers import NODE_AE, dcmtk, send_datasets, send_files
 
 
 def write(ds: pydicom.Dataset, path: Path) -> Path:
@@ -40,7 +41,7 @@ def test_storescu_instance_is_stored_byte_for_byte_and_indexed(node: Node, tmp_p
 
     [instance] = stored_instances(node)
     stored = node.store.absolute(instance.path)
-    assert file_dataset_bytes(stored) == file_dataset_bytes(source)
+    assert encoded_dataset(stored) == encoded_dataset(source)
     original = pydicom.dcmread(source)
     assert pydicom.dcmread(stored) == original
 
