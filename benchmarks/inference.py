@@ -138,7 +138,7 @@ def node_way(files: list[Path], cards: tuple[Path, Path], batch_size: int, runti
             failures = handler(jobs)
             assert not failures, failures
             for job in jobs:
-                node.queue.complete(job.id)
+                node.queue.complete(job)
             batch_times.append(time.perf_counter() - batch_started)
 
     drain(1)  # warm up: the first images pay for lazy initialisation

@@ -17,16 +17,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
-from dicom_node.jobs import ClaimedJob
+from dicom_node.jobs import ClaimedJob, PermanentJobError, still_claimed
 from dicom_node.models import InferenceResult, Instance, Job
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
-from inference.pixels import radiograph_pixels
+from inference.pixels import UnsupportedImage, radiograph_pixels
 from inference.predict import (
     BoneAgeEstimate,
     HalluxValgusResult,
@@ -96,24 +97,51 @@ class InferenceJobs:
         for job in jobs:
             try:
                 batch.append(self._prepare(job))
-            except Exception as error:  # unreadable or undecodable: this job fails, the batch goes on
+            except (InvalidDicomError, UnsupportedImage) as error:  # no retry can read it
+                failures[job.id] = PermanentJobError(f"{type(error).__name__}: {error}")
+            except Exception as error:  # e.g. the file or the index unavailable: this job only, retried
                 failures[job.id] = error
-        for task, add_results in (("hallux_valgus", self._hallux_valgus_rows), ("bone_age", self._bone_age_rows)):
-            routed = [work for work in batch if task in work.route.tasks]
-            if not routed:
-                continue
+        for task in ("hallux_valgus", "bone_age"):
+            routed = [work for work in batch if task in work.route.tasks and work.job.id not in failures]
+            for work, outcome in self._run_task(task, routed):
+                if isinstance(outcome, Exception):
+                    failures[work.job.id] = outcome
+        for work in batch:
+            if work.job.id not in failures:
+                try:
+                    self._record(work)
+                except Exception as error:
+                    failures[work.job.id] = error
+        return failures
+
+    def _run_task(self, task: TaskName, routed: list[_Work]):
+        """Run ``task`` on the images of ``routed`` in one batch; if the batch fails, image by image, so that
+        one image the model cannot take fails its own job only. Yields (work, None or the error)."""
+        if not routed:
+            return
+        try:
             started = time.perf_counter()
             outputs = self._predict(task, [work.image for work in routed])
             share = (time.perf_counter() - started) * 1000 / len(routed)
-            for work, output in zip(routed, outputs, strict=True):
-                work.timings_ms[f"{task}_model"] = share
-                add_results(work, output)
-        for work in batch:
+            pairs = [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
+        except Exception:
+            if len(routed) == 1:
+                raise
+            pairs = []
+            for work in routed:
+                try:
+                    started = time.perf_counter()
+                    [output] = self._predict(task, [work.image])
+                    pairs.append((work, output, (time.perf_counter() - started) * 1000))
+                except Exception as error:
+                    yield work, error
+        for work, output, milliseconds in pairs:
+            work.timings_ms[f"{task}_model"] = milliseconds
             try:
-                self._record(work)
+                (self._hallux_valgus_rows if task == "hallux_valgus" else self._bone_age_rows)(work, output)
+                yield work, None
             except Exception as error:
-                failures[work.job.id] = error
-        return failures
+                yield work, error
 
     def _prepare(self, job: ClaimedJob) -> _Work:
         started = time.perf_counter()
@@ -141,7 +169,7 @@ class InferenceJobs:
             "threshold": self.settings.hallux_valgus_threshold,
             "hallux_valgus_angle_deg": result.hallux_valgus_angle_deg,
             "heatmap_of": result.prediction,
-            "heatmap_peak_xy": list(result.heatmap.peak()),
+            "heatmap_peak_xy": _peak(result.heatmap),
         }
         summary = f"{result.prediction} ({result.confidence:.0%})"
         if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
@@ -154,6 +182,7 @@ class InferenceJobs:
             _text(header, "PatientBirthDate"), _text(header, "StudyDate"), _text(header, "PatientAge")
         )
         patient_sex = _text(header, "PatientSex")
+        known_sex = patient_sex in ("M", "F")
         for sex, estimate in estimates.items():
             values = {
                 "sex": sex,
@@ -162,9 +191,10 @@ class InferenceJobs:
                 "sigma_months": estimate.sigma_months,
                 "chronological_age_months": age.months,
                 "chronological_age_source": age.source,
-                "heatmap_peak_xy": list(estimate.heatmap.peak()),
+                "heatmap_peak_xy": _peak(estimate.heatmap),
             }
-            if age.months is not None:
+            # the reference of the patient's sex reads the patient's model; with the sex unknown, each its own
+            if age.months is not None and (sex == patient_sex or not known_sex):
                 comparison = compare_with_chronological_age(
                     estimate.age_months, age.months, sex, self.settings.bone_age_flag_sds
                 )
@@ -187,7 +217,8 @@ class InferenceJobs:
     def _add_row(
         work: _Work, task: str, output: str, primary: bool, summary: str, values: dict, heatmap: Heatmap, model: Model
     ) -> None:
-        heatmap_path = str(_results_directory(work.instance_path) / f"{task}-{output}.npz")
+        # the generation in the name: a stale run (the instance was replaced meanwhile) never overwrites the new one
+        heatmap_path = str(_results_directory(work.instance_path) / f"{task}-{output}-{work.job.generation}.npz")
         work.heatmaps[heatmap_path] = heatmap
         work.rows.append(
             InferenceResult(
@@ -213,6 +244,9 @@ class InferenceJobs:
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         work.timings_ms["record"] = (time.perf_counter() - started) * 1000
         with self.sessions.begin() as session:
+            if not still_claimed(session, work.job):
+                log.info("job %d was queued again while it ran; its results are not recorded", work.job.id)
+                return
             session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
             for row in work.rows:
                 row.timings_ms = dict(work.timings_ms)
@@ -223,6 +257,11 @@ class InferenceJobs:
 def _results_directory(instance_path: PurePosixPath) -> PurePosixPath:
     """``patients/<key>/<study>/<series>/<sop>.dcm`` -> ``results/<key>/<study>/<series>/<sop>``."""
     return PurePosixPath("results", *instance_path.parts[1:-1], instance_path.stem)
+
+
+def _peak(heatmap: Heatmap) -> list[float] | None:
+    """Where the heatmap peaks in image pixels; None for an empty map, which points nowhere."""
+    return list(heatmap.peak()) if heatmap.values.max() > 0 else None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

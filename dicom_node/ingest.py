@@ -293,6 +293,7 @@ def _queue(session: Session, instance: Instance) -> None:
         session.add(Job(instance=instance, kind=INFERENCE_JOB))
         return
     job.state, job.attempts, job.last_error = JobState.PENDING, 0, None
+    job.generation += 1  # a run still busy with the old file must not mark this one done
     job.available_at = dt.datetime.now(dt.UTC)
 
 

@@ -24,6 +24,11 @@ class ClaimedJob:
     kind: str
     instance_pk: int
     attempt: int
+    generation: int = 0
+
+
+class PermanentJobError(Exception):
+    """A job failed in a way no retry can change (an image no decoder can read): it is marked failed at once."""
 
 
 class JobQueue:
@@ -57,27 +62,37 @@ class JobQueue:
                         .execution_options(synchronize_session=False)
                     ).rowcount
                     if taken:  # another worker may have taken it since the select
-                        claimed.append(ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1))
+                        claimed.append(ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1, job.generation))
                 if claimed:
                     return claimed
 
-    def complete(self, job_id: int) -> None:
-        """Mark a job done; its handler may have recorded a note on it."""
+    def complete(self, job: ClaimedJob) -> bool:
+        """Mark a claimed job done; False when it was queued again meanwhile (it stays pending)."""
         with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, last_error=None))
+            return bool(
+                session.execute(
+                    update(Job)
+                    .where(*_still_claimed(job))
+                    .values(state=JobState.DONE, last_error=None)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+            )
 
-    def fail(self, job_id: int, error: str) -> JobState:
-        """Record a failed attempt: retry later with exponential backoff, or mark failed after the last one."""
+    def fail(self, job: ClaimedJob, error: str, permanent: bool = False) -> JobState:
+        """Record a failed attempt: retry later with exponential backoff, or mark failed after the last one
+        (at once when ``permanent``). A job queued again meanwhile is left as it is."""
         with self.sessions.begin() as session:
-            job = session.get_one(Job, job_id)
-            job.last_error = error[:_MAX_ERROR_LENGTH]
-            if job.attempts >= self.max_attempts:
-                job.state = JobState.FAILED
+            row = session.scalar(select(Job).where(*_still_claimed(job)))
+            if row is None:
+                return session.get_one(Job, job.id).state
+            row.last_error = error[:_MAX_ERROR_LENGTH]
+            if permanent or row.attempts >= self.max_attempts:
+                row.state = JobState.FAILED
             else:
-                job.state = JobState.PENDING
-                delay = self.retry_backoff * 2 ** (job.attempts - 1)
-                job.available_at = _now() + dt.timedelta(seconds=delay)
-            return job.state
+                row.state = JobState.PENDING
+                delay = self.retry_backoff * 2 ** (row.attempts - 1)
+                row.available_at = _now() + dt.timedelta(seconds=delay)
+            return row.state
 
     def recover_interrupted(self) -> int:
         """At start-up: jobs left running by a stopped process go back to pending, their attempt counted;
@@ -91,6 +106,16 @@ class JobQueue:
             return session.execute(
                 update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.PENDING)
             ).rowcount
+
+
+def still_claimed(session: Session, job: ClaimedJob) -> bool:
+    """Whether ``job`` is still the claim of the running job (not queued again since), for a handler that
+    records results in its own transaction."""
+    return session.scalar(select(Job.id).where(*_still_claimed(job)).with_for_update()) is not None
+
+
+def _still_claimed(job: ClaimedJob) -> tuple:
+    return Job.id == job.id, Job.state == JobState.RUNNING, Job.generation == job.generation
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

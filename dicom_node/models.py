@@ -101,6 +101,9 @@ class Job(Base):
         default=JobState.PENDING,
     )
     attempts: Mapped[int] = mapped_column(default=0)
+    generation: Mapped[int] = mapped_column(
+        default=0, doc="Raised when the job is queued again (a replaced instance): a run of an older one is stale."
+    )
     last_error: Mapped[str | None] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text, doc="What a finished job did, e.g. why it ran no task.")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -26,7 +26,8 @@ def route(ds: Dataset, settings: InferenceSettings) -> Route:
     """The tasks for ``ds`` (a header is enough) and the reason."""
     if "PixelData" not in ds:
         return Route((), f"skipped: no image ({_sop_class_name(ds)})")
-    image_type = [str(value).upper() for value in ds.get("ImageType", [])]
+    image_type = ds.get("ImageType") or []
+    image_type = [str(value).upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
     if settings.skip_derived and image_type[:1] == ["DERIVED"]:
         return Route((), "skipped: derived image (ImageType " + "\\".join(image_type) + f", {_sop_class_name(ds)})")
     for number, rule in enumerate(settings.rules, start=1):

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from dicom_node.jobs import ClaimedJob, JobQueue
+from dicom_node.jobs import ClaimedJob, JobQueue, PermanentJobError
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,23 @@ class WorkerPool:
         except Exception as error:
             failures = {job.id: error for job in jobs}
         for job in jobs:
-            if job.id in failures:
-                error = failures[job.id]
-                state = self.queue.fail(job.id, f"{type(error).__name__}: {error}")
-                log.warning(
-                    "job %d (%s) attempt %d failed, now %s: %s",
-                    job.id,
-                    job.kind,
-                    job.attempt,
-                    state,
-                    type(error).__name__,
-                )
-            else:
-                self.queue.complete(job.id)
+            try:
+                self._finish(job, failures.get(job.id))
+            except Exception as error:  # the index is unavailable: the job is resumed at the next start
+                log.error("job %d could not be marked finished (%s)", job.id, type(error).__name__)
         return True
+
+    def _finish(self, job: ClaimedJob, error: Exception | None) -> None:
+        if error is None:
+            if not self.queue.complete(job):
+                log.info("job %d was queued again while it ran; it runs again", job.id)
+            return
+        permanent = isinstance(error, PermanentJobError)
+        reason = str(error) if permanent else f"{type(error).__name__}: {error}"
+        state = self.queue.fail(job, reason, permanent)
+        log.warning(
+            "job %d (%s) attempt %d failed, now %s: %s", job.id, job.kind, job.attempt, state, type(error).__name__
+        )
 
     def _work(self) -> None:
         while not self._stopping.is_set():

@@ -136,6 +136,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_dict_digest(network: torch.nn.Module) -> str:
+    """SHA-256 over a network's parameters and buffers, by name: what identifies weights without a file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(network.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_network(card: ModelCard, card_path: Path) -> torch.nn.Module:
     """The card's network in eval mode, its weights verified and its outputs counted."""
     network = _load_weights(card, Path(card_path))

@@ -28,6 +28,7 @@ from inference.model_card import (
     ModelLoadError,
     load_network,
     read_card,
+    state_dict_digest,
 )
 from inference.preprocess import Letterbox, model_input
 from inference.runtime import OnnxRunner, Runner, RuntimeName, TorchRunner
@@ -113,13 +114,22 @@ class Model:
         """Load and check a card's network; ``runtime`` onnxruntime exports it once into ``cache_dir``."""
         card = read_card(card_path)
         network = load_network(card, card_path)
-        digest = card.weights.sha256 or card.weights.uri  # load_network verified the file against it
+        # load_network verified a weights file against the card's digest; an MLflow model has only a URI,
+        # which may name other weights tomorrow, so its digest is that of the weights loaded now
+        digest = card.weights.sha256 or state_dict_digest(network)
         cam_network = as_cam_network(network)
         runner: Runner | None = None
         if cam_network is not None and runtime == "onnxruntime":
-            cache = cache_dir or Path(tempfile.gettempdir()) / "dicom-node-onnx"
-            graph = cache / f"{card.name}-{hashlib.sha256(digest.encode()).hexdigest()[:16]}-{card.input_size}.onnx"
-            runner = OnnxRunner(cam_network, card.in_channels, card.input_size, graph, threads)
+            key = f"{digest}:{card.in_channels}:{card.input_size}:{card.feature_stride}:{torch.__version__}"
+            graph = (cache_dir or Path(tempfile.mkdtemp(prefix="dicom-node-onnx-"))) / (
+                f"{card.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+            )
+            try:
+                runner = OnnxRunner(cam_network, card.in_channels, card.input_size, graph, threads)
+            except Exception as error:  # an unwritable cache, a broken export or session: the node cannot serve
+                raise ModelLoadError(
+                    f"{card_path}: cannot run on onnxruntime: {type(error).__name__}: {error}"
+                ) from None
         elif cam_network is not None:
             runner = TorchRunner(cam_network, threads)
         return cls(card, network, cam_network, digest, runner)
@@ -138,8 +148,10 @@ class Model:
         network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
         if self.runner is not None:
             outputs, feature_map = self.runner(batch)
-            maps = class_activation_maps(torch.from_numpy(feature_map), self.cam_network.head.weight, heatmap_outputs)
-            return outputs, maps.detach().numpy()
+            with torch.inference_mode():
+                weight = self.cam_network.head.weight
+                maps = class_activation_maps(torch.from_numpy(feature_map), weight, heatmap_outputs)
+            return outputs, maps.numpy()
         if not hasattr(self.network, "class_layers"):
             raise ModelLoadError(f"{self.card.name}: no feature layer to compute Grad-CAM on")
         x = torch.from_numpy(batch)

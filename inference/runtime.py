@@ -50,12 +50,17 @@ class OnnxRunner:
     def __init__(self, network: CamNetwork, channels: int, size: int, graph: Path, threads: int = 0) -> None:
         import onnxruntime
 
-        if not graph.is_file():
-            export_onnx(network, channels, size, graph)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        if not graph.is_file():
+            export_onnx(network, channels, size, graph)
+        try:
+            self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception:  # a cached graph this onnxruntime cannot read (damaged, or of another version)
+            log.warning("cached graph %s unusable; exporting it again", graph.name)
+            export_onnx(network, channels, size, graph)
+            self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outputs, feature_map = self.session.run(None, {"image": np.ascontiguousarray(batch, np.float32)})
@@ -80,6 +85,8 @@ def export_onnx(network: CamNetwork, channels: int, size: int, path: Path) -> No
                 dynamic_axes={name: {0: "batch"} for name in ("image", "outputs", "feature_map")},
                 dynamo=False,
             )
+        with open(temporary, "rb") as file:  # durable before it is published under its final name
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)

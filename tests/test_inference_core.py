@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -12,6 +14,7 @@ from pydicom.data import get_testdata_file
 from dicom_node.phantoms.generator import render_phantom
 from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
 from inference.pixels import radiograph_pixels, window
+from inference.predict import Model, predict_hallux_valgus
 from inference.preprocess import Letterbox
 
 
@@ -57,6 +60,15 @@ def test_letterbox_round_trip() -> None:
     assert square[:, :16].max() == 0 and square[:, 16:48].min() > 0.99
     assert box.to_image(np.ones((8, 8), np.float32)).shape == (300, 150)
     assert box.point_to_image(16, 0) == (0, 0)
+
+
+def test_monochrome1_and_its_monochrome2_twin_get_the_same_prediction() -> None:
+    model = Model.load(Path(__file__).resolve().parents[1] / "models" / "hallux-valgus-demo.yaml")
+    for index in range(2):
+        ds, twin = twins(index)
+        [first], [second] = (predict_hallux_valgus(model, [radiograph_pixels(d)]) for d in (ds, twin))
+        assert first.prediction == second.prediction
+        assert first.probabilities == pytest.approx(second.probabilities, abs=1e-3)
 
 
 def test_cam_equals_autograd_grad_cam() -> None:

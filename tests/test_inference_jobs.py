@@ -114,15 +114,14 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
                 assert values["age_months"] == pytest.approx(expected[sex].age_months, abs=1e-3)
                 assert values["sigma_months"] == pytest.approx(expected[sex].sigma_months, abs=1e-3)
                 assert values["chronological_age_months"] == pytest.approx(label.chronological_age_months, abs=0.6)
+                if sex != label.sex:  # the other sex's reading is not compared with the patient's reference
+                    assert "z_score" not in values
+                    continue
                 assert values["difference_months"] == pytest.approx(
                     values["age_months"] - values["chronological_age_months"]
                 )
-                assert values["reference"].startswith("Greulich & Pyle") and values["assessment"] in (
-                    "advanced",
-                    "delayed",
-                    "within range",
-                    None,
-                )
+                assert values["reference"].startswith("Greulich & Pyle")
+                assert values["assessment"] in ("advanced", "delayed", "within range", None)
 
 
 def test_derived_images_are_skipped_with_a_reason_and_a_rerun_replaces_results(node: Node) -> None:
@@ -154,7 +153,32 @@ def test_an_undecodable_image_fails_its_own_job_and_the_batch_goes_on(node: Node
     with node.sessions() as session:
         bad_pk = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == bad.SOPInstanceUID))
     states = {job.instance_pk: job for job in jobs}
-    assert states[bad_pk].state == JobState.FAILED and states[bad_pk].attempts == 2
+    assert states[bad_pk].state == JobState.FAILED and states[bad_pk].attempts == 1, "no retry can read it"
     assert states[bad_pk].last_error.startswith("UnsupportedImage: cannot read PALETTE COLOR")
     assert [job.state for pk, job in states.items() if pk != bad_pk] == [JobState.DONE]
     assert len(results_by_file(node)[good.SOPInstanceUID]) == 1
+
+
+def test_a_model_failure_on_one_image_fails_that_job_only(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = node.workers.handlers["inference"]
+    predict = handler._predict
+
+    def fragile(task, images):  # the model cannot take one odd image; in a batch, the whole batch raises
+        if any(image.shape == (256, 250) for image in images):
+            raise RuntimeError("the runtime refused an input")
+        return predict(task, images)
+
+    monkeypatch.setattr(handler, "_predict", fragile)
+    datasets = [synthetic_dx("FRAGILE", side=256, seed=n, body_part="FOOT") for n in range(3)]
+    for ds in datasets[1:]:
+        ds.StudyInstanceUID = datasets[0].StudyInstanceUID
+        ds.SeriesInstanceUID = datasets[0].SeriesInstanceUID
+    odd = datasets[1]
+    odd.Columns = 250
+    odd.PixelData = odd.pixel_array[:, :250].tobytes()
+    send_datasets(node.settings.dicom.port, datasets)
+    jobs = finished_jobs(node, 3)
+    results = results_by_file(node)
+    assert [len(results[ds.SOPInstanceUID]) for ds in datasets] == [1, 0, 1]
+    failed = [job for job in jobs if job.state == JobState.FAILED]
+    assert len(failed) == 1 and failed[0].last_error == "RuntimeError: the runtime refused an input"

@@ -103,18 +103,40 @@ def test_a_failed_attempt_is_retried_after_backoff_then_marked_failed(sessions) 
     [job_id] = add_jobs(sessions, 1)
     queue = JobQueue(sessions, max_attempts=2, retry_backoff=60)
 
-    queue.claim([INFERENCE_JOB])
-    assert queue.fail(job_id, "ValueError: first") == JobState.PENDING
+    first = queue.claim([INFERENCE_JOB])
+    assert queue.fail(first, "ValueError: first") == JobState.PENDING
     assert queue.claim([INFERENCE_JOB]) is None, "not due before its backoff"
 
     with sessions.begin() as session:  # let the backoff pass
         session.execute(update(Job).values(available_at=Job.created_at))
-    assert queue.claim([INFERENCE_JOB]).attempt == 2
-    assert queue.fail(job_id, "ValueError: second") == JobState.FAILED
+    second = queue.claim([INFERENCE_JOB])
+    assert second.attempt == 2
+    assert queue.fail(second, "ValueError: second") == JobState.FAILED
 
     failed = job(sessions, job_id)
     assert (failed.state, failed.attempts, failed.last_error) == (JobState.FAILED, 2, "ValueError: second")
     assert queue.claim([INFERENCE_JOB]) is None
+
+
+def test_a_permanent_failure_is_not_retried(sessions) -> None:
+    [job_id] = add_jobs(sessions, 1)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=0)
+    assert queue.fail(queue.claim([INFERENCE_JOB]), "UnsupportedImage: x", permanent=True) == JobState.FAILED
+    assert job(sessions, job_id).attempts == 1 and queue.claim([INFERENCE_JOB]) is None
+
+
+def test_a_job_queued_again_while_it_runs_is_not_marked_done_by_the_stale_run(sessions) -> None:
+    [job_id] = add_jobs(sessions, 1)
+    queue = JobQueue(sessions, max_attempts=3, retry_backoff=0)
+    stale = queue.claim([INFERENCE_JOB])
+    with sessions.begin() as session:  # the instance is replaced meanwhile, as ingest does with policy replace
+        row = session.get_one(Job, job_id)
+        row.state, row.attempts, row.generation = JobState.PENDING, 0, row.generation + 1
+    assert queue.complete(stale) is False
+    assert queue.fail(stale, "ValueError: stale") == JobState.PENDING
+    fresh = queue.claim([INFERENCE_JOB])
+    assert fresh.generation == stale.generation + 1 and job(sessions, job_id).last_error is None
+    assert queue.complete(fresh) is True and job(sessions, job_id).state == JobState.DONE
 
 
 def test_jobs_left_running_by_a_stopped_process_resume(sessions) -> None:

@@ -54,6 +54,8 @@ def test_objects_without_pixels_and_derived_images_are_skipped_with_a_reason() -
     derived = route(ours, InferenceSettings())
     assert derived.tasks == () and derived.reason.startswith("skipped: derived image (ImageType DERIVED\\SECONDARY")
     assert route(ours, InferenceSettings(skip_derived=False)).tasks == ("hallux_valgus",)
+    single = header(ImageType="DERIVED", BodyPartExamined="FOOT")  # one value: pydicom gives a str
+    assert route(single, InferenceSettings()).reason.startswith("skipped: derived image (ImageType DERIVED,")
 
 
 def test_a_bad_pattern_is_a_one_line_configuration_error(tmp_path) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import yaml
 
 from dicom_node.phantoms import generate_phantoms, read_labels
+from inference.model_card import ModelLoadError
 from inference.pixels import radiograph_pixels
 from inference.predict import Model, predict_bone_age, predict_hallux_valgus
 
@@ -58,3 +60,30 @@ def test_the_predictions_agree_and_the_exported_graph_is_reused(images, tmp_path
         for sex in ("M", "F"):
             assert result[sex].age_months == pytest.approx(expected[sex].age_months, abs=0.05)
             assert result[sex].sigma_months == pytest.approx(expected[sex].sigma_months, abs=0.05)
+
+
+def test_a_damaged_cached_graph_is_exported_again(images, tmp_path: Path) -> None:
+    Model.load(MODELS / "bone-age-demo.yaml", "onnxruntime", cache_dir=tmp_path)
+    [graph] = tmp_path.glob("*.onnx")
+    graph.write_bytes(graph.read_bytes()[:1000])  # cut short, as by a crash of an older version without fsync
+    model = Model.load(MODELS / "bone-age-demo.yaml", "onnxruntime", cache_dir=tmp_path)
+    assert graph.stat().st_size > 1_000_000 and len(predict_bone_age(model, images["hand"][:1])) == 1
+
+
+def test_an_unusable_cache_is_a_model_load_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelLoadError, match=r"bone-age-demo.yaml: cannot run on onnxruntime: "):
+        Model.load(MODELS / "bone-age-demo.yaml", "onnxruntime", cache_dir=blocker / "onnx")
+
+
+def test_the_cache_key_follows_what_shapes_the_graph(tmp_path: Path) -> None:
+    card = yaml.safe_load((MODELS / "hallux-valgus-demo.yaml").read_text())
+    (tmp_path / card["weights"]["path"]).symlink_to(MODELS / card["weights"]["path"])
+    names = set()
+    for stride in (16, 32):
+        path = tmp_path / f"stride{stride}.yaml"
+        path.write_text(yaml.safe_dump({**card, "feature_stride": stride}))
+        Model.load(path, "onnxruntime", cache_dir=tmp_path / "cache")
+        names = {graph.name for graph in (tmp_path / "cache").glob("*.onnx")}
+    assert len(names) == 2, "another heatmap grid is another graph"

@@ -207,7 +207,9 @@ def train_model(
             disclaimer=DEMO_DISCLAIMER if demo else "",
             training_data=f"{data_description}; trained {dt.date.today().isoformat()}, MLflow run {run.info.run_id}",
             intended_use=_INTENDED_USE[task] + (f" Demo weights, {DEMO_DISCLAIMER}." if demo else ""),
-            limitations=_LIMITATIONS[task] + ([f"Demo model: {DEMO_DISCLAIMER}."] if demo else []),
+            limitations=_LIMITATIONS[task]
+            + ([_LOCALISATION_LIMITATION] if masks is not None else [])
+            + ([f"Demo model: {DEMO_DISCLAIMER}."] if demo else []),
             metrics={
                 f"validation_{key}": round(value, 4) for key, value in best_metrics.items() if key.startswith("val_")
             },
@@ -252,6 +254,13 @@ _LIMITATIONS = {
         "Sigma is calibrated on a validation split of the training distribution only.",
     ],
 }
+
+
+_LOCALISATION_LIMITATION = (
+    "The heatmap was trained to lie on the labelled finding boxes of the training images (localisation term): "
+    "it shows where the model looks, it is not a segmentation, and on images unlike the training data it can "
+    "look in the wrong place."
+)
 
 
 def _targets(task: TaskName, examples: list[Example]) -> dict[str, torch.Tensor]:
