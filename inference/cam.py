@@ -11,6 +11,7 @@ fall back to autograd Grad-CAM (:func:`autograd_grad_cam`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,11 +41,13 @@ def as_cam_network(network: nn.Module) -> CamNetwork | None:
     return CamNetwork(features, class_layers.out)
 
 
-def class_activation_maps(feature_map: torch.Tensor, head_weight: torch.Tensor, outputs: list[int]) -> torch.Tensor:
-    """CAMs of ``outputs`` (B x len(outputs) x h x w), each scaled so that its maximum is 1 (0 if empty)."""
-    maps = torch.relu(torch.einsum("bchw,kc->bkhw", feature_map, head_weight[outputs]))
-    peak = maps.amax(dim=(2, 3), keepdim=True)
-    return torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+def class_activation_maps(feature_map: np.ndarray, head_weight: np.ndarray, outputs: list[int]) -> np.ndarray:
+    """CAMs of ``outputs`` (B x len(outputs) x h x w) from a feature map (B x C x h x w) and the linear
+    layer's weights (K x C), each scaled so that its maximum is 1 (all 0 if the map is empty)."""
+    maps = np.maximum(np.tensordot(feature_map, head_weight[outputs], axes=([1], [1])), 0.0)  # B x h x w x k
+    maps = np.ascontiguousarray(maps.transpose(0, 3, 1, 2), dtype=np.float32)
+    peak = maps.max(axis=(2, 3), keepdims=True)
+    return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 
 
 def autograd_grad_cam(network: nn.Module, x: torch.Tensor, output: int, target_layer: str) -> torch.Tensor:

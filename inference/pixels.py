@@ -5,6 +5,10 @@ The order is that of the grayscale pipeline of PS3.4 N.2.1: decode the stored va
 VOI LUT Sequence), and finally the Presentation LUT implied by the photometric interpretation: MONOCHROME1
 shows low values bright, so it is inverted to the MONOCHROME2 convention the models use. Without a VOI, the
 image is stretched between robust percentiles of its own values.
+
+For integer pixels of up to 16 bits, the pipeline runs once per stored value that occurs (a lookup table), and
+the image is mapped through the table in one pass: the same result as applying each step to every pixel, for
+a fraction of the time on a 4-megapixel radiograph.
 """
 
 from __future__ import annotations
@@ -30,18 +34,34 @@ def radiograph_pixels(ds: Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return _colour_to_gray(ds, stored)
-    values = apply_modality_lut(stored, ds).astype(np.float32)
-    shown = _apply_voi(values, ds)
+    if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+        return _through_lookup_table(stored, ds, photometric)
+    return _grayscale_pipeline(stored, ds, photometric, stored)
+
+
+def _grayscale_pipeline(values: np.ndarray, ds: Dataset, photometric: str, image: np.ndarray) -> np.ndarray:
+    """Modality LUT, VOI and presentation of stored ``values``; a stretch takes its range from ``image``."""
+    modality = apply_modality_lut(values, ds).astype(np.float32)
+    shown = _apply_voi(modality, ds, image)
     return (1.0 - shown) if photometric == "MONOCHROME1" else shown
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def _through_lookup_table(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    low, high = int(stored.min()), int(stored.max())
+    levels = np.arange(low, high + 1, dtype=np.int64).astype(stored.dtype)
+    table = _grayscale_pipeline(levels, ds, photometric, stored).astype(np.float32)
+    # unsigned values minus their minimum stay in range; signed ones may not, in their own type
+    return table[stored - stored.dtype.type(low) if stored.dtype.kind == "u" else stored.astype(np.int32) - low]
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, image: np.ndarray) -> np.ndarray:
+    """The VOI of ``ds`` on modality ``values``; without one, a stretch over the range of ``image``."""
     if "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
         return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     if "VOILUTSequence" in ds:
         return voi_lut(values, ds.VOILUTSequence[0])
-    return stretch(values)
+    return stretch(values, range_of=apply_modality_lut(_sample(image), ds).astype(np.float32))
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -64,13 +84,21 @@ def voi_lut(values: np.ndarray, item: Dataset) -> np.ndarray:
     return lut[index] / max(float(lut.max()), 1.0)
 
 
-def stretch(values: np.ndarray) -> np.ndarray:
-    """Map robust percentiles of ``values`` to [0, 1]."""
-    sample = values[:: max(values.shape[0] // 512, 1), :: max(values.shape[1] // 512, 1)]
+def stretch(values: np.ndarray, range_of: np.ndarray | None = None) -> np.ndarray:
+    """Map robust percentiles of ``range_of`` (by default a subsample of ``values``) to [0, 1]."""
+    sample = _sample(values) if range_of is None else range_of
     low, high = np.percentile(sample, STRETCH_PERCENTILES)
     if high <= low:
         return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    out = values.astype(np.float32, copy=True)
+    out -= low
+    out *= 1.0 / (high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _sample(image: np.ndarray) -> np.ndarray:
+    """About 512 x 512 pixels of a 2-D image, evenly spaced: enough for its percentiles."""
+    return image[:: max(image.shape[0] // 512, 1), :: max(image.shape[1] // 512, 1)]
 
 
 def _colour_to_gray(ds: Dataset, stored: np.ndarray) -> np.ndarray:

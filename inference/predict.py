@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import tempfile
@@ -107,6 +108,11 @@ class Model:
     weights_digest: str
     runner: Runner | None  # None: a network that is not GAP + linear, run by autograd Grad-CAM
 
+    @functools.cached_property
+    def head_weight(self) -> np.ndarray:
+        """The linear layer's weights (outputs x channels), for the CAMs."""
+        return self.cam_network.head.weight.detach().numpy().astype(np.float32)
+
     @classmethod
     def load(
         cls, card_path: Path, runtime: RuntimeName = "torch", cache_dir: Path | None = None, threads: int = 0
@@ -148,10 +154,7 @@ class Model:
         network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
         if self.runner is not None:
             outputs, feature_map = self.runner(batch)
-            with torch.inference_mode():
-                weight = self.cam_network.head.weight
-                maps = class_activation_maps(torch.from_numpy(feature_map), weight, heatmap_outputs)
-            return outputs, maps.numpy()
+            return outputs, class_activation_maps(feature_map, self.head_weight, heatmap_outputs)
         if not hasattr(self.network, "class_layers"):
             raise ModelLoadError(f"{self.card.name}: no feature layer to compute Grad-CAM on")
         x = torch.from_numpy(batch)

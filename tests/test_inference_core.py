@@ -10,10 +10,11 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 from pydicom.data import get_testdata_file
+from pydicom.pixels import pixel_array
 
 from dicom_node.phantoms.generator import render_phantom
 from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
-from inference.pixels import radiograph_pixels, window
+from inference.pixels import _grayscale_pipeline, radiograph_pixels, window
 from inference.predict import Model, predict_hallux_valgus
 from inference.preprocess import Letterbox
 
@@ -71,6 +72,22 @@ def test_monochrome1_and_its_monochrome2_twin_get_the_same_prediction() -> None:
         assert first.probabilities == pytest.approx(second.probabilities, abs=1e-3)
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_the_lookup_table_gives_what_the_pipeline_gives_pixel_by_pixel(index: int) -> None:
+    ds, twin = twins(index)  # with and without VOI windows, both photometric interpretations
+    for each in (ds, twin):
+        direct = _grayscale_pipeline(each.pixel_array, each, each.PhotometricInterpretation, each.pixel_array)
+        assert np.abs(radiograph_pixels(each) - direct).max() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtdose.dcm"])
+def test_the_lookup_table_serves_signed_and_unsigned_files(name: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    stored = pixel_array(ds, index=0)
+    direct = _grayscale_pipeline(stored, ds, str(ds.PhotometricInterpretation), stored)
+    assert np.abs(radiograph_pixels(ds) - direct).max() < 1e-6
+
+
 def test_cam_equals_autograd_grad_cam() -> None:
     torch.manual_seed(3)
     network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=4).eval()
@@ -81,7 +98,8 @@ def test_cam_equals_autograd_grad_cam() -> None:
         assert torch.allclose(outputs, network(x), atol=1e-5), "one pass gives the network's own outputs"
     compared = 0
     for output in range(4):
-        ours = class_activation_maps(feature_map, cam_network.head.weight, [output])
+        weight = cam_network.head.weight.detach().numpy()
+        ours = torch.from_numpy(class_activation_maps(feature_map.numpy(), weight, [output]))
         for i in range(2):
             reference = autograd_grad_cam(network, x[i : i + 1], output, "class_layers.relu")[0, 0]
             if reference.max() == 0:
