@@ -47,11 +47,11 @@ def _grayscale_pipeline(values: np.ndarray, ds: Dataset, photometric: str, image
 
 
 def _through_lookup_table(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
-    low, high = int(stored.min()), int(stored.max())
-    levels = np.arange(low, high + 1, dtype=np.int64).astype(stored.dtype)
+    # unsigned values index a table from 0 as they are; signed ones are shifted by their minimum
+    low = 0 if stored.dtype.kind == "u" else int(stored.min())
+    levels = np.arange(low, int(stored.max()) + 1, dtype=np.int64).astype(stored.dtype)
     table = _grayscale_pipeline(levels, ds, photometric, stored).astype(np.float32)
-    # unsigned values minus their minimum stay in range; signed ones may not, in their own type
-    return table[stored - stored.dtype.type(low) if stored.dtype.kind == "u" else stored.astype(np.int32) - low]
+    return table[stored] if low == 0 else table[stored.astype(np.int32) - low]
 
 
 def _apply_voi(values: np.ndarray, ds: Dataset, image: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ class Letterbox:
         """``image`` (float32, rows x columns) resized and centred in the square, padded with ``fill``."""
         x0, y0, width, height = self.inner
         resized = np.asarray(
-            Image.fromarray(image.astype(np.float32)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+            Image.fromarray(np.asarray(image, np.float32)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
         )
         square = np.full((self.size, self.size), fill, np.float32)
         square[y0 : y0 + height, x0 : x0 + width] = resized
