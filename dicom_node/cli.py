@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import Node
+from dicom_node.storage import InstanceStore
 from inference.model_card import ModelLoadError
 from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
 from web.app import create_app
@@ -211,7 +212,12 @@ def serve(settings: Settings) -> int:
         signal.signal(signal_number, on_signal)
 
     try:
-        models = InferenceModels.load(settings.inference, settings.storage.root / "cache" / "onnx")
+        store = InstanceStore(settings.storage.root)  # usable, before the models cache their graphs under it
+    except OSError as error:
+        print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
+        return EXIT_START_FAILED
+    try:
+        models = InferenceModels.load(settings.inference, store.root / "cache" / "onnx")
     except ModelLoadError as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
