@@ -124,9 +124,10 @@ class InferenceJobs:
             outputs = self._predict(task, [work.image for work in routed])
             share = (time.perf_counter() - started) * 1000 / len(routed)
             pairs = [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
-        except Exception:
+        except Exception as error:
             if len(routed) == 1:
-                raise
+                yield routed[0], error
+                return
             pairs = []
             for work in routed:
                 try:

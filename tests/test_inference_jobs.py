@@ -159,7 +159,10 @@ def test_an_undecodable_image_fails_its_own_job_and_the_batch_goes_on(node: Node
     assert len(results_by_file(node)[good.SOPInstanceUID]) == 1
 
 
-def test_a_model_failure_on_one_image_fails_that_job_only(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("others", "results"), [("FOOT", 1), ("HAND", 2)])  # in a foot batch, or alone in it
+def test_a_model_failure_on_one_image_fails_that_job_only(
+    node: Node, monkeypatch: pytest.MonkeyPatch, others: str, results: int
+) -> None:
     handler = node.workers.handlers["inference"]
     predict = handler._predict
 
@@ -169,7 +172,8 @@ def test_a_model_failure_on_one_image_fails_that_job_only(node: Node, monkeypatc
         return predict(task, images)
 
     monkeypatch.setattr(handler, "_predict", fragile)
-    datasets = [synthetic_dx("FRAGILE", side=256, seed=n, body_part="FOOT") for n in range(3)]
+    datasets = [synthetic_dx("FRAGILE", side=256, seed=n, body_part=others) for n in range(3)]
+    datasets[1].BodyPartExamined = "FOOT"
     for ds in datasets[1:]:
         ds.StudyInstanceUID = datasets[0].StudyInstanceUID
         ds.SeriesInstanceUID = datasets[0].SeriesInstanceUID
@@ -178,7 +182,7 @@ def test_a_model_failure_on_one_image_fails_that_job_only(node: Node, monkeypatc
     odd.PixelData = odd.pixel_array[:, :250].tobytes()
     send_datasets(node.settings.dicom.port, datasets)
     jobs = finished_jobs(node, 3)
-    results = results_by_file(node)
-    assert [len(results[ds.SOPInstanceUID]) for ds in datasets] == [1, 0, 1]
+    recorded = results_by_file(node)
+    assert [len(recorded[ds.SOPInstanceUID]) for ds in datasets] == [results, 0, results]
     failed = [job for job in jobs if job.state == JobState.FAILED]
     assert len(failed) == 1 and failed[0].last_error == "RuntimeError: the runtime refused an input"
