@@ -10,11 +10,12 @@ An instance that cannot be read or decoded fails its own job only.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -33,9 +34,11 @@ from inference.predict import (
     HalluxValgusResult,
     Heatmap,
     Model,
+    ModelInputs,
     predict_bone_age,
     predict_hallux_valgus,
 )
+from inference.preprocess import as_picture
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class _Work:
     instance_path: PurePosixPath
     header: Dataset
     route: Route
-    image: np.ndarray | None = None
+    inputs: dict[TaskName, ModelInputs] = field(default_factory=dict)  # of the routed tasks' models
     timings_ms: dict[str, float] = field(default_factory=dict)
     rows: list[InferenceResult] = field(default_factory=list)
     heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by the path of its file
@@ -90,17 +93,17 @@ class InferenceJobs:
         self.models = models
         self.store = store
         self.sessions = sessions
+        # Reading and decoding run on every core while no model runs: numpy and Pillow release the GIL.
+        self._preparers = ThreadPoolExecutor(settings.threads or os.cpu_count() or 1, "prepare")
 
     def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
         failures: dict[int, Exception] = {}
         batch = []
-        for job in jobs:
-            try:
-                batch.append(self._prepare(job))
-            except (InvalidDicomError, UnsupportedImage) as error:  # no retry can read it
-                failures[job.id] = PermanentJobError(f"{type(error).__name__}: {error}")
-            except Exception as error:  # e.g. the file or the index unavailable: this job only, retried
-                failures[job.id] = error
+        for job, prepared in zip(jobs, self._preparers.map(self._prepare_or_error, jobs), strict=True):
+            if isinstance(prepared, Exception):
+                failures[job.id] = prepared
+            else:
+                batch.append(prepared)
         for task in ("hallux_valgus", "bone_age"):
             routed = [work for work in batch if task in work.route.tasks and work.job.id not in failures]
             for work, outcome in self._run_task(task, routed):
@@ -121,7 +124,7 @@ class InferenceJobs:
             return
         try:
             started = time.perf_counter()
-            outputs = self._predict(task, [work.image for work in routed])
+            outputs = self._predict(task, ModelInputs.concatenate([work.inputs[task] for work in routed]))
             share = (time.perf_counter() - started) * 1000 / len(routed)
             pairs = [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
         except Exception as error:
@@ -132,7 +135,7 @@ class InferenceJobs:
             for work in routed:
                 try:
                     started = time.perf_counter()
-                    [output] = self._predict(task, [work.image])
+                    [output] = self._predict(task, work.inputs[task])
                     pairs.append((work, output, (time.perf_counter() - started) * 1000))
                 except Exception as error:
                     yield work, error
@@ -144,6 +147,14 @@ class InferenceJobs:
             except Exception as error:
                 yield work, error
 
+    def _prepare_or_error(self, job: ClaimedJob) -> _Work | Exception:
+        try:
+            return self._prepare(job)
+        except (InvalidDicomError, UnsupportedImage) as error:  # no retry can read it
+            return PermanentJobError(f"{type(error).__name__}: {error}")
+        except Exception as error:  # e.g. the file or the index unavailable: this job only, retried
+            return error
+
     def _prepare(self, job: ClaimedJob) -> _Work:
         started = time.perf_counter()
         with self.sessions() as session:
@@ -151,11 +162,12 @@ class InferenceJobs:
         ds = pydicom.dcmread(self.store.absolute(relative))
         work = _Work(job, relative, ds, route(ds, self.settings))
         if work.route.tasks:
-            work.image = radiograph_pixels(ds)
-        work.timings_ms["decode"] = (time.perf_counter() - started) * 1000
+            picture = as_picture(radiograph_pixels(ds))
+            work.inputs = {task: self.models.of(task).inputs([picture]) for task in work.route.tasks}
+        work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
-    def _predict(self, task: TaskName, images: list[np.ndarray]) -> list:
+    def _predict(self, task: TaskName, images: ModelInputs) -> list:
         if task == "hallux_valgus":
             return predict_hallux_valgus(self.models.hallux_valgus, images, self.settings.hallux_valgus_threshold)
         return predict_bone_age(self.models.bone_age, images)

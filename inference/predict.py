@@ -15,10 +15,11 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from inference.cam import CamNetwork, as_cam_network, autograd_grad_cam, class_activation_maps
 from inference.model_card import (
@@ -98,6 +99,20 @@ class BoneAgeEstimate:
         return self.age_months / 12.0
 
 
+class ModelInputs(NamedTuple):
+    """A batch of model inputs (float32, B x channels x S x S) and where each image lies in its square."""
+
+    batch: np.ndarray
+    letterboxes: list[Letterbox]
+
+    @classmethod
+    def concatenate(cls, parts: list[ModelInputs]) -> ModelInputs:
+        return cls(np.concatenate([part.batch for part in parts]), [box for part in parts for box in part.letterboxes])
+
+
+Images = list[np.ndarray | Image.Image] | ModelInputs  # [0, 1] images, or the inputs a model made of them
+
+
 @dataclass
 class Model:
     """A loaded model: its card, its network, the digest of its weights, and the runner that computes it."""
@@ -140,14 +155,15 @@ class Model:
             runner = TorchRunner(cam_network, threads)
         return cls(card, network, cam_network, digest, runner)
 
-    def inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
-        """Batch of model inputs (float32, B x channels x S x S) from [0, 1] images, with their letterboxes."""
+    def inputs(self, images: list[np.ndarray | Image.Image]) -> ModelInputs:
+        """The inputs of [0, 1] images (float32 arrays or their :func:`inference.preprocess.as_picture`)."""
         prepared = [
             model_input(image, self.card.input_size, self.card.preprocessing.mean, self.card.preprocessing.std)
             for image in images
         ]
         batch = np.stack([square for square, _ in prepared])[:, None]
-        return np.ascontiguousarray(np.repeat(batch, self.card.in_channels, axis=1)), [box for _, box in prepared]
+        batch = np.ascontiguousarray(np.repeat(batch, self.card.in_channels, axis=1))
+        return ModelInputs(batch, [box for _, box in prepared])
 
     def run(self, batch: np.ndarray, heatmap_outputs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Outputs (B x K) and CAMs of ``heatmap_outputs`` (B x len x h x w), in one forward pass when the
@@ -173,9 +189,9 @@ class Model:
 
 
 def predict_hallux_valgus(
-    model: Model, images: list[np.ndarray], threshold: float = DEFAULT_HALLUX_VALGUS_THRESHOLD
+    model: Model, images: Images, threshold: float = DEFAULT_HALLUX_VALGUS_THRESHOLD
 ) -> list[HalluxValgusResult]:
-    batch, boxes = model.inputs(images)
+    batch, boxes = _inputs(model, images)
     # The CAMs of all four classes come from the same pass; each image shows its predicted class's.
     outputs, maps = model.run(batch, list(range(len(HALLUX_VALGUS_CLASSES))))
     probabilities = _softmax(outputs[:, : len(HALLUX_VALGUS_CLASSES)])
@@ -199,10 +215,10 @@ def predict_hallux_valgus(
     return results
 
 
-def predict_bone_age(model: Model, images: list[np.ndarray]) -> list[dict[str, BoneAgeEstimate]]:
+def predict_bone_age(model: Model, images: Images) -> list[dict[str, BoneAgeEstimate]]:
     """For each image, the estimates of both sexes' heads: ``{"M": ..., "F": ...}``."""
     names = model.card.outputs
-    batch, boxes = model.inputs(images)
+    batch, boxes = _inputs(model, images)
     means = [names.index("male_mean"), names.index("female_mean")]
     outputs, maps = model.run(batch, means)
     scaling = model.card.target_scaling
@@ -224,6 +240,10 @@ def predict_bone_age(model: Model, images: list[np.ndarray]) -> list[dict[str, B
             )
         results.append(estimates)
     return results
+
+
+def _inputs(model: Model, images: Images) -> ModelInputs:
+    return images if isinstance(images, ModelInputs) else model.inputs(images)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -31,12 +31,11 @@ class Letterbox:
         height = max(round(self.rows * self.scale), 1)
         return (self.size - width) // 2, (self.size - height) // 2, width, height
 
-    def to_square(self, image: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """``image`` (float32, rows x columns) resized and centred in the square, padded with ``fill``."""
+    def to_square(self, image: np.ndarray | Image.Image, fill: float = 0.0) -> np.ndarray:
+        """``image`` (float32, rows x columns, or its :func:`as_picture`) resized and centred in the square,
+        padded with ``fill``."""
         x0, y0, width, height = self.inner
-        resized = np.asarray(
-            Image.fromarray(np.asarray(image, np.float32)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
-        )
+        resized = np.asarray(as_picture(image).resize((width, height), Image.BILINEAR, reducing_gap=2.0))
         square = np.full((self.size, self.size), fill, np.float32)
         square[y0 : y0 + height, x0 : x0 + width] = resized
         return square
@@ -54,7 +53,14 @@ class Letterbox:
         return (x - x0) / self.scale, (y - y0) / self.scale
 
 
-def model_input(image: np.ndarray, size: int, mean: float, std: float) -> tuple[np.ndarray, Letterbox]:
+def as_picture(image: np.ndarray | Image.Image) -> Image.Image:
+    """A float32 image as a Pillow image (a copy of its pixels): made once, it serves the inputs of several
+    models."""
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.float32))
+
+
+def model_input(image: np.ndarray | Image.Image, size: int, mean: float, std: float) -> tuple[np.ndarray, Letterbox]:
     """The normalised square input for a model of input ``size`` and where the image lies in it."""
-    box = Letterbox(image.shape[0], image.shape[1], size)
+    rows, columns = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    box = Letterbox(rows, columns, size)
     return (box.to_square(image) - mean) / std, box

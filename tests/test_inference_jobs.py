@@ -93,7 +93,7 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
         for row in rows.values():
             assert (row.model_name, row.demo_model) == (models.of(row.task).card.name, True)
             assert row.weights_digest == models.of(row.task).weights_digest
-            assert {"decode", f"{row.task}_model", "record"} <= set(row.timings_ms)
+            assert {"prepare", f"{row.task}_model", "record"} <= set(row.timings_ms)
             stored = Heatmap.from_bytes(node.store.absolute(row.heatmap_path).read_bytes())
             assert stored.letterbox.rows == ds.Rows and stored.letterbox.columns == ds.Columns
         if label.task == "foot":
@@ -167,7 +167,7 @@ def test_a_model_failure_on_one_image_fails_that_job_only(
     predict = handler._predict
 
     def fragile(task, images):  # the model cannot take one odd image; in a batch, the whole batch raises
-        if any(image.shape == (256, 250) for image in images):
+        if any((box.rows, box.columns) == (256, 250) for box in images.letterboxes):
             raise RuntimeError("the runtime refused an input")
         return predict(task, images)
 
