@@ -129,6 +129,7 @@ class InferenceSettings(Section):
     batch_size: int = Field(8, ge=1)
     hallux_valgus_threshold: float = Field(0.3, gt=0, lt=1)
     bone_age_flag_sds: float = Field(2.0, gt=0)
+    bone_age_augmentations: int = Field(0, ge=0, le=32)
     rules: list[RoutingRule] = [
         RoutingRule(pattern=r"\b(FOOT|TOES?|FOREFOOT)\b", tasks=["hallux_valgus"]),
         RoutingRule(pattern=r"\b(HAND|WRIST|BONE ?AGE)\b", tasks=["bone_age"]),

@@ -170,7 +170,7 @@ class InferenceJobs:
     def _predict(self, task: TaskName, images: ModelInputs) -> list:
         if task == "hallux_valgus":
             return predict_hallux_valgus(self.models.hallux_valgus, images, self.settings.hallux_valgus_threshold)
-        return predict_bone_age(self.models.bone_age, images)
+        return predict_bone_age(self.models.bone_age, images, self.settings.bone_age_augmentations)
 
     def _hallux_valgus_rows(self, work: _Work, result: HalluxValgusResult) -> None:
         model = self.models.hallux_valgus
@@ -202,6 +202,8 @@ class InferenceJobs:
                 "age_months": estimate.age_months,
                 "age_years": estimate.age_years,
                 "sigma_months": estimate.sigma_months,
+                "augmentations": self.settings.bone_age_augmentations,
+                "augmentation_spread_months": estimate.augmentation_spread_months,
                 "chronological_age_months": age.months,
                 "chronological_age_source": age.source,
                 "heatmap_peak_xy": _peak(estimate.heatmap),

@@ -34,8 +34,10 @@ from inference.model_card import (
 )
 from inference.preprocess import Letterbox, model_input
 from inference.runtime import OnnxRunner, Runner, RuntimeName, TorchRunner
+from inference.training.augment import augment
 
 DEFAULT_HALLUX_VALGUS_THRESHOLD = 0.3
+AUGMENTATION_SEED = 20261123
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class BoneAgeEstimate:
     age_months: float
     sigma_months: float
     heatmap: Heatmap
+    augmentation_spread_months: float | None = None  # SD of the mean over test-time augmentation passes
 
     @property
     def age_years(self) -> float:
@@ -215,31 +218,50 @@ def predict_hallux_valgus(
     return results
 
 
-def predict_bone_age(model: Model, images: Images) -> list[dict[str, BoneAgeEstimate]]:
-    """For each image, the estimates of both sexes' heads: ``{"M": ..., "F": ...}``."""
+def predict_bone_age(model: Model, images: Images, augmentations: int = 0) -> list[dict[str, BoneAgeEstimate]]:
+    """For each image, the estimates of both sexes' heads: ``{"M": ..., "F": ...}``.
+
+    With ``augmentations`` > 0 (test-time augmentation), each image also runs that many times varied as in
+    training (:func:`inference.training.augment.augment`, the same draws on every call). The age is then the
+    mean over all passes and the sigma adds their spread to the model's own (the law of total variance):
+    sigma^2 = mean of the passes' sigma^2 + variance of the passes' means. The heatmap is the unvaried image's.
+    """
     names = model.card.outputs
     batch, boxes = _inputs(model, images)
-    means = [names.index("male_mean"), names.index("female_mean")]
-    outputs, maps = model.run(batch, means)
+    heads = [names.index("male_mean"), names.index("female_mean")]
+    passes = np.concatenate([batch, *_augmented_copies(model, batch, augmentations)])
+    outputs, maps = model.run(passes, heads)
+    outputs = outputs.reshape(augmentations + 1, len(boxes), -1)  # pass x image x output
     scaling = model.card.target_scaling
     results = []
     for i, box in enumerate(boxes):
         estimates = {}
         for j, (sex, prefix) in enumerate((("M", "male"), ("F", "female"))):
-            mean = outputs[i, names.index(f"{prefix}_mean")]
-            log_variance = outputs[i, names.index(f"{prefix}_log_variance")]
+            means = outputs[:, i, names.index(f"{prefix}_mean")] * scaling.age_scale_months
+            sigmas = (
+                np.exp(0.5 * np.clip(outputs[:, i, names.index(f"{prefix}_log_variance")], *LOG_VARIANCE_RANGE))
+                * scaling.age_scale_months
+                * model.card.sigma_scale
+            )
             estimates[sex] = BoneAgeEstimate(
                 sex=sex,
-                age_months=float(mean * scaling.age_scale_months + scaling.age_center_months),
-                sigma_months=float(
-                    np.exp(0.5 * np.clip(log_variance, *LOG_VARIANCE_RANGE))
-                    * scaling.age_scale_months
-                    * model.card.sigma_scale
-                ),
+                age_months=float(means.mean() + scaling.age_center_months),
+                sigma_months=float(np.sqrt(np.mean(sigmas**2) + means.var())),
                 heatmap=Heatmap(maps[i, j], box),
+                augmentation_spread_months=float(means.std()) if augmentations else None,
             )
         results.append(estimates)
     return results
+
+
+def _augmented_copies(model: Model, batch: np.ndarray, count: int) -> list[np.ndarray]:
+    """``count`` varied copies of a normalised batch, drawn from a fixed seed so that a result is reproducible."""
+    if not count:
+        return []
+    mean, std = model.card.preprocessing.mean, model.card.preprocessing.std
+    images = torch.from_numpy(batch * std + mean)
+    generator = torch.Generator().manual_seed(AUGMENTATION_SEED)
+    return [((augment(images, generator)[0] - mean) / std).numpy().astype(np.float32) for _ in range(count)]
 
 
 def _inputs(model: Model, images: Images) -> ModelInputs:

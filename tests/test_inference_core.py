@@ -15,7 +15,7 @@ from pydicom.pixels import pixel_array
 from dicom_node.phantoms.generator import render_phantom
 from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
 from inference.pixels import _grayscale_pipeline, radiograph_pixels, window
-from inference.predict import Model, predict_hallux_valgus
+from inference.predict import Model, ModelInputs, _augmented_copies, predict_bone_age, predict_hallux_valgus
 from inference.preprocess import Letterbox
 
 
@@ -70,6 +70,29 @@ def test_monochrome1_and_its_monochrome2_twin_get_the_same_prediction() -> None:
         [first], [second] = (predict_hallux_valgus(model, [radiograph_pixels(d)]) for d in (ds, twin))
         assert first.prediction == second.prediction
         assert first.probabilities == pytest.approx(second.probabilities, abs=1e-3)
+
+
+def test_test_time_augmentation_adds_the_spread_of_its_passes_to_sigma() -> None:
+    model = Model.load(Path(__file__).resolve().parents[1] / "models" / "bone-age-demo.yaml")
+    hand, _ = render_phantom(5, 1, "hand")
+    inputs = model.inputs([radiograph_pixels(hand)])
+    [plain] = predict_bone_age(model, inputs)
+    [augmented], [again] = (predict_bone_age(model, inputs, augmentations=4) for _ in range(2))
+    # each pass on its own: the unvaried image and the four varied copies
+    passes = [plain] + [
+        predict_bone_age(model, ModelInputs(copy, inputs.letterboxes))[0]
+        for copy in _augmented_copies(model, inputs.batch, 4)
+    ]
+    for sex in ("M", "F"):
+        ages = np.array([one[sex].age_months for one in passes])
+        sigmas = np.array([one[sex].sigma_months for one in passes])
+        estimate = augmented[sex]
+        assert plain[sex].augmentation_spread_months is None
+        assert estimate.augmentation_spread_months == pytest.approx(ages.std(), rel=1e-4) and ages.std() > 0.1
+        assert estimate.age_months == pytest.approx(ages.mean(), rel=1e-5)
+        assert estimate.sigma_months == pytest.approx(np.sqrt(np.mean(sigmas**2) + ages.var()), rel=1e-4)
+        assert (estimate.age_months, estimate.sigma_months) == (again[sex].age_months, again[sex].sigma_months)
+        assert np.allclose(estimate.heatmap.values, plain[sex].heatmap.values, atol=1e-5)  # the unvaried pass
 
 
 @pytest.mark.parametrize("index", range(6))
