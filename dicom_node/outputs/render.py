@@ -1,0 +1,186 @@
+"""The picture of a heatmap Secondary Capture: the radiograph in gray with the heatmap blended over it in colour,
+between two text strips: the warnings above, the result in words and a colour legend below.
+
+The text lies in strips of its own rather than over the radiograph, so that it never hides the anatomy or the
+place where the heatmap peaks. The font is the one built into Pillow (``ImageFont.load_default``, scalable with
+the FreeType support of Pillow's wheels), sized with the picture so that the text stays legible on a small
+thumbnail and on a large screen alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_SIZE = 512  # the smallest longest side of a picture that leaves most of it to the radiograph
+TRANSPARENT_BELOW = 0.2  # heatmap values up to this show the radiograph untouched
+MAX_OPACITY = 0.6  # at the heatmap's peak, the anatomy still shows through the colour
+
+_FONT_SHARE = 1 / 45  # font size as a share of the picture's longest side (the source's, up to max_size)
+_MIN_FONT_PX = 12
+_MIN_TEXT_WIDTH = 320  # strips are at least this wide (or the whole picture), however narrow the radiograph
+_BACKGROUND = (0, 0, 0)
+_WARNING_COLOUR = (255, 214, 0)
+_TEXT_COLOUR = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The words of a picture: ``warnings`` above the radiograph, ``lines`` of the result below it, and
+    ``legend``, what the colours show, right above the colour bar."""
+
+    warnings: tuple[str, ...]
+    lines: tuple[str, ...]
+    legend: str
+
+
+@dataclass(frozen=True)
+class Picture:
+    """The drawn picture (uint8, height x width x 3, RGB) and where the radiograph lies in it."""
+
+    pixels: np.ndarray
+    radiograph_box: tuple[int, int, int, int]  # x0, y0, width, height
+
+    def to_picture(self, x: float, y: float, rows: int, columns: int) -> tuple[int, int]:
+        """The picture pixel (x, y) showing point (``x``, ``y``) of a radiograph of ``rows`` x ``columns``."""
+        x0, y0, width, height = self.radiograph_box
+        return x0 + int(x * width / columns), y0 + int(y * height / rows)
+
+
+def render(radiograph: np.ndarray, heat: np.ndarray, caption: Caption, max_size: int) -> Picture:
+    """The picture of ``radiograph`` (float in [0, 1], bone bright) with ``heat`` (float in [0, 1], the same
+    shape) over it and ``caption`` around it; its longest side is at most ``max_size``.
+    """
+    if radiograph.shape != heat.shape:
+        raise ValueError(f"the heatmap is {heat.shape}, the radiograph {radiograph.shape}: they must agree")
+    if max_size < MIN_SIZE:
+        raise ValueError(f"max_size must be at least {MIN_SIZE} pixels to hold the text, not {max_size}")
+    width, height, font = _fit(radiograph.shape, caption, max_size)
+    canvas_width = _canvas_width(width, max_size)
+    overlay = blend(_resize(radiograph, width, height), _resize(heat, width, height))
+    middle = Image.new("RGB", (canvas_width, height), _BACKGROUND)
+    x0 = (canvas_width - width) // 2
+    middle.paste(Image.fromarray(overlay), (x0, 0))
+    top = _text_strip(caption.warnings, font, canvas_width, _WARNING_COLOUR)
+    bottom = _text_strip((*caption.lines, caption.legend), font, canvas_width, _TEXT_COLOUR)
+    pixels = np.asarray(_stack([top, middle, bottom, _colour_bar(font, canvas_width)]))
+    return Picture(pixels, (x0, top.height, width, height))
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The jet colour map (dark blue, blue, cyan, yellow, red, dark red) of ``values`` in [0, 1], as float RGB."""
+    v = np.asarray(values, np.float32)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], np.float32)  # where red, green and blue are brightest
+    return np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
+
+
+def blend(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """``gray`` as RGB (uint8) with ``heat`` over it in jet colours, transparent where the heat is low."""
+    opacity = MAX_OPACITY * np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0)[..., None]
+    rgb = gray[..., None] * (1.0 - opacity) + jet(heat) * opacity
+    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _fit(shape: tuple[int, int], caption: Caption, max_size: int) -> tuple[int, int, ImageFont.FreeTypeFont]:
+    """Width and height of the radiograph in the picture, and the font, such that radiograph and strips together
+    fit in ``max_size``. Each try shortens the radiograph to leave room for the strips of the last; narrower, the
+    strips can only need more lines, and never more than ``max_size`` holds, so the tries end."""
+    rows, columns = shape
+    font = ImageFont.load_default(size=max(_MIN_FONT_PX, round(min(max_size, max(rows, columns)) * _FONT_SHARE)))
+    scale = min(1.0, max_size / max(rows, columns))
+    while True:
+        width, height = max(int(columns * scale), 1), max(int(rows * scale), 1)
+        strips = _strips_height(caption, font, _canvas_width(width, max_size))
+        if height + strips <= max_size:
+            return width, height, font
+        if strips >= max_size:
+            raise ValueError(f"the text needs {strips} pixels of height: a picture of {max_size} has no room left")
+        scale = (max_size - strips) / rows
+
+
+def _canvas_width(width: int, max_size: int) -> int:
+    return max(width, min(_MIN_TEXT_WIDTH, max_size))
+
+
+def _strips_height(caption: Caption, font: ImageFont.FreeTypeFont, width: int) -> int:
+    warnings = _wrap(caption.warnings, font, width - 2 * _margin(font))
+    lines = _wrap((*caption.lines, caption.legend), font, width - 2 * _margin(font))
+    return _strip_height(len(warnings), font) + _strip_height(len(lines), font) + _colour_bar_height(font)
+
+
+def _text_strip(
+    texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int, colour: tuple[int, int, int]
+) -> Image.Image:
+    """``texts`` wrapped to ``width``, one line under the other, on a black strip."""
+    lines = _wrap(texts, font, width - 2 * _margin(font))
+    strip = Image.new("RGB", (width, _strip_height(len(lines), font)), _BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    for number, line in enumerate(lines):
+        draw.text((_margin(font), _margin(font) + number * _line_height(font)), line, font=font, fill=colour)
+    return strip
+
+
+def _colour_bar(font: ImageFont.FreeTypeFont, width: int) -> Image.Image:
+    """The colour map from "low" to "high": the legend of the heatmap's colours."""
+    margin, line = _margin(font), _line_height(font)
+    strip = Image.new("RGB", (width, _colour_bar_height(font)), _BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    bar_start = margin + round(draw.textlength("low ", font=font))
+    high_start = width - margin - round(draw.textlength("high", font=font))
+    bar_end = high_start - round(draw.textlength(" ", font=font))
+    bar_length, bar_height = max(bar_end - bar_start, 1), max(font.size // 2, 4)
+    bar = (jet(np.linspace(0.0, 1.0, bar_length))[None] * 255).astype(np.uint8)
+    strip.paste(Image.fromarray(np.repeat(bar, bar_height, axis=0)), (bar_start, (line - bar_height) // 2))
+    draw.text((margin, 0), "low", font=font, fill=_TEXT_COLOUR)
+    draw.text((high_start, 0), "high", font=font, fill=_TEXT_COLOUR)
+    return strip
+
+
+def _wrap(texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Each text broken into lines no wider than ``width`` at spaces (a single longer word keeps its line)."""
+    lines = []
+    for text in texts:
+        line = ""
+        for word in text.split():
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
+def _line_height(font: ImageFont.FreeTypeFont) -> int:
+    ascent, descent = font.getmetrics()
+    return round((ascent + descent) * 1.15)
+
+
+def _margin(font: ImageFont.FreeTypeFont) -> int:
+    return max(font.size // 2, 4)
+
+
+def _strip_height(lines: int, font: ImageFont.FreeTypeFont) -> int:
+    return lines * _line_height(font) + 2 * _margin(font)
+
+
+def _colour_bar_height(font: ImageFont.FreeTypeFont) -> int:
+    return _line_height(font) + _margin(font)
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A float image resized to ``width`` x ``height`` (antialiased when shrinking)."""
+    resized = Image.fromarray(np.asarray(image, np.float32)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(resized)
+
+
+def _stack(strips: list[Image.Image]) -> Image.Image:
+    """Images of the same width, one under the other."""
+    picture = Image.new("RGB", (strips[0].width, sum(strip.height for strip in strips)), _BACKGROUND)
+    top = 0
+    for strip in strips:
+        picture.paste(strip, (0, top))
+        top += strip.height
+    return picture

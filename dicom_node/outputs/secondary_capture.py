@@ -1,0 +1,275 @@
+"""A result's Grad-CAM heatmap as a Secondary Capture Image (PS3.3 A.8.1 SC Image IOD), for the PACS.
+
+The image is the received radiograph, scaled down, with the heatmap blended over it in colour, a colour legend,
+the result in words and the warning that this is an AI result not for diagnostic use (:mod:`.render`). It
+joins the study of the radiograph in a new series, and says where it comes from:
+
+- General Image (C.7.6.1): Image Type DERIVED\\SECONDARY, a Derivation Description (C.7.6.1.1.3), the Source
+  Image Sequence pointing at the radiograph, and Burned In Annotation YES.
+- General Equipment (C.7.5.1) and SC Equipment (C.8.6.1): the node, as a workstation (Conversion Type WSD).
+- Contributing Equipment (C.12.1.1.5): the model that computed the heatmap, as Processing Equipment.
+- SC Image (C.8.6.2): no Pixel Spacing: the picture is for looking at, not for measuring on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pydicom
+from highdicom import ContributingEquipment
+from highdicom.sc import SCImage
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.models import InferenceResult
+from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
+from dicom_node.outputs.render import Caption, Picture, render
+from inference.pixels import radiograph_pixels
+from inference.predict import Heatmap
+
+NOT_FOR_DIAGNOSTIC_USE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+
+# the keys of InferenceResult.values that the picture's words are made of, by task
+REQUIRED_VALUES = {
+    "hallux_valgus": ("probabilities", "prediction", "confidence", "hallux_valgus_detected"),
+    "bone_age": ("sex", "age_years", "sigma_months"),
+}
+OUTPUTS = {"hallux_valgus": ("foot",), "bone_age": ("male", "female")}
+
+# highdicom takes single letters only; C.7.6.1.1.1 also allows e.g. "FL", so the source's value replaces this
+_ORIENTATION_STAND_IN = ("L", "F")
+_LATERALITIES = ("L", "R")  # a series' Laterality; an image's may also be B(oth) or U(npaired)
+
+
+def build_secondary_capture(
+    source: pydicom.Dataset,
+    heatmap: Heatmap,
+    result: InferenceResult,
+    node: NodeIdentity,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+    instance_number: int = 1,
+    max_size: int = 1024,
+) -> SCImage:
+    """The SC image of ``result``'s ``heatmap`` over the radiograph ``source``, in ``source``'s study.
+
+    ``max_size`` is the longest side of the written picture, in pixels; the radiograph is never enlarged.
+    Raises ValueError when ``source`` has no pixels or lacks the UIDs to refer to it, when ``heatmap`` was
+    computed on an image of another size, or when ``result`` lacks what the picture must say.
+    """
+    _check_source(source)
+    _check_heatmap(heatmap, source)
+    _check_result(result)
+    algorithm = algorithm_identity(result)
+    picture = heatmap_picture(source, heatmap, result, max_size)
+    sc = SCImage(
+        pixel_array=picture.pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=source.StudyInstanceUID,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        patient_id=source.get("PatientID"),
+        patient_name=source.get("PatientName"),
+        patient_birth_date=source.get("PatientBirthDate"),
+        patient_sex=source.get("PatientSex"),
+        accession_number=source.get("AccessionNumber"),
+        study_id=source.get("StudyID"),
+        study_date=source.get("StudyDate"),
+        study_time=source.get("StudyTime"),
+        referring_physician_name=source.get("ReferringPhysicianName"),
+        series_description=series_description(result),
+        laterality=_laterality(source),
+        patient_orientation=_ORIENTATION_STAND_IN,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_model_as_equipment(algorithm, node)],
+        specific_character_set=source.get("SpecificCharacterSet"),
+    )
+    sc.PatientOrientation = source.get("PatientOrientation", "")  # scaled, not turned: the directions hold
+    _copy_if_present(source, sc, ("StudyDescription", "BodyPartExamined"))
+    _add_node_equipment(sc, node)
+    _add_derivation(sc, source, result, algorithm, picture)
+    return sc
+
+
+def algorithm_identity(result: InferenceResult) -> AlgorithmIdentity:
+    """The model behind ``result``, as its row recorded it."""
+    return AlgorithmIdentity(result.model_name, result.model_version, result.weights_digest, result.demo_model)
+
+
+def heatmap_picture(source: pydicom.Dataset, heatmap: Heatmap, result: InferenceResult, max_size: int) -> Picture:
+    """The picture an SC image of ``result`` shows: ``source``'s radiograph, the heatmap and the caption."""
+    return render(radiograph_pixels(source), heatmap.on_image(), caption(result), max_size)
+
+
+def caption(result: InferenceResult) -> Caption:
+    """The words burned into the picture: the warnings, the result, the model, and what the colours show."""
+    algorithm = algorithm_identity(result)
+    warnings = (NOT_FOR_DIAGNOSTIC_USE,)
+    if algorithm.disclaimer is not None:
+        warnings += (f"DEMO MODEL: {algorithm.disclaimer.upper()}",)
+    values = result.values
+    if result.task == "hallux_valgus":
+        lines, shown = _hallux_valgus_lines(values), str(values.get("heatmap_of", values["prediction"]))
+    else:
+        lines, shown = _bone_age_lines(values, result.output), "the bone age estimate"
+    model = f"Model: {algorithm.name} {algorithm.version}"
+    return Caption(warnings, (*lines, model), f"Colours: Grad-CAM of {shown}")
+
+
+def series_description(result: InferenceResult) -> str:
+    """E.g. "AI hallux valgus heatmap" or "AI bone age heatmap, male model"."""
+    task = result.task.replace("_", " ")
+    return f"AI {task} heatmap" if result.task == "hallux_valgus" else f"AI {task} heatmap, {result.output} model"
+
+
+def _hallux_valgus_lines(values: Mapping) -> tuple[str, ...]:
+    probabilities = values["probabilities"]
+    lines = [f"{values['prediction']} {_percent(values['confidence'])}"]
+    if values["hallux_valgus_detected"] and values["prediction"] != "Hallux Valgus":
+        lines.append(f"Hallux valgus flagged: {_percent(probabilities['Hallux Valgus'])}")
+    if values.get("hallux_valgus_angle_deg") is not None:
+        lines.append(f"Hallux valgus angle {values['hallux_valgus_angle_deg']:.0f} deg")
+    lines.append("All classes: " + ", ".join(f"{name} {_percent(p)}" for name, p in probabilities.items()))
+    return tuple(lines)
+
+
+def _bone_age_lines(values: Mapping, output: str) -> tuple[str, ...]:
+    lines = [f"Bone age {values['age_years']:.1f} y +- {values['sigma_months'] / 12:.1f} y ({output} model)"]
+    if values.get("chronological_age_months") is not None:
+        comparison = f"Chronological age {values['chronological_age_months'] / 12:.1f} y"
+        if values.get("z_score") is not None:
+            comparison += f", Z-score {values['z_score']:+.1f}"
+        if values.get("assessment"):
+            comparison += f" ({values['assessment']})"
+        lines.append(comparison)
+    return tuple(lines)
+
+
+def _percent(probability: float) -> str:
+    return f"{round(100 * float(probability))} %"
+
+
+def _check_source(source: pydicom.Dataset) -> None:
+    if "PixelData" not in source:
+        raise ValueError(f"the source {source.get('SOPInstanceUID', '(no SOP Instance UID)')} has no Pixel Data")
+    missing = [keyword for keyword in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID") if not source.get(keyword)]
+    if missing:
+        raise ValueError(f"the source lacks {', '.join(missing)}: an SC image could not refer to it")
+
+
+def _check_heatmap(heatmap: Heatmap, source: pydicom.Dataset) -> None:
+    box = heatmap.letterbox
+    if (box.rows, box.columns) != (source.get("Rows"), source.get("Columns")):
+        raise ValueError(
+            f"the heatmap was computed on an image of {box.rows} x {box.columns} pixels, "
+            f"the source has {source.get('Rows')} x {source.get('Columns')}"
+        )
+    if np.ndim(heatmap.values) != 2:
+        raise ValueError(f"the heatmap's values must be 2-D, not of shape {np.shape(heatmap.values)}")
+
+
+def _check_result(result: InferenceResult) -> None:
+    if result.task not in REQUIRED_VALUES:
+        raise ValueError(f"unknown task {result.task!r}; known: {', '.join(REQUIRED_VALUES)}")
+    if result.output not in OUTPUTS[result.task]:
+        raise ValueError(
+            f"task {result.task!r} has no output {result.output!r}; it has {', '.join(OUTPUTS[result.task])}"
+        )
+    if not isinstance(result.values, Mapping):
+        raise ValueError(f"the result's values must be a mapping, not {type(result.values).__name__}")
+    missing = [key for key in REQUIRED_VALUES[result.task] if key not in result.values]
+    if missing:
+        raise ValueError(f"the values of a {result.task} result lack {', '.join(missing)}")
+    if result.task == "hallux_valgus" and "Hallux Valgus" not in result.values["probabilities"]:
+        raise ValueError("the probabilities of a hallux_valgus result lack 'Hallux Valgus'")
+    for attribute in ("model_name", "model_version", "weights_digest"):
+        if not getattr(result, attribute):
+            raise ValueError(f"the result has no {attribute}: the SC image could not name its model")
+    if not isinstance(result.demo_model, bool):
+        raise ValueError(f"the result's demo_model must be True or False, not {result.demo_model!r}")
+
+
+def _laterality(source: pydicom.Dataset) -> str | None:
+    """The Laterality of the new series (General Series, C.7.3.1): the source's series' or image's."""
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    return laterality if laterality in _LATERALITIES else None
+
+
+def _copy_if_present(source: pydicom.Dataset, sc: SCImage, keywords: tuple[str, ...]) -> None:
+    for keyword in keywords:
+        if source.get(keyword):
+            setattr(sc, keyword, source[keyword].value)
+
+
+def _add_node_equipment(sc: SCImage, node: NodeIdentity) -> None:
+    """The node as General Equipment (C.7.5.1) and as the workstation of SC Equipment (C.8.6.1)."""
+    sc.DeviceUID = node.device_uid
+    sc.StationName = node.ae_title
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = node.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = node.model_name
+    sc.SecondaryCaptureDeviceSoftwareVersions = node.software_version
+
+
+def _model_as_equipment(algorithm: AlgorithmIdentity, node: NodeIdentity) -> ContributingEquipment:
+    """The model as Contributing Equipment (C.12.1.1.5): Processing Equipment (DCM 109102, CID 7005), which
+    PS3.16 defines as equipment that processed instances to create new ones, as the model did for this one."""
+    description = f"Computed the Grad-CAM heatmap and the result; weights SHA-256 {algorithm.weights_digest}"
+    if algorithm.disclaimer is not None:
+        description += f"; demo model: {algorithm.disclaimer}"
+    return ContributingEquipment(
+        manufacturer=node.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        # the UID of these weights names the model exactly; dciodvfy rejects Device UID in this sequence
+        device_serial_number=algorithm.uid,
+        contribution_description=description,
+    )
+
+
+def _add_derivation(
+    sc: SCImage, source: pydicom.Dataset, result: InferenceResult, algorithm: AlgorithmIdentity, picture: Picture
+) -> None:
+    """How the picture was made from the source (General Image, C.7.6.1, and its Derivation, C.7.6.1.1.3)."""
+    scale = picture.radiograph_box[2] / source.Columns
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (
+        f"Grad-CAM heatmap of {algorithm.name} {algorithm.version} ({result.task}, {result.output}) blended in "
+        f"colour over the source image scaled by {scale:.3f}; the result in words, a colour legend and the "
+        "warning AI RESULT - NOT FOR DIAGNOSTIC USE burned in above and below it"
+    )
+    sc.SourceImageSequence = [_source_image_item(source)]
+    sc.BurnedInAnnotation = "YES"
+    _add_lossy_compression_history(sc, source)
+
+
+def _source_image_item(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The source as the input of the image processing (C.7.6.1.1.3; DCM 121322 from CID 7202)."""
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+    item.SpatialLocationsPreserved = "NO"  # scaled and set between text strips
+    return item
+
+
+def _add_lossy_compression_history(sc: SCImage, source: pydicom.Dataset) -> None:
+    """Lossy Image Compression (C.7.6.1.1.5): once "01", an image and its derivatives stay "01"; this picture is
+    written uncompressed, so it adds no loss of its own."""
+    if source.get("LossyImageCompression") != "01":
+        sc.LossyImageCompression = "00"
+        return
+    sc.LossyImageCompression = "01"
+    _copy_if_present(source, sc, ("LossyImageCompressionRatio", "LossyImageCompressionMethod"))
