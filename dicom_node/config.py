@@ -138,6 +138,64 @@ class InferenceSettings(Section):
     skip_derived: bool = True
 
 
+class TlsSettings(Section):
+    """TLS for associations to a destination (PS3.15 B.1): the CA that signed its certificate, and ours when it
+    asks for one."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class Destination(Section):
+    """A DICOM peer that receives the node's results by C-STORE."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: TlsSettings | None = None
+
+
+OutputKind = Literal["secondary_capture", "structured_report"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = ("secondary_capture", "structured_report")
+
+
+class DeliveryRule(Section):
+    """Outputs of ``kinds`` for instances sent by a calling AE matching ``calling_ae`` (a regular expression,
+    any case; empty matches every caller) go to ``destinations``."""
+
+    calling_ae: str = ""
+    kinds: list[OutputKind] = list(OUTPUT_KINDS)
+    destinations: list[str]
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _is_regular_expression(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return value
+
+
+class OutputSettings(Section):
+    secondary_captures: bool = True
+    structured_report: bool = True
+    max_image_size: int = Field(1024, ge=512, le=4096)
+
+
+class DeliverySettings(Section):
+    default_destination: str | None = None
+    rules: list[DeliveryRule] = []
+    max_attempts: int = Field(8, ge=1)
+    retry_backoff: Seconds = 5.0
+    max_backoff: Seconds = 600.0
+    objects_per_association: int = Field(50, ge=1)
+    poll_interval: Seconds = 0.5
+    timeout: Seconds = 30.0
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -155,7 +213,28 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     workers: WorkerSettings = WorkerSettings()
     inference: InferenceSettings = InferenceSettings()
+    outputs: OutputSettings = OutputSettings()
+    destinations: list[Destination] = []
+    delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _destinations_are_known(self) -> Settings:
+        names = [destination.name for destination in self.destinations]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destinations: the name {name!r} is used twice")
+        named = {
+            f"delivery.rules.{number}.destinations": rule.destinations
+            for number, rule in enumerate(self.delivery.rules)
+        }
+        if self.delivery.default_destination is not None:
+            named["delivery.default_destination"] = [self.delivery.default_destination]
+        for key, used in named.items():
+            for name in used:
+                if name not in names:
+                    raise ValueError(f"{key}: no destination is named {name!r} (destinations: {names})")
+        return self
 
     @model_validator(mode="after")
     def _default_database_under_storage_root(self) -> Settings:
@@ -216,7 +295,7 @@ def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
             continue
         section, separator, key = name[len(ENV_PREFIX) :].lower().partition("__")
         field = Settings.model_fields.get(section)
-        if field is None or (separator and key not in field.annotation.model_fields):
+        if field is None or (separator and key not in getattr(field.annotation, "model_fields", {})):
             unknown.append(name)
     return unknown
 

@@ -3,7 +3,8 @@
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
 decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance,
 the heatmaps are written under ``results/`` beside the layout of ``patients/``, and one transaction replaces
-the instance's results and notes what the job did, so a job run again leaves the same state as one run once.
+the instance's results, notes what the job did and queues the instance's outputs job
+(:mod:`dicom_node.output_jobs`), so a job run again leaves the same state as one run once.
 An instance that cannot be read or decoded fails its own job only.
 """
 
@@ -23,8 +24,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
-from dicom_node.jobs import ClaimedJob, PermanentJobError, still_claimed
+from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue, still_claimed
 from dicom_node.models import InferenceResult, Instance, Job
+from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
@@ -266,6 +268,8 @@ class InferenceJobs:
             for row in work.rows:
                 row.timings_ms = dict(work.timings_ms)
                 session.add(row)
+            if work.rows:
+                enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
             session.execute(update(Job).where(Job.id == work.job.id).values(note=note))
 
 

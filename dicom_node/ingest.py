@@ -18,7 +18,7 @@ import enum
 import logging
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -35,7 +35,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
+from dicom_node.jobs import enqueue
+from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.part10 import dataset_offset
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
@@ -133,8 +134,11 @@ class Ingestor:
         sessions: sessionmaker[Session],
         duplicate_policy: DuplicatePolicy = "keep_first",
         max_inflated_bytes: int = 256 * 2**20,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_queued`` is called after an instance and its job were committed, to wake the workers."""
         self.store = store
+        self.on_queued = on_queued
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
         self.max_inflated_bytes = max_inflated_bytes
@@ -246,7 +250,7 @@ class Ingestor:
                 self._restore_if_missing(PurePosixPath(existing.path), temporary)
                 return IngestResult(Outcome.DUPLICATE_IGNORED, header.sop_instance_uid, PurePosixPath(existing.path))
 
-            series = _series(session, header)
+            series = index_series(session, header)
             previous = PurePosixPath(existing.path) if existing is not None else None
             instance = existing if existing is not None else Instance(sop_instance_uid=header.sop_instance_uid)
             session.add(instance)
@@ -259,7 +263,7 @@ class Ingestor:
             instance.size_bytes = size
             instance.calling_ae = calling_ae
             instance.received_at = dt.datetime.now(dt.UTC)
-            _queue(session, instance)
+            enqueue(session, instance, INFERENCE_JOB)
             session.flush()
 
             set_aside = self.store.set_aside(previous) if previous is not None else None
@@ -274,6 +278,7 @@ class Ingestor:
                 raise
         if set_aside is not None:
             set_aside.unlink(missing_ok=True)
+        self.on_queued()
         outcome = Outcome.STORED if previous is None else Outcome.REPLACED
         return IngestResult(outcome, header.sop_instance_uid, relative)
 
@@ -284,20 +289,7 @@ class Ingestor:
             self.store.publish(temporary, relative)
 
 
-def _queue(session: Session, instance: Instance) -> None:
-    """One inference job per instance: a new one, or the existing one queued again after a replace."""
-    job = None
-    if instance.id is not None:
-        job = session.scalar(select(Job).where(Job.instance_pk == instance.id, Job.kind == INFERENCE_JOB))
-    if job is None:
-        session.add(Job(instance=instance, kind=INFERENCE_JOB))
-        return
-    job.state, job.attempts, job.last_error = JobState.PENDING, 0, None
-    job.generation += 1  # a run still busy with the old file must not mark this one done
-    job.available_at = dt.datetime.now(dt.UTC)
-
-
-def _series(session: Session, header: InstanceHeader) -> Series:
+def index_series(session: Session, header: InstanceHeader) -> Series:
     """Get or create the patient, study and series rows of ``header``."""
     patient = session.scalar(select(Patient).where(Patient.patient_id == header.patient_id))
     if patient is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Job, JobState
+from dicom_node.models import Instance, Job, JobState
 
 _MAX_ERROR_LENGTH = 2000
 
@@ -106,6 +106,20 @@ class JobQueue:
             return session.execute(
                 update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.PENDING)
             ).rowcount
+
+
+def enqueue(session: Session, instance: Instance, kind: str) -> None:
+    """One job of ``kind`` per instance: a new one, or the existing one queued again (the instance was replaced,
+    or its results are new)."""
+    job = None
+    if instance.id is not None:
+        job = session.scalar(select(Job).where(Job.instance_pk == instance.id, Job.kind == kind))
+    if job is None:
+        session.add(Job(instance=instance, kind=kind))
+        return
+    job.state, job.attempts, job.last_error, job.note = JobState.PENDING, 0, None, None
+    job.generation += 1  # a run still busy with the old state must not mark this one done
+    job.available_at = _now()
 
 
 def still_claimed(session: Session, job: ClaimedJob) -> bool:

@@ -73,6 +73,9 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(512), doc="Relative to the storage root.")
     size_bytes: Mapped[int]
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    source_instance_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("instances.id"), index=True, doc="An object the node wrote: the received instance it reports on."
+    )
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -138,4 +141,50 @@ class InferenceResult(Base):
     instance: Mapped[Instance] = relationship(back_populates="results")
 
 
-__all__ = ["Base", "InferenceResult", "Instance", "Job", "JobState", "Patient", "Series", "Study"]
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Delivery(Base):
+    """The outbox: one object the node wrote, to one destination. Written in the same transaction as the
+    object's index row, so that nothing the node made is forgotten; the sender works through it."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "destination"),
+        Index("ix_deliveries_due", "state", "available_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), doc="The name of a configured destination.")
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]),
+        default=DeliveryState.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_status: Mapped[int | None] = mapped_column(doc="The destination's last C-STORE status, if it answered.")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+    instance: Mapped[Instance] = relationship()
+
+
+__all__ = [
+    "Base",
+    "Delivery",
+    "DeliveryState",
+    "InferenceResult",
+    "Instance",
+    "Job",
+    "JobState",
+    "Patient",
+    "Series",
+    "Study",
+]

@@ -1,4 +1,4 @@
-"""The node: storage, index, DICOM listener and workers, started and stopped together."""
+"""The node: storage, index, DICOM listener, workers and delivery sender, started and stopped together."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from collections.abc import Mapping
 
 from dicom_node.config import Settings
 from dicom_node.database import create_index_engine, session_factory
+from dicom_node.delivery import DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import JobQueue
+from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
 from dicom_node.scp import StorageSCP
 from dicom_node.storage import InstanceStore
 from dicom_node.workers import JobHandler, WorkerPool
@@ -31,13 +33,23 @@ class Node:
         self.engine = create_index_engine(settings.database.url)
         self.sessions = session_factory(self.engine)
         self.ingestor = Ingestor(
-            self.store, self.sessions, settings.dicom.duplicate_policy, settings.dicom.max_inflated_mb * 2**20
+            self.store,
+            self.sessions,
+            settings.dicom.duplicate_policy,
+            settings.dicom.max_inflated_mb * 2**20,
+            on_queued=lambda: self.workers.wake(),
         )
         self.scp = StorageSCP(settings.dicom, self.ingestor)
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
-        handlers = dict(job_handlers or {})
+        delivery = settings.delivery
+        self.deliveries = DeliveryQueue(
+            self.sessions, delivery.max_attempts, delivery.retry_backoff, delivery.max_backoff
+        )
+        self.sender = DeliverySender(settings, self.deliveries, self.store)
+        handlers = {OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)}
         if models is not None:
             handlers[INFERENCE_JOB] = InferenceJobs(settings.inference, models, self.store, self.sessions)
+        handlers |= job_handlers or {}
         self.workers = WorkerPool(
             self.queue,
             handlers,
@@ -50,13 +62,21 @@ class Node:
         """Resume where a previous run stopped, then listen and work."""
         swept = self.store.sweep_incoming()
         resumed = self.queue.recover_interrupted()
-        if swept or resumed:
-            log.info("recovered after restart: %d partial writes removed, %d jobs resumed", swept, resumed)
+        resent = self.deliveries.recover_interrupted()
+        if swept or resumed or resent:
+            log.info(
+                "recovered after restart: %d partial writes removed, %d jobs resumed, %d deliveries queued again",
+                swept,
+                resumed,
+                resent,
+            )
         self.scp.start()
         self.workers.start()
+        self.sender.start()
 
     def stop(self) -> None:
         """Stop listening first, so nothing new arrives, then finish the jobs in hand."""
         self.scp.stop()
         self.workers.stop()
+        self.sender.stop()
         self.engine.dispose()

@@ -34,6 +34,7 @@ class WorkerPool:
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self._stopping = threading.Event()
+        self._wakeup = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -49,9 +50,14 @@ class WorkerPool:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the jobs in hand, then stop."""
         self._stopping.set()
+        self._wakeup.set()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
+
+    def wake(self) -> None:
+        """Look for due jobs now rather than at the next poll (a job was queued)."""
+        self._wakeup.set()
 
     def run_once(self) -> bool:
         """Claim and run one batch of jobs; return False when none was due."""
@@ -85,7 +91,8 @@ class WorkerPool:
         while not self._stopping.is_set():
             try:
                 if not self.run_once():
-                    self._stopping.wait(self.poll_interval)
+                    self._wakeup.wait(self.poll_interval)
+                    self._wakeup.clear()
             except Exception:
                 log.exception("worker error; retrying after %.1f s", self.poll_interval)
                 self._stopping.wait(self.poll_interval)

@@ -7,6 +7,9 @@ set -euo pipefail
 declare -A needed=(
   [storescu]=dcmtk
   [docker-compose]=docker-compose
+  [Orthanc]=orthanc
+  [dciodvfy]=dicom3tools
+  [java]=default-jre-headless
 )
 
 missing=()
@@ -15,6 +18,8 @@ for program in "${!needed[@]}"; do
 done
 # PostgreSQL's server programs are not on PATH in Debian's layout.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+# PixelMed's DicomSRValidator is a jar, not a program.
+[ -f /usr/share/java/pixelmed.jar ] || missing+=(libpixelmed-java)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -206,14 +206,17 @@ def _wait_until_ready(server: Orthanc) -> None:
 
 @contextmanager
 def orthanc(
-    tmp_path: Path, modalities: Mapping[str, tuple[str, str, int]] = {}, ae_title: str = "ORTHANC"
+    tmp_path: Path,
+    modalities: Mapping[str, tuple[str, str, int]] = {},
+    ae_title: str = "ORTHANC",
+    dicom_port: int | None = None,
 ) -> Iterator[Orthanc]:
     """Start a real Orthanc on free loopback ports (HTTP and DICOM) with its own storage under tmp_path and
     the given DICOM modalities {name: (ae_title, host, port)}; stop it (terminate, then kill) on exit."""
     binary = orthanc_binary()
     assert binary is not None, "Orthanc is not installed (apt-get install orthanc)"
     tmp_path.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_port(), dicom_port or free_port()
     config = tmp_path / "orthanc.json"
     config.write_text(json.dumps(_configuration(tmp_path, http_port, dicom_port, ae_title, modalities), indent=2))
     log = tmp_path / "orthanc.log"

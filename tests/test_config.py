@@ -38,6 +38,10 @@ def test_config_yaml_sets_every_key_and_documents_it() -> None:
     text = CONFIG.read_text()
     from_file = yaml.safe_load(text)
     for section, field in Settings.model_fields.items():
+        if not hasattr(field.annotation, "model_fields"):  # a list, such as destinations
+            lines = text.splitlines()
+            assert lines[next(i for i, line in enumerate(lines) if line.startswith(f"{section}:")) - 1].startswith("#")
+            continue
         assert set(from_file[section]) == set(field.annotation.model_fields), f"section {section}"
         for key in field.annotation.model_fields:
             line_number = next(i for i, line in enumerate(text.splitlines()) if line.strip().startswith(f"{key}:"))
@@ -64,6 +68,11 @@ def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None
         ("dicom:\n  prot: 104\n", "dicom.prot: unknown key"),
         ("dicom:\n  duplicate_policy: newest\n", "dicom.duplicate_policy:"),
         ("workers:\n  max_attempts: 0\n", "workers.max_attempts:"),
+        ("delivery:\n  default_destination: pacs\n", "delivery.default_destination: no destination is named 'pacs'"),
+        (
+            "destinations: [{name: a, ae_title: A, host: h, port: 1}, {name: a, ae_title: B, host: h, port: 2}]\n",
+            "destinations: the name 'a' is used twice",
+        ),
         ("dicom: [1, 2\n", "line"),
         ("- just a list\n", "expected a mapping"),
     ],

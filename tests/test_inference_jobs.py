@@ -44,6 +44,7 @@ def node(tmp_path: Path, models: InferenceModels):
         storage={"root": tmp_path / "storage"},
         workers={"count": 1, "poll_interval": 0.05, "max_attempts": 2, "retry_backoff": 0.05},
         inference={"batch_size": 4},
+        outputs={"secondary_captures": False, "structured_report": False},  # tests/test_results_to_pacs.py
     )
     node = Node(settings, models=models)
     node.start()
@@ -52,9 +53,10 @@ def node(tmp_path: Path, models: InferenceModels):
 
 
 def finished_jobs(node: Node, count: int, timeout: float = 120) -> list[Job]:
+    """The ``count`` inference jobs, once they are finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        jobs = stored_jobs(node)
+        jobs = [job for job in stored_jobs(node) if job.kind == "inference"]
         if len(jobs) == count and all(job.state in (JobState.DONE, JobState.FAILED) for job in jobs):
             return jobs
         time.sleep(0.1)

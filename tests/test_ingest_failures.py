@@ -134,7 +134,7 @@ def test_an_unexpected_error_is_a_processing_failure_without_patient_data_in_the
     def explode(session, header):
         raise RuntimeError(f"boom for {header.patient_id} {header.patient_name}")
 
-    monkeypatch.setattr(ingest, "_series", explode)
+    monkeypatch.setattr(ingest, "index_series", explode)
     caplog.set_level(logging.DEBUG)
     [response] = send_datasets(node.settings.dicom.port, [synthetic_dx(SECRET_ID, SECRET_NAME)])
 

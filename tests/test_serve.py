@@ -112,8 +112,9 @@ def test_serve_receives_from_dcmtk_and_stops_cleanly(serve: ServeProcess, tmp_pa
     assert status == 200
     assert health["status"] == "ok"
     assert health["dicom_listener"]["ok"] and health["database"]["ok"] and health["storage"]["ok"]
-    assert serve.jobs_when_finished(3) == {"done": 3}, "the served node runs inference on what it received"
-    assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3
+    assert serve.jobs_when_finished(6) == {"done": 6}, "the served node runs inference and outputs on each image"
+    # each hand: the received image, a Secondary Capture per sex model and a structured report
+    assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3 * 4
 
     returncode, output = serve.stop(signal_number)
     assert returncode == 0, output
@@ -133,11 +134,11 @@ def test_restart_keeps_the_index_and_sweeps_partial_writes(serve: ServeProcess, 
     again = ServeProcess(serve.storage)
     try:
         again.wait_until_ready()
-        assert again.jobs_when_finished(2) == {"done": 2}, "jobs interrupted by the kill resume and finish"
+        assert again.jobs_when_finished(4) == {"done": 4}, "jobs interrupted by the kill resume and finish"
         assert not partial.exists()
         resent = dcmtk("storescu", "-aec", NODE_AE, "127.0.0.1", again.dicom_port, *files)
         assert resent.returncode == 0
-        assert again.health()[1]["jobs"] == {"done": 2}, "a resend after restart is still idempotent"
+        assert again.health()[1]["jobs"] == {"done": 4}, "a resend after restart is still idempotent"
     finally:
         returncode, output = again.stop()
     assert returncode == 0, output

@@ -1,0 +1,196 @@
+"""The outputs job: from an instance's recorded results to DICOM objects for the PACS, and their outbox rows.
+
+For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.outputs.secondary_capture`); for
+the instance, one structured report of all its results (:mod:`dicom_node.outputs.report`). Their UIDs derive
+from the source and the results' ids, so a job run again after a crash writes the same objects to the same
+places. One transaction indexes them beside the received instances (``source_instance_pk`` says which one they
+report on) and adds one outbox row per object and destination (:mod:`dicom_node.delivery`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import OutputKind, Settings
+from dicom_node.delivery import destinations_for
+from dicom_node.ingest import InstanceHeader, index_series
+from dicom_node.jobs import ClaimedJob, PermanentJobError, still_claimed
+from dicom_node.models import Delivery, InferenceResult, Instance, Job
+from dicom_node.outputs.identity import NodeIdentity
+from dicom_node.outputs.report import build_measurement_report
+from dicom_node.outputs.secondary_capture import build_secondary_capture
+from dicom_node.storage import InstanceStore
+from inference.predict import Heatmap
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_JOB = "outputs"
+
+# Series numbers of the node's series in a study: high, so that PACS viewers list them after the acquisitions.
+SERIES_NUMBERS = {("hallux_valgus", "foot"): 9001, ("bone_age", "male"): 9002, ("bone_age", "female"): 9003}
+REPORT_SERIES_NUMBER = 9010
+
+
+@dataclass(frozen=True)
+class _Output:
+    dataset: Dataset
+    kind: OutputKind
+
+
+class OutputJobs:
+    """The job handler of ``outputs`` jobs (see :mod:`dicom_node.workers`); ``on_queued`` is called after
+    deliveries were added, to wake the sender."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: InstanceStore,
+        sessions: sessionmaker[Session],
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.on_queued = on_queued
+        self.identity = NodeIdentity(settings.dicom.ae_title)
+
+    def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
+        failures: dict[int, Exception] = {}
+        for job in jobs:
+            try:
+                self._run(job)
+            except (InvalidDicomError, ValueError) as error:  # the source or its results cannot make an object
+                failures[job.id] = PermanentJobError(f"{type(error).__name__}: {error}")
+            except Exception as error:
+                failures[job.id] = error
+        return failures
+
+    def _run(self, job: ClaimedJob) -> None:
+        with self.sessions() as session:
+            instance = session.get_one(Instance, job.instance_pk)
+            path, calling_ae = PurePosixPath(instance.path), instance.calling_ae
+            results = list(session.scalars(select(InferenceResult).where(InferenceResult.instance_pk == instance.id)))
+        if not results:
+            self._note(job, "no results to report")
+            return
+        source = pydicom.dcmread(self.store.absolute(path))
+        outputs = self._build(source, results)
+        if not outputs:
+            self._note(job, "outputs are switched off (outputs.secondary_captures, outputs.structured_report)")
+            return
+        written = [(output, *self._write(output.dataset)) for output in outputs]
+        with self.sessions.begin() as session:
+            if not still_claimed(session, job):
+                log.info("job %d was queued again while it ran; its objects are not indexed", job.id)
+                return
+            queued = 0
+            for output, relative, size in written:
+                instance = self._index(session, output.dataset, relative, size, job.instance_pk)
+                queued += self._queue_deliveries(session, instance, calling_ae, output.kind)
+            note = f"wrote {len(written)} objects; {queued} deliveries queued"
+            if not queued:
+                note += " (no destination: see delivery.default_destination)"
+            session.execute(update(Job).where(Job.id == job.id).values(note=note))
+        if queued:
+            self.on_queued()
+
+    def _build(self, source: Dataset, results: list[InferenceResult]) -> list[_Output]:
+        settings = self.settings.outputs
+        captures = []
+        if settings.secondary_captures:
+            for result in results:
+                heatmap = Heatmap.from_bytes(self.store.absolute(result.heatmap_path).read_bytes())
+                captures.append(
+                    build_secondary_capture(
+                        source,
+                        heatmap,
+                        result,
+                        self.identity,
+                        series_instance_uid=_derived_uid(source.StudyInstanceUID, result.task, result.output),
+                        series_number=SERIES_NUMBERS[(result.task, result.output)],
+                        sop_instance_uid=_derived_uid(source.SOPInstanceUID, "sc", result.id),
+                        instance_number=_instance_number(source),
+                        max_size=settings.max_image_size,
+                    )
+                )
+        outputs = [_Output(capture, "secondary_capture") for capture in captures]
+        if settings.structured_report:
+            report = build_measurement_report(
+                source,
+                results,
+                captures,
+                self.identity,
+                series_instance_uid=_derived_uid(source.StudyInstanceUID, "report"),
+                series_number=REPORT_SERIES_NUMBER,
+                sop_instance_uid=_derived_uid(source.SOPInstanceUID, "report", *(result.id for result in results)),
+                instance_number=_instance_number(source),
+            )
+            outputs.append(_Output(report, "structured_report"))
+        return outputs
+
+    def _write(self, dataset: Dataset) -> tuple[PurePosixPath, int]:
+        """Store ``dataset`` as a DICOM file where a received instance with its identifiers would be."""
+        relative = self.store.relative_path(
+            dataset.PatientID, dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+        )
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        self.store.publish(self.store.write_temporary([buffer.getvalue()]), relative)
+        return relative, buffer.tell()
+
+    def _index(
+        self, session: Session, dataset: Dataset, relative: PurePosixPath, size: int, source_pk: int
+    ) -> Instance:
+        header = InstanceHeader.from_dataset(dataset)
+        series = index_series(session, header)
+        instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
+        if instance is None:
+            instance = Instance(sop_instance_uid=header.sop_instance_uid, series=series)
+            session.add(instance)
+        instance.series = series
+        instance.sop_class_uid = header.sop_class_uid
+        instance.transfer_syntax_uid = dataset.file_meta.TransferSyntaxUID
+        instance.instance_number = header.instance_number
+        instance.rows, instance.columns = header.rows, header.columns
+        instance.path = str(relative)
+        instance.size_bytes = size
+        instance.calling_ae = self.settings.dicom.ae_title
+        instance.source_instance_pk = source_pk
+        session.flush()
+        return instance
+
+    def _queue_deliveries(self, session: Session, instance: Instance, calling_ae: str | None, kind: OutputKind) -> int:
+        queued = 0
+        for destination in destinations_for(self.settings, calling_ae, kind):
+            exists = session.scalar(
+                select(Delivery.id).where(Delivery.instance_pk == instance.id, Delivery.destination == destination)
+            )
+            if exists is None:
+                session.add(Delivery(instance_pk=instance.id, destination=destination))
+                queued += 1
+        return queued
+
+    def _note(self, job: ClaimedJob, note: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job.id, Job.generation == job.generation).values(note=note))
+
+
+def _derived_uid(*parts: object) -> str:
+    """A UID that the same parts always give: a job run again writes the same objects."""
+    return generate_uid(entropy_srcs=[OUTPUTS_JOB, *(str(part) for part in parts)])
+
+
+def _instance_number(source: Dataset) -> int:
+    value = source.get("InstanceNumber")
+    return int(value) if value not in (None, "") else 1

@@ -1,0 +1,167 @@
+"""Results back to the PACS, end to end against a real Orthanc: Orthanc sends X-rays to the node, and the node's
+Secondary Captures and structured reports arrive in Orthanc in the same studies; a destination that is down
+gets its deliveries once it is back, each once."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from sqlalchemy import select
+
+from dicom_node.config import InferenceSettings, Settings
+from dicom_node.inference_jobs import InferenceModels
+from dicom_node.models import Delivery, DeliveryState, Instance
+from dicom_node.node import Node
+from dicom_node.outputs import codes
+from dicom_node.phantoms.generator import render_phantom
+from tests.dicom_peers import free_port, send_datasets
+from tests.orthanc import Orthanc, orthanc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models() -> InferenceModels:
+    return InferenceModels.load(InferenceSettings())  # the committed demo cards
+
+
+def node_with_pacs(tmp_path: Path, models: InferenceModels, pacs_port: int, node_port: int, **delivery) -> Node:
+    settings = Settings(
+        dicom={"host": "127.0.0.1", "port": node_port},
+        storage={"root": tmp_path / "storage"},
+        workers={"count": 1, "poll_interval": 0.05},
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
+        delivery={"default_destination": "pacs", "poll_interval": 0.05, **delivery},
+    )
+    return Node(settings, models=models)
+
+
+@pytest.fixture
+def pacs_and_node(tmp_path: Path, models: InferenceModels) -> Iterator[tuple[Orthanc, Node]]:
+    node_port = free_port()
+    with orthanc(tmp_path / "orthanc", modalities={"ainode": ("AINODE", "127.0.0.1", node_port)}) as pacs:
+        node = node_with_pacs(tmp_path, models, pacs.dicom_port, node_port)
+        node.start()
+        try:
+            yield pacs, node
+        finally:
+            node.stop()
+
+
+def phantom_bytes(kind: str, index: int) -> tuple[Dataset, bytes]:
+    ds, _ = render_phantom(77, index, kind)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return ds, buffer.getvalue()
+
+
+def content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def concept(item: Dataset, attribute: str = "ConceptNameCodeSequence") -> tuple[str, str] | None:
+    sequence = item.get(attribute)
+    return (sequence[0].CodeValue, sequence[0].CodingSchemeDesignator) if sequence else None
+
+
+def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node: tuple[Orthanc, Node]) -> None:
+    pacs, node = pacs_and_node
+    hand, hand_file = phantom_bytes("hand", 0)
+    foot, foot_file = phantom_bytes("foot", 1)
+    sent = [pacs.upload(hand_file), pacs.upload(foot_file)]
+    pacs.send_to_modality("ainode", sent)
+
+    def results_of(source: Dataset, captures: int) -> list[dict] | None:
+        instances = pacs.instances_of_study(source.StudyInstanceUID)
+        kinds = [instance["SOPClassUID"] for instance in instances]
+        if kinds.count(SecondaryCaptureImageStorage) == captures and kinds.count(Comprehensive3DSRStorage) == 1:
+            return instances
+        return None
+
+    hand_study = pacs.wait_for(lambda: results_of(hand, 2), timeout=60)
+    foot_study = pacs.wait_for(lambda: results_of(foot, 1), timeout=60)
+
+    [hand_report] = [i for i in hand_study if i["SOPClassUID"] == Comprehensive3DSRStorage]
+    report = pydicom.dcmread(io.BytesIO(pacs.instance_file(hand_report["ID"])))
+    assert report.StudyInstanceUID == hand.StudyInstanceUID and report.PatientID == hand.PatientID
+    bone_ages = [
+        item.MeasuredValueSequence[0]
+        for item in content_items(report)
+        if concept(item) == (codes.BONE_AGE.value, codes.BONE_AGE.scheme_designator) and "MeasuredValueSequence" in item
+    ]
+    assert len(bone_ages) >= 2, "a bone age from the male and from the female model"
+    assert all(0 < float(value.NumericValue) < 240 for value in bone_ages)
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    referenced = {ref.ReferencedSOPInstanceUID for series in evidence for ref in series.ReferencedSOPSequence}
+    assert hand.SOPInstanceUID in referenced
+
+    [foot_report] = [i for i in foot_study if i["SOPClassUID"] == Comprehensive3DSRStorage]
+    report = pydicom.dcmread(io.BytesIO(pacs.instance_file(foot_report["ID"])))
+    findings = [
+        concept(item, "ConceptCodeSequence") for item in content_items(report) if concept(item) == ("121071", "DCM")
+    ]
+    foot_codes = {(code.value, code.scheme_designator) for code in codes.FOOT_FINDINGS.values()}
+    assert len(findings) == 1 and findings[0] in foot_codes
+    hallux_valgus = [
+        concept(item, "ConceptCodeSequence")
+        for item in content_items(report)
+        if concept(item) == (codes.HALLUX_VALGUS.value, codes.HALLUX_VALGUS.scheme_designator)
+    ]
+    assert hallux_valgus and hallux_valgus[0] in {("52101004", "SCT"), ("272519000", "SCT")}  # present / absent
+
+    for study in (hand_study, foot_study):
+        captures = [i for i in study if i["SOPClassUID"] == SecondaryCaptureImageStorage]
+        assert len({capture["SeriesInstanceUID"] for capture in captures}) == len(captures), "a series per output"
+    with node.sessions() as session:
+        deliveries = session.scalars(select(Delivery)).all()
+        assert len(deliveries) == 5 and {d.state for d in deliveries} == {DeliveryState.SENT}
+
+
+def test_deliveries_wait_for_a_destination_that_is_down_and_arrive_once(
+    tmp_path: Path, models: InferenceModels
+) -> None:
+    pacs_port, node_port = free_port(), free_port()
+    node = node_with_pacs(tmp_path, models, pacs_port, node_port, retry_backoff=0.2, max_backoff=0.5)
+    node.start()
+    try:
+        foot, foot_file = phantom_bytes("foot", 2)
+        send_datasets(node_port, [foot])
+
+        def attempted_twice() -> list[Delivery] | None:
+            with node.sessions() as session:
+                rows = session.scalars(select(Delivery)).all()
+            return rows if len(rows) == 2 and all(row.attempts >= 2 for row in rows) else None
+
+        waiting = wait_until(attempted_twice, timeout=90)
+        assert {row.state for row in waiting} <= {DeliveryState.PENDING, DeliveryState.SENDING}
+        assert all("cannot connect" in row.last_error or "association" in row.last_error for row in waiting)
+
+        with orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
+            instances = pacs.wait_for(lambda: len(pacs.instances_of_study(foot.StudyInstanceUID)) == 2 or None)
+            assert instances
+            time.sleep(1.0)  # any second copy would have arrived by now
+            stored = pacs.get("/statistics")["CountInstances"]
+            assert stored == 2
+        with node.sessions() as session:
+            assert {row.state for row in session.scalars(select(Delivery))} == {DeliveryState.SENT}
+            assert session.scalar(select(Instance).where(Instance.sop_class_uid == Comprehensive3DSRStorage))
+    finally:
+        node.stop()
+
+
+def wait_until(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{predicate.__name__} did not hold within {timeout} s")
