@@ -14,6 +14,8 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.database import create_index_engine, session_factory
+from dicom_node.delivery import DeliveryQueue
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import Node
 from dicom_node.storage import InstanceStore
@@ -37,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="run the DICOM listener, the workers and the web server")
     serve_parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
     serve_parser.set_defaults(run=_serve_command)
+
+    resend = commands.add_parser("resend", help="queue failed deliveries again (a running node sends them)")
+    resend.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
+    resend.add_argument("--destination", help="only the failed deliveries to this destination")
+    resend.add_argument("--id", type=_positive, action="append", default=[], help="only this delivery (repeatable)")
+    resend.set_defaults(run=_resend_command)
 
     phantoms = commands.add_parser("phantoms", help="write synthetic hand and foot X-rays with labels.csv")
     phantoms.add_argument("--out", type=Path, required=True, help="directory for the DICOM files and labels.csv")
@@ -108,6 +116,28 @@ def _serve_command(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     return serve(settings)
+
+
+def _resend_command(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
+        print(f"dicom-node: no destination is named {args.destination!r}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    engine = create_index_engine(settings.database.url)
+    try:
+        delivery = settings.delivery
+        queue = DeliveryQueue(
+            session_factory(engine), delivery.max_attempts, delivery.retry_backoff, delivery.max_backoff
+        )
+        count = queue.resend(args.id, args.destination)
+    finally:
+        engine.dispose()
+    print(f"{count} failed deliveries queued again")
+    return 0
 
 
 def _train_command(args: argparse.Namespace) -> int:

@@ -13,16 +13,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import Delivery, DeliveryState, Instance
+from dicom_node.models import Delivery, DeliveryState, Instance, Job
 from dicom_node.node import Node
 from dicom_node.outputs import codes
 from dicom_node.phantoms.generator import render_phantom
 from tests.dicom_peers import free_port, send_datasets
 from tests.orthanc import Orthanc, orthanc
+from tests.validators import dciodvfy_errors, sr_validator_errors
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,19 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     with node.sessions() as session:
         deliveries = session.scalars(select(Delivery)).all()
         assert len(deliveries) == 5 and {d.state for d in deliveries} == {DeliveryState.SENT}
+        written = session.scalars(select(Instance).where(Instance.source_instance_pk.is_not(None))).all()
+    for instance in written:  # the judges of every object the node wrote
+        path = node.store.absolute(instance.path)
+        assert dciodvfy_errors(path) == [], instance.sop_class_uid
+        if instance.sop_class_uid == Comprehensive3DSRStorage:
+            assert sr_validator_errors(path) == []
+
+    # our own Secondary Captures sent back to the node are not processed again
+    captures = [i["ID"] for i in hand_study if i["SOPClassUID"] == SecondaryCaptureImageStorage]
+    pacs.send_to_modality("ainode", captures)
+    with node.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.kind == "inference")) == 2
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2 + len(written)
 
 
 def test_deliveries_wait_for_a_destination_that_is_down_and_arrive_once(
