@@ -3,6 +3,8 @@ retried with backoff, other failures fail at once, `dicom-node resend` queues th
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +30,17 @@ class AnsweringPeer:
     """A C-STORE SCP (pynetdicom) that answers with ``statuses`` in turn (the last one from then on) and keeps
     the SOP Instance UIDs it accepted."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], ssl_context: ssl.SSLContext | None = None) -> None:
         self.statuses = list(statuses)
         self.port = free_port()
         self.accepted: list[str] = []
         ae = AE(ae_title="PEER")
         ae.add_supported_context(DigitalXRayImageStorageForPresentation)
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store)],
+            ssl_context=ssl_context,
         )
 
     def _store(self, event) -> int:
@@ -57,12 +62,12 @@ def peer(peer_statuses: list[int]) -> Iterator[AnsweringPeer]:
     answering.server.shutdown()
 
 
-def settings_for(tmp_path: Path, peer_port: int) -> Settings:
+def settings_for(tmp_path: Path, peer_port: int, tls: dict | None = None) -> Settings:
     return Settings(
         dicom={"host": "127.0.0.1", "port": free_port()},
         storage={"root": tmp_path / "storage"},
         workers={"count": 0},
-        destinations=[{"name": "peer", "ae_title": "PEER", "host": "127.0.0.1", "port": peer_port}],
+        destinations=[{"name": "peer", "ae_title": "PEER", "host": "127.0.0.1", "port": peer_port, "tls": tls}],
         delivery={"default_destination": "peer", "max_attempts": 3, "retry_backoff": 0.01, "max_backoff": 0.01},
     )
 
@@ -136,6 +141,67 @@ def test_a_destination_that_is_down_uses_up_its_attempts_then_fails(tmp_path: Pa
     row = delivery(node, delivery_id)
     assert (row.state, row.attempts, row.last_status) == (DeliveryState.FAILED, 3, None)
     assert "association" in row.last_error or "cannot connect" in row.last_error
+
+
+def certificate_authority(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA made by openssl and a server certificate it signed for 127.0.0.1: (ca, certificate, key)."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        f"/CN={name}",
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=peer")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+def test_a_tls_destination_gets_the_object_only_when_its_certificate_verifies(tmp_path: Path) -> None:
+    ca, certificate, key = certificate_authority(tmp_path / "pki", "test CA")
+    other_ca, _, _ = certificate_authority(tmp_path / "other", "other CA")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certificate, key)
+    peer = AnsweringPeer([0x0000], server_context)
+    try:
+        for trusted, expected in ((other_ca, DeliveryState.FAILED), (ca, DeliveryState.SENT)):
+            node = Node(settings_for(tmp_path / expected, peer.port, tls={"ca_file": str(trusted)}))
+            delivery_id = queued_delivery(node, tmp_path / expected)
+            send_until_idle(node)
+            assert delivery(node, delivery_id).state == expected
+        assert len(peer.accepted) == 1, "only over the verified connection"
+    finally:
+        peer.server.shutdown()
 
 
 def test_outputs_go_by_rule_then_back_to_a_known_caller_then_to_the_default() -> None:
