@@ -150,9 +150,10 @@ def test_the_stack_has_the_node_orthanc_and_mlflow() -> None:
 def test_every_dicom_node_variable_of_the_container_is_a_known_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     environment = _node_environment()
     assert "DICOM_NODE_DICOM__PORT" in _environment(_service("node")), "the compose file should fix the DICOM port"
+    destinations = {key: value for key, value in environment.items() if key == "DICOM_NODE_DESTINATIONS"}
     for key, value in environment.items():
         try:
-            _settings_with(monkeypatch, {key: value})
+            _settings_with(monkeypatch, destinations | {key: value})  # with the destinations a key may name
         except ConfigError as error:
             pytest.fail(f"{key}={value!r} is not accepted by the node: {error}")
     _settings_with(monkeypatch, environment)  # and all of them together
@@ -203,3 +204,10 @@ def test_orthanc_knows_the_node_as_a_modality(monkeypatch: pytest.MonkeyPatch) -
     allowed = settings.dicom.allowed_calling_aets
     assert not allowed or orthanc["DicomAet"] in allowed, f"the node accepts only {allowed}, Orthanc calls as ORTHANC"
     assert orthanc.get("RemoteAccessAllowed") is True and orthanc.get("AuthenticationEnabled") is False
+
+
+def test_the_node_sends_its_results_to_orthanc(monkeypatch: pytest.MonkeyPatch) -> None:
+    orthanc = _json_without_comments(ORTHANC_CONFIG.read_text(encoding="utf-8"))
+    settings = _settings_with(monkeypatch, _node_environment())
+    [pacs] = [d for d in settings.destinations if d.name == settings.delivery.default_destination]
+    assert (pacs.ae_title, pacs.host, pacs.port) == (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
