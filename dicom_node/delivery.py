@@ -7,8 +7,9 @@ sends them in one association, and records each outcome:
 - success or warning (PS3.4 B.2.3): sent;
 - a transient failure (the association cannot be made or breaks, no response, Refused: Out of Resources
   0xA7xx): retried with exponential backoff, up to ``delivery.max_attempts``;
-- any other failure status (e.g. 0xA9xx, 0xCxxx, SOP class not supported 0x0122): failed at once, for
-  sending the same object again cannot change the answer.
+- any other failure status (e.g. 0xA9xx, 0xCxxx, SOP class not supported 0x0122), or no accepted presentation
+  context for the object's SOP class: failed at once, for sending the same object again cannot change the
+  answer. An association the destination rejects counts as transient: it may be reconfigured meanwhile.
 
 ``dicom-node resend`` puts failed rows back in the queue. A row is marked ``sending`` while it is in flight; a
 node stopped then finds it there at the next start and sends it again (the destination may have it twice, as
@@ -232,6 +233,9 @@ class DeliverySender:
         except (OSError, ssl.SSLError) as error:
             self._all_failed(destination, deliveries, f"cannot connect: {type(error).__name__}: {error}")
             return
+        if association.rejected_contexts and not association.accepted_contexts:
+            self._all_failed(destination, deliveries, f"not accepted by {destination.name}: no SOP class", True)
+            return
         if not association.is_established:
             reason = "association rejected" if association.is_rejected else "association failed or aborted"
             self._all_failed(destination, deliveries, f"{reason} by {destination.name}")
@@ -249,9 +253,13 @@ class DeliverySender:
     def _send_one(self, association, destination: Destination, delivery: ClaimedDelivery) -> None:
         try:
             response = association.send_c_store(Path(self.store.absolute(delivery.path)))
-        except (OSError, ValueError) as error:  # the file is gone or cannot be sent as negotiated
+        except ValueError as error:  # the destination accepted no presentation context for this SOP class
+            state = self.queue.failed(delivery.id, f"not accepted by {destination.name}: {error}", permanent=True)
+            log.warning("delivery %d: %s does not take its SOP class, now %s", delivery.id, destination.name, state)
+            return
+        except OSError as error:  # the file cannot be read now
             state = self.queue.failed(delivery.id, f"{type(error).__name__}: {error}")
-            log.warning("delivery %d to %s: cannot send the file, now %s", delivery.id, destination.name, state)
+            log.warning("delivery %d to %s: cannot read the file, now %s", delivery.id, destination.name, state)
             return
         status = int(response.Status) if "Status" in response else None
         if status is None:
@@ -267,9 +275,11 @@ class DeliverySender:
             state = self.queue.failed(delivery.id, f"{error}: {comment}" if comment else error, status, permanent)
         log.warning("delivery %d to %s failed, now %s", delivery.id, destination.name, state)
 
-    def _all_failed(self, destination: Destination, deliveries: list[ClaimedDelivery], error: str) -> None:
+    def _all_failed(
+        self, destination: Destination, deliveries: list[ClaimedDelivery], error: str, permanent: bool = False
+    ) -> None:
         for delivery in deliveries:
-            self.queue.failed(delivery.id, error)
+            self.queue.failed(delivery.id, error, permanent=permanent)
         log.warning("%d deliveries to %s: %s", len(deliveries), destination.name, error)
 
 

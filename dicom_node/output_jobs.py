@@ -107,24 +107,22 @@ class OutputJobs:
 
     def _build(self, source: Dataset, results: list[InferenceResult]) -> list[_Output]:
         settings = self.settings.outputs
-        captures = []
+        captures = {}
         if settings.secondary_captures:
             for result in results:
                 heatmap = Heatmap.from_bytes(self.store.absolute(result.heatmap_path).read_bytes())
-                captures.append(
-                    build_secondary_capture(
-                        source,
-                        heatmap,
-                        result,
-                        self.identity,
-                        series_instance_uid=_derived_uid(source.StudyInstanceUID, result.task, result.output),
-                        series_number=SERIES_NUMBERS[(result.task, result.output)],
-                        sop_instance_uid=_derived_uid(source.SOPInstanceUID, "sc", result.id),
-                        instance_number=_instance_number(source),
-                        max_size=settings.max_image_size,
-                    )
+                captures[(result.task, result.output)] = build_secondary_capture(
+                    source,
+                    heatmap,
+                    result,
+                    self.identity,
+                    series_instance_uid=_derived_uid(source.StudyInstanceUID, result.task, result.output),
+                    series_number=SERIES_NUMBERS[(result.task, result.output)],
+                    sop_instance_uid=_derived_uid(source.SOPInstanceUID, "sc", result.id),
+                    instance_number=_instance_number(source),
+                    max_size=settings.max_image_size,
                 )
-        outputs = [_Output(capture, "secondary_capture") for capture in captures]
+        outputs = [_Output(capture, "secondary_capture") for capture in captures.values()]
         if settings.structured_report:
             report = build_measurement_report(
                 source,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import DigitalXRayImageStorageForPresentation
+from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
@@ -30,12 +30,17 @@ class AnsweringPeer:
     """A C-STORE SCP (pynetdicom) that answers with ``statuses`` in turn (the last one from then on) and keeps
     the SOP Instance UIDs it accepted."""
 
-    def __init__(self, statuses: list[int], ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        statuses: list[int],
+        ssl_context: ssl.SSLContext | None = None,
+        sop_class: str = DigitalXRayImageStorageForPresentation,
+    ) -> None:
         self.statuses = list(statuses)
         self.port = free_port()
         self.accepted: list[str] = []
         ae = AE(ae_title="PEER")
-        ae.add_supported_context(DigitalXRayImageStorageForPresentation)
+        ae.add_supported_context(sop_class)
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
@@ -132,6 +137,19 @@ def test_a_refusal_that_a_retry_cannot_change_fails_at_once_and_resend_queues_it
     peer.statuses = [0x0000]  # the destination's problem is fixed
     send_until_idle(node)
     assert delivery(node, delivery_id).state == DeliveryState.SENT and len(peer.accepted) == 1
+
+
+def test_a_destination_that_does_not_take_the_sop_class_fails_at_once(tmp_path: Path) -> None:
+    peer = AnsweringPeer([0x0000], sop_class=CTImageStorage)
+    try:
+        node = Node(settings_for(tmp_path, peer.port))
+        delivery_id = queued_delivery(node, tmp_path)
+        send_until_idle(node)
+        row = delivery(node, delivery_id)
+        assert (row.state, row.attempts) == (DeliveryState.FAILED, 1)
+        assert row.last_error.startswith("not accepted by peer")
+    finally:
+        peer.server.shutdown()
 
 
 def test_a_destination_that_is_down_uses_up_its_attempts_then_fails(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import highdicom
 import numpy as np
@@ -87,7 +89,7 @@ def bone_age_results(chronological: bool) -> list[InferenceResult]:
     return [result("bone_age", "male", male), result("bone_age", "female", female, primary=False)]
 
 
-def report(source: pydicom.Dataset, results: list[InferenceResult], captures: list[pydicom.Dataset] = ()):
+def report(source: pydicom.Dataset, results: list[InferenceResult], captures: Mapping = MappingProxyType({})):
     return build_measurement_report(
         source,
         results,
@@ -97,6 +99,10 @@ def report(source: pydicom.Dataset, results: list[InferenceResult], captures: li
         series_number=9001,
         sop_instance_uid=generate_uid(),
     )
+
+
+def captures_of(source: pydicom.Dataset, results: list[InferenceResult]) -> dict[tuple[str, str], pydicom.Dataset]:
+    return {(result.task, result.output): secondary_capture(source) for result in results}
 
 
 def foot_only() -> tuple[pydicom.Dataset, list[InferenceResult]]:
@@ -119,7 +125,7 @@ def both_tasks() -> tuple[pydicom.Dataset, list[InferenceResult]]:
 def test_the_report_passes_dciodvfy_and_the_sr_validator(case, tmp_path: Path) -> None:
     source, results = case()
     path = tmp_path / "report.dcm"
-    report(source, results, [secondary_capture(source)]).save_as(path)
+    report(source, results, captures_of(source, results)).save_as(path)
     assert dciodvfy_errors(path) == []
     assert sr_validator_errors(path) == []
 
@@ -131,16 +137,16 @@ def _measurements(group) -> dict[tuple[str, str | None], float]:
 
 def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Path) -> None:
     source, results = both_tasks()
-    capture = secondary_capture(source)
+    captures = captures_of(source, results)
     path = tmp_path / "report.dcm"
-    report(source, results, [capture]).save_as(path)
+    report(source, results, captures).save_as(path)
 
     sr = highdicom.sr.srread(path)
     assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SeriesDescription == SERIES_DESCRIPTION
     assert (sr.VerificationFlag, sr.CompletionFlag, sr.Manufacturer) == ("UNVERIFIED", "COMPLETE", NODE.manufacturer)
     evidence = {sop_instance_uid for _, _, sop_instance_uid, _ in sr.get_evidence(current_procedure_only=True)}
-    assert evidence == {source.SOPInstanceUID, capture.SOPInstanceUID}
+    assert evidence == {source.SOPInstanceUID} | {capture.SOPInstanceUID for capture in captures.values()}
     [observer] = sr.content.get_observer_contexts()
     assert observer.observer_identifying_attributes.uid == NODE.device_uid
 
@@ -167,6 +173,13 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
     )
     sexes = [group.get_qualitative_evaluations(name=codes.BONE_AGE_MODEL_SEX)[0].value for group in (male, female)]
     assert [sex.value for sex in sexes] == ["M", "F"]
+    for group, result in zip((foot, male, female), results, strict=True):
+        illustrations = [
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in group[0].ContentSequence
+            if item.name == codes.ILLUSTRATION_OF_FINDING
+        ]
+        assert illustrations == [captures[(result.task, result.output)].SOPInstanceUID], "each group shows its own"
 
 
 def test_a_foot_angle_is_reported_in_degrees(tmp_path: Path) -> None:

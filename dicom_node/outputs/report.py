@@ -29,7 +29,7 @@ disclaimer where it applies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass
 
@@ -82,7 +82,7 @@ PROJECTION_DESCRIPTOR_KEYWORDS = ("Rows", "Columns", "PatientOrientation", "Imag
 def build_measurement_report(
     source: pydicom.Dataset,
     results: Sequence[InferenceResult],
-    secondary_captures: Sequence[pydicom.Dataset],
+    secondary_captures: Mapping[tuple[str, str], pydicom.Dataset],
     node: NodeIdentity,
     *,
     series_instance_uid: str,
@@ -93,13 +93,15 @@ def build_measurement_report(
     """The TID 1500 Measurement Report of ``results``, all computed from ``source``, in a new series of the
     source's study.
 
-    ``source`` needs its header only. ``secondary_captures`` are the images the node wrote for these results;
-    each measurement group references them all. Raises ValueError for no results, a result of an unknown task
-    or one that lacks a value the report needs.
+    ``source`` needs its header only. ``secondary_captures`` are the images the node wrote for these results,
+    by the (task, output) of the result each shows; a measurement group references its own. Raises ValueError
+    for no results, a result of an unknown task or one that lacks a value the report needs.
     """
     if not results:
         raise ValueError("a measurement report needs at least one result")
-    groups = [measurement_group(result, source, secondary_captures) for result in results]
+    groups = [
+        measurement_group(result, source, secondary_captures.get((result.task, result.output))) for result in results
+    ]
     content = MeasurementReport(
         observation_context=device_observation_context(node),
         procedure_reported=codes.IMAGING_PROCEDURE,
@@ -107,7 +109,7 @@ def build_measurement_report(
         referenced_images=[source] if _has_library_descriptors(source) else None,
     )
     return Comprehensive3DSR(
-        evidence=[_patient_and_study(source), *secondary_captures],
+        evidence=[_patient_and_study(source), *secondary_captures.values()],
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -139,16 +141,17 @@ def device_observation_context(node: NodeIdentity) -> ObservationContext:
 
 
 def measurement_group(
-    result: InferenceResult, source: pydicom.Dataset, secondary_captures: Sequence[pydicom.Dataset]
+    result: InferenceResult, source: pydicom.Dataset, secondary_capture: pydicom.Dataset | None = None
 ) -> MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 Measurement Group of one result, by its task."""
+    """The TID 1501 Measurement Group of one result, by its task, with the Secondary Capture that shows it."""
     if result.task == "hallux_valgus":
         group = hallux_valgus_group(result, source)
     elif result.task == "bone_age":
         group = bone_age_group(result, source)
     else:
         raise ValueError(f"result {result.task!r}/{result.output!r}: unknown task, expected hallux_valgus or bone_age")
-    _add_illustrations(group, secondary_captures)
+    if secondary_capture is not None:
+        _add_illustration(group, secondary_capture)
     return group
 
 
@@ -297,18 +300,15 @@ def _required_values(result: InferenceResult, keys: Sequence[str]) -> dict:
     return values
 
 
-def _add_illustrations(
-    group: MeasurementsAndQualitativeEvaluations, secondary_captures: Sequence[pydicom.Dataset]
-) -> None:
-    """Reference the node's Secondary Capture images in the group (TID 1501 row 10b)."""
-    group[0].ContentSequence.extend(
+def _add_illustration(group: MeasurementsAndQualitativeEvaluations, image: pydicom.Dataset) -> None:
+    """Reference the node's Secondary Capture image of the group's result (TID 1501 row 10b)."""
+    group[0].ContentSequence.append(
         ImageContentItem(
             name=codes.ILLUSTRATION_OF_FINDING,
             referenced_sop_class_uid=image.SOPClassUID,
             referenced_sop_instance_uid=image.SOPInstanceUID,
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
-        for image in secondary_captures
     )
 
 
