@@ -10,6 +10,7 @@ declare -A needed=(
   [Orthanc]=orthanc
   [dciodvfy]=dicom3tools
   [java]=default-jre-headless
+  [openssl]=openssl
 )
 
 missing=()
