@@ -6,7 +6,7 @@ CONFIG ?= config.yaml
 DATA   ?= data
 NODE   := $(VENV)/bin/dicom-node
 
-.PHONY: install install-test system-packages run test bench demo-weights
+.PHONY: install install-test system-packages run test bench demo-weights mlflow-ui
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ system-packages:
 
 run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
+
+# The MLflow UI on the node's local store (mlflow.tracking_uri empty, storage.root storage): the inference runs
+# and the training runs, at http://127.0.0.1:5000 (mlflow.ui_url).
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///storage/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 test: install-test system-packages
 	$(VENV)/bin/ruff check dicom_node inference web tests benchmarks

@@ -196,6 +196,21 @@ class DeliverySettings(Section):
     timeout: Seconds = 30.0
 
 
+class MlflowSettings(Section):
+    """MLflow tracking of every inference (:mod:`dicom_node.tracking`); an empty ``tracking_uri`` is a local
+    store under the storage root."""
+
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = Field("inference", min_length=1)
+    ui_url: str = "http://127.0.0.1:5000"
+    log_phi: bool = False
+    batch_size: int = Field(20, ge=1)
+    poll_interval: Seconds = 2.0
+    retry_backoff: Seconds = 5.0
+    max_backoff: Seconds = 600.0
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -216,6 +231,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = OutputSettings()
     destinations: list[Destination] = []
     delivery: DeliverySettings = DeliverySettings()
+    mlflow: MlflowSettings = MlflowSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -240,6 +256,12 @@ class Settings(BaseSettings):
     def _default_database_under_storage_root(self) -> Settings:
         if not self.database.url:
             self.database.url = f"sqlite:///{self.storage.root / 'index.sqlite3'}"
+        return self
+
+    @model_validator(mode="after")
+    def _default_mlflow_store_under_storage_root(self) -> Settings:
+        if not self.mlflow.tracking_uri:
+            self.mlflow.tracking_uri = f"sqlite:///{self.storage.root / 'mlflow' / 'mlflow.db'}"
         return self
 
     @classmethod

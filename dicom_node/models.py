@@ -176,6 +176,36 @@ class Delivery(Base):
     instance: Mapped[Instance] = relationship()
 
 
+class TrackingState(enum.StrEnum):
+    PENDING = "pending"
+    LOGGED = "logged"
+
+
+class TrackedRun(Base):
+    """The MLflow run of one instance's inference results (:mod:`dicom_node.tracking`), pending until logged.
+    New results of the instance (its inference job run again) make it pending again, for a new run."""
+
+    __tablename__ = "tracking"
+    __table_args__ = (Index("ix_tracking_due", "state", "available_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    result_id: Mapped[int] = mapped_column(
+        doc="The newest of the results the run logs; replaced results have new ids, so a new run is due."
+    )
+    state: Mapped[TrackingState] = mapped_column(
+        Enum(TrackingState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]),
+        default=TrackingState.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    experiment_id: Mapped[str | None] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    logged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
 __all__ = [
     "Base",
     "Delivery",
@@ -187,4 +217,6 @@ __all__ = [
     "Patient",
     "Series",
     "Study",
+    "TrackedRun",
+    "TrackingState",
 ]

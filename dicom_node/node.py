@@ -1,4 +1,5 @@
-"""The node: storage, index, DICOM listener, workers and delivery sender, started and stopped together."""
+"""The node: storage, index, DICOM listener, workers, delivery sender and MLflow tracker, started and stopped
+together."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dicom_node.jobs import JobQueue
 from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
 from dicom_node.scp import StorageSCP
 from dicom_node.storage import InstanceStore
+from dicom_node.tracking import InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Node:
             settings.workers.poll_interval,
             settings.inference.batch_size,
         )
+        self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models)
 
     def start(self) -> None:
         """Resume where a previous run stopped, then listen and work."""
@@ -73,10 +76,12 @@ class Node:
         self.scp.start()
         self.workers.start()
         self.sender.start()
+        self.tracker.start()
 
     def stop(self) -> None:
         """Stop listening first, so nothing new arrives, then finish the jobs in hand."""
         self.scp.stop()
         self.workers.stop()
         self.sender.stop()
+        self.tracker.stop()
         self.engine.dispose()
