@@ -271,7 +271,9 @@ def serve(settings: Settings) -> int:
         return EXIT_START_FAILED
 
     app = create_app(WebContext(settings, node.sessions, lambda: node.scp.listening))
-    web = uvicorn.Server(uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning"))
+    # no access log: request paths carry PatientIDs (/api/patients/<id>) and search terms
+    config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning", access_log=False)
+    web = uvicorn.Server(config)
     web_thread = threading.Thread(target=web.run, name="web", daemon=True)
     web_thread.start()
     if not _wait_started(web, web_thread):

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -64,9 +73,23 @@ class DicomSettings(Section):
     network_timeout: Seconds = 60.0
 
 
+MIN_API_TOKEN_LENGTH = 16
+SECRET_KEYS = {"web.api_token"}  # their values never appear in error messages
+
+
 class WebSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 8000
+    # A secret, so kept out of reprs and logs of the settings; None leaves the API open (loopback only by default).
+    api_token: SecretStr | None = None
+    cors_origins: list[str] = []
+
+    @field_validator("api_token")
+    @classmethod
+    def _is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_API_TOKEN_LENGTH:
+            raise ValueError(f"an API token has at least {MIN_API_TOKEN_LENGTH} characters (e.g. openssl rand -hex 32)")
+        return value
 
 
 class StorageSettings(Section):
@@ -330,7 +353,7 @@ def _describe(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif isinstance(item.get("input"), str | int | float | bool):
+        elif isinstance(item.get("input"), str | int | float | bool) and key not in SECRET_KEYS:
             message += f" (got {item['input']!r})"
         problems.append(f"{key}: {message}")
     return "invalid configuration: " + "; ".join(problems)

@@ -11,6 +11,7 @@ declare -A needed=(
   [dciodvfy]=dicom3tools
   [java]=default-jre-headless
   [openssl]=openssl
+  [chromium]=chromium
 )
 
 missing=()

@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import ipaddress
+import logging
 
-from web.dependencies import WebContext
-from web.routers import health
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from web.dependencies import WebContext, require_token
+from web.routers import deliveries, health, instances, jobs, patients, results, studies, viewer
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api"
 
 
 def create_app(context: WebContext) -> FastAPI:
+    """The app over ``context``. Everything under ``/api`` asks for ``web.api_token`` when one is set (it shows
+    patient data, or job errors that may name stored files); ``/health`` and the docs stay open."""
     app = FastAPI(title="DICOM AI node", summary="Viewer and HTTP API of the DICOM AI node.")
     app.state.context = context
     app.include_router(health.router)
+    for module in (patients, studies, instances, results, jobs, deliveries):
+        app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    # the viewer's pages (they ask for the token themselves) and their CSS and script
+    app.include_router(viewer.router)
+    app.mount("/static", StaticFiles(directory=viewer.STATIC_DIRECTORY), name="static")
+    web = context.settings.web
+    if web.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=web.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization"],
+        )
+    if web.api_token is None and not _is_loopback(web.host):
+        log.warning(
+            "the HTTP API listens on %s without web.api_token: anyone who reaches it reads patient data", web.host
+        )
     return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False

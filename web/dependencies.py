@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import hmac
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Cookie, Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
+from dicom_node.storage import InstanceStore
 
 
 @dataclass(frozen=True)
@@ -18,9 +22,63 @@ class WebContext:
     sessions: sessionmaker[Session]
     listener_up: Callable[[], bool]
 
+    @functools.cached_property
+    def store(self) -> InstanceStore:
+        """The stored files, under the same root as the node's."""
+        return InstanceStore(self.settings.storage.root)
+
 
 def get_context(request: Request) -> WebContext:
     return request.app.state.context
 
 
 ContextDep = Annotated[WebContext, Depends(get_context)]
+
+
+def get_settings(context: ContextDep) -> Settings:
+    return context.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(context: ContextDep) -> Iterator[Session]:
+    """A session for one request; it reads, and a route that writes commits itself."""
+    with context.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store(context: ContextDep) -> InstanceStore:
+    return context.store
+
+
+StoreDep = Annotated[InstanceStore, Depends(get_store)]
+
+Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Limit = Annotated[int, Query(ge=1, le=500, description="Items on the page at most.")]
+
+_bearer = HTTPBearer(auto_error=False, description="web.api_token of the node's configuration")
+
+TOKEN_COOKIE = "dicom_node_token"  # set by the viewer's /login form (HttpOnly, SameSite=Strict)
+
+
+def require_token(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    cookie: Annotated[str | None, Cookie(alias=TOKEN_COOKIE, include_in_schema=False)] = None,
+) -> None:
+    """With ``web.api_token`` set, the request must carry ``Authorization: Bearer <token>``, or the viewer's
+    cookie holding the token (so that the viewer's pages can show the API's images)."""
+    token = settings.web.api_token
+    if token is None:
+        return
+    given = (credentials.credentials if credentials is not None else cookie or "").encode()
+    if not hmac.compare_digest(given, token.get_secret_value().encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid bearer token is required (Authorization: Bearer <web.api_token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
