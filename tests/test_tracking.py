@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -24,11 +25,13 @@ from sqlalchemy import select, update
 
 from dicom_node.config import InferenceSettings, MlflowSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import InferenceResult, Job, JobState, TrackedRun, TrackingState
+from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
 from dicom_node.node import Node
 from dicom_node.phantoms.generator import render_phantom
 from dicom_node.tracking import InferenceRun, run_contents, run_url, tracked_run_url, without_identifiers
 from tests.dicom_peers import free_port, send_datasets
+from web.app import create_app
+from web.dependencies import WebContext
 
 pytestmark = pytest.mark.slow
 
@@ -164,9 +167,12 @@ def test_every_inference_is_a_run_without_patient_data(tmp_path: Path, models: I
         assert len(client.search_runs([experiment.experiment_id])) == len(sent)
         check_runs(client, node, models, rows)
         with node.sessions() as session:
-            assert tracked_run_url(session, settings, rows[0].instance_pk) == run_url(
-                "http://127.0.0.1:5000", rows[0].experiment_id, rows[0].run_id
-            )
+            link = tracked_run_url(session, settings, rows[0].instance_pk)
+            assert link == run_url("http://127.0.0.1:5000", rows[0].experiment_id, rows[0].run_id)
+            sop_uid = session.get_one(Instance, rows[0].instance_pk).sop_instance_uid
+        web = TestClient(create_app(WebContext(node.settings, node.sessions, lambda: True)))
+        assert web.get(f"/api/instances/{sop_uid}").json()["mlflow_url"] == link, "the API links the run"
+        assert f'href="{link}"' in web.get(f"/instances/{sop_uid}").text, "and so does the viewer"
         assert len({client.get_run(row.run_id).data.params["patient_key"] for row in rows}) == len(sent)
 
         # a crash between creating a run and recording it: the run is found by its key, not made again

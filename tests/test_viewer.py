@@ -37,7 +37,6 @@ from tests.dicom_peers import free_port
 from web.app import create_app
 from web.dependencies import TOKEN_COOKIE, WebContext
 from web.routers import viewer
-from web.schemas import InstanceDetail, ResultOut
 
 HAND_PATIENT = "AB/12 34"  # free text: a slash and a space
 FOOT_PATIENT = "CD-5678"
@@ -342,33 +341,22 @@ def test_a_report_the_node_wrote(client: TestClient, received: Received) -> None
     assert shown.one(f"delivery-state-{delivery['id']}").text == delivery["state"]
 
 
-class _ResultWithRun(ResultOut):
-    mlflow_url: str | None = None
-
-
-def test_the_mlflow_link_when_a_result_carries_one(
-    client: TestClient, received: Received, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("link", "href"),
+    [
+        ("http://mlflow.example.org/#/experiments/1/runs/abc", "http://mlflow.example.org/#/experiments/1/runs/abc"),
+        ("javascript:alert(1)", "#"),  # only http(s) links
+    ],
+)
+def test_the_mlflow_link_of_the_results_run(
+    client: TestClient, received: Received, monkeypatch: pytest.MonkeyPatch, link: str, href: str
 ) -> None:
+    """The tracker's real link is shown in tests/test_tracking.py; here, what the page makes of a link."""
     uid = received.foot.SOPInstanceUID
-    assert "MLflow run" not in page(client, f"/instances/{uid}").text, "no link without a run"
+    assert "MLflow run" not in page(client, f"/instances/{uid}").text, "no link before the run is logged"
     original = viewer.get_instance
-
-    def with_runs(sop_uid: str, session: object) -> InstanceDetail:
-        instance = original(sop_uid, session)
-        links = ["http://mlflow.example.org/#/experiments/1/runs/abc", "javascript:alert(1)"]
-        results = [
-            _ResultWithRun(**result.model_dump(), mlflow_url=link)
-            for result, link in zip(instance.results, links, strict=False)
-        ]
-        return instance.model_copy(update={"results": results})
-
-    monkeypatch.setattr(viewer, "get_instance", with_runs)
-    [result] = api_instance(client, uid)["results"]
-    link = page(client, f"/instances/{uid}").one(f"mlflow-link-{result['id']}")
-    assert link.attrs["href"] == "http://mlflow.example.org/#/experiments/1/runs/abc" and link.text == "MLflow run"
-    hand = api_instance(client, received.hand.SOPInstanceUID)["results"]
-    shown = page(client, f"/instances/{received.hand.SOPInstanceUID}")
-    assert shown.one(f"mlflow-link-{hand[1]['id']}").attrs["href"] == "#", "only http(s) links"
+    monkeypatch.setattr(viewer, "get_instance", lambda *args: original(*args).model_copy(update={"mlflow_url": link}))
+    assert page(client, f"/instances/{uid}").one("mlflow-link").attrs["href"] == href
 
 
 @pytest.mark.parametrize(

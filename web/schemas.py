@@ -169,3 +169,6 @@ class InstanceDetail(InstanceSummary):
     results: list[ResultOut]
     written_objects: list[WrittenObject] = Field(description="What the node wrote from this instance.")
     deliveries: list[DeliveryOut] = Field(description="Of this instance itself, when the node wrote it.")
+    mlflow_url: str | None = Field(
+        None, description="The MLflow run of the current results; null until the tracker has logged it."
+    )

@@ -12,8 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from dicom_node.models import Delivery, Instance, Series, Study
+from dicom_node.tracking import tracked_run_url
 from inference.pixels import UnsupportedImage
-from web.dependencies import SessionDep, StoreDep
+from web.dependencies import SessionDep, SettingsDep, StoreDep
 from web.imaging import image_png
 from web.records import instance_fields, result_out, source_uids
 from web.schemas import DeliveryOut, InstanceDetail, JobOut, Problem, WrittenObject
@@ -27,7 +28,7 @@ PNG_CACHE = {"Cache-Control": "no-store"}
 
 
 @router.get("/{sop_uid}", response_model=InstanceDetail, responses={404: {"model": Problem}})
-def get_instance(sop_uid: str, session: SessionDep) -> InstanceDetail:
+def get_instance(sop_uid: str, session: SessionDep, settings: SettingsDep) -> InstanceDetail:
     """An instance, its jobs and results, and the objects the node wrote from it with their deliveries."""
     instance = session.scalar(
         select(Instance)
@@ -71,6 +72,7 @@ def get_instance(sop_uid: str, session: SessionDep) -> InstanceDetail:
             for item in written
         ],
         deliveries=deliveries.get(instance.id, []),
+        mlflow_url=tracked_run_url(session, settings.mlflow, instance.id),
     )
 
 

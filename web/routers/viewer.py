@@ -264,7 +264,7 @@ def instance_page(
     result: Annotated[str | None, Query(max_length=32, description="The result whose heatmap to show.")] = None,
 ) -> HTMLResponse:
     try:
-        instance: InstanceDetail = get_instance(sop_uid, session)
+        instance: InstanceDetail = get_instance(sop_uid, session, settings)
     except HTTPException as error:
         if error.status_code != status.HTTP_404_NOT_FOUND:
             raise
