@@ -270,7 +270,7 @@ def serve(settings: Settings) -> int:
         node.stop()
         return EXIT_START_FAILED
 
-    app = create_app(WebContext(settings, node.sessions, lambda: node.scp.listening))
+    app = create_app(WebContext(settings, node.sessions, lambda: node.scp.listening, node=node))
     # no access log: request paths carry PatientIDs (/api/patients/<id>) and search terms
     config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning", access_log=False)
     web = uvicorn.Server(config)

@@ -83,6 +83,7 @@ class WebSettings(Section):
     # A secret, so kept out of reprs and logs of the settings; None leaves the API open (loopback only by default).
     api_token: SecretStr | None = None
     cors_origins: list[str] = []
+    max_upload_mb: int = Field(16, ge=1, le=1024)
 
     @field_validator("api_token")
     @classmethod

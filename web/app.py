@@ -10,7 +10,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from web.dependencies import WebContext, require_token
-from web.routers import deliveries, health, instances, jobs, patients, results, studies, viewer
+from web.routers import deliveries, health, instances, jobs, patients, predict, results, studies, viewer
+from web.uploads import UploadLimit
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,9 @@ def create_app(context: WebContext) -> FastAPI:
     app.include_router(health.router)
     for module in (patients, studies, instances, results, jobs, deliveries):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    # the seed projects' endpoints, at the root as the seeds had them; uploads and results ask for the token
+    app.include_router(predict.router)
+    app.add_middleware(UploadLimit, limits=predict.upload_limits(context.settings.web.max_upload_mb))
     # the viewer's pages (they ask for the token themselves) and their CSS and script
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIRECTORY), name="static")

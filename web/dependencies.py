@@ -6,7 +6,7 @@ import functools
 import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Cookie, Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,12 +15,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Settings
 from dicom_node.storage import InstanceStore
 
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+
 
 @dataclass(frozen=True)
 class WebContext:
     settings: Settings
     sessions: sessionmaker[Session]
     listener_up: Callable[[], bool]
+    # the running node: its ingestor, queue and models serve POST /predict; None = the API only reads
+    node: Node | None = None
 
     @functools.cached_property
     def store(self) -> InstanceStore:

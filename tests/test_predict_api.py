@@ -1,0 +1,403 @@
+"""The seed projects' endpoints over a node with the demo models: uploads of a picture and of a DICOM file run
+inference in the request and answer with the seeds' field names; the uploads are stored like received images;
+sizes, kinds, corrupt files, bad parameters and the token are refused with a reason."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom import uid
+from sqlalchemy import select
+
+from dicom_node.config import InferenceSettings, Settings
+from dicom_node.inference_jobs import InferenceModels
+from dicom_node.ingest import INFERENCE_JOB
+from dicom_node.models import Instance, Job, JobState
+from dicom_node.node import Node
+from dicom_node.phantoms.generator import render_phantom
+from inference.model_card import read_card
+from inference.pixels import radiograph_pixels
+from web import uploads
+from web.app import create_app
+from web.dependencies import WebContext
+from web.predictions import infer_now
+
+PICTURE_PATIENT = "UP/12 34"  # free text: a slash and a space
+FOOT_PATIENT = "FOOT-0001"
+TOKEN = "0123456789abcdef-test-token"
+SEED_FIELDS = {
+    "patient_id",
+    "prediction_id",
+    "mlflow_run_id",
+    "male_prediction",
+    "female_prediction",
+    "timestamp",
+    "prediction",
+    "confidence",
+    "hallux_valgus_detected",
+    "probabilities",
+    "inference_time",
+    "model_info",
+}
+BONE_AGE_FIELDS = {"age", "uncertainty_sigma", "gradcam_url", "timestamp"}
+
+
+@dataclass(frozen=True)
+class Served:
+    node: Node
+    hand_png: bytes
+    foot: bytes  # a DICOM Part 10 file
+    foot_ds: pydicom.Dataset
+
+
+def part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("predict")
+    settings = Settings(storage={"root": root / "storage"}, workers={"count": 0})
+    node = Node(settings, models=InferenceModels.load(InferenceSettings(runtime="torch")))  # the demo cards
+    hand, _ = render_phantom(12, 0, "hand")
+    shown = Image.fromarray(np.rint(radiograph_pixels(hand) * 255).astype(np.uint8))
+    shown.thumbnail((768, 768))  # a picture of the radiograph, as a user would send it
+    foot, _ = render_phantom(12, 1, "foot")
+    foot.PatientID = FOOT_PATIENT
+    yield Served(node, png_bytes(shown), part10(foot), foot)
+    node.engine.dispose()
+
+
+def client_for(served: Served, node: bool = True, **web: object) -> TestClient:
+    settings = served.node.settings
+    settings = settings.model_copy(update={"web": type(settings.web).model_validate(settings.web.model_dump() | web)})
+    context = WebContext(settings, served.node.sessions, lambda: True, node=served.node if node else None)
+    return TestClient(create_app(context))
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> TestClient:
+    return client_for(served)
+
+
+@pytest.fixture(scope="module")
+def hand_response(client: TestClient, served: Served) -> dict:
+    response = client.post(
+        "/predict",
+        files={"image": ("xray.png", served.hand_png, "image/png")},
+        data={"patient_id": PICTURE_PATIENT, "sex": "F", "task": "bone_age"},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def foot_response(client: TestClient, served: Served) -> dict:
+    # the kind is told by the content: a misleading name and content type change nothing
+    response = client.post("/predict", files={"image": ("foot.txt", served.foot, "text/plain")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def problem(response, status_code: int) -> str:
+    assert response.status_code == status_code, response.text
+    detail = response.json()["detail"]
+    assert detail, "an error carries a reason"
+    return detail if isinstance(detail, str) else str(detail)
+
+
+# --- POST /predict ------------------------------------------------------------------------------------------
+
+
+def test_a_picture_of_a_hand_gets_both_bone_age_scales_with_the_seed_fields(
+    client: TestClient, hand_response: dict
+) -> None:
+    body = hand_response
+    assert SEED_FIELDS <= set(body)
+    assert body["status"] == "success" and body["patient_id"] == PICTURE_PATIENT
+    assert body["tasks"] == ["bone_age"]
+    assert body["mlflow_run_id"] is None  # logged in the background, MLflow being off here
+    for sex, primary in (("male", False), ("female", True)):
+        estimate = body[f"{sex}_prediction"]
+        assert BONE_AGE_FIELDS <= set(estimate)
+        assert 0 < estimate["age"] < 25, "years, as the bone-age seed gave them"
+        assert estimate["age"] == pytest.approx(estimate["age_months"] / 12, abs=1e-3)
+        assert estimate["uncertainty_sigma"] == pytest.approx(estimate["uncertainty_sigma_months"] / 12, abs=1e-3)
+        assert estimate["is_primary"] is primary
+        heatmap = client.get(estimate["gradcam_url"])
+        assert heatmap.status_code == 200 and heatmap.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(heatmap.content)).mode == "RGBA"
+    # the foot model did not run: its fields are null
+    assert body["prediction"] is body["confidence"] is body["hallux_valgus_detected"] is body["probabilities"] is None
+    assert body["inference_time"] > 0
+    assert body["model_info"]["bone_age"]["name"] == "bone-age-demo" and body["model_info"]["bone_age"]["demo"]
+    assert set(body["model_info"]) == {"bone_age"}
+
+
+def test_the_picture_is_stored_as_a_secondary_capture_and_shows_in_the_viewer(
+    client: TestClient, hand_response: dict, served: Served
+) -> None:
+    patient = client.get(f"/api/patients/{quote(PICTURE_PATIENT, safe='')}")
+    assert patient.status_code == 200, patient.text
+    assert patient.json()["sex"] == "F"
+    [study] = patient.json()["studies"]
+    received = [i for series in study["series"] for i in series["instances"] if not i["node_written"]]
+    assert [i["sop_instance_uid"] for i in received] == [hand_response["prediction_id"]]
+    assert received[0]["body_part_examined"] == "HAND" and received[0]["job_states"]["inference"] == "done"
+    instance = client.get(hand_response["instance_url"]).json()
+    assert instance["calling_ae"] == "HTTP-UPLOAD"
+    assert instance["sop_class_uid"] == uid.SecondaryCaptureImageStorage
+    assert client.get(f"/api/instances/{hand_response['prediction_id']}/image.png").status_code == 200
+    with served.node.sessions() as session:
+        path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == hand_response["prediction_id"]))
+    ds = pydicom.dcmread(served.node.store.absolute(path))
+    assert (ds.PhotometricInterpretation, ds.BitsAllocated, ds.PatientID) == ("MONOCHROME2", 8, PICTURE_PATIENT)
+
+
+def test_a_dicom_foot_gets_the_hallux_valgus_fields(foot_response: dict, served: Served) -> None:
+    body = foot_response
+    assert SEED_FIELDS <= set(body)
+    assert body["patient_id"] == FOOT_PATIENT and body["prediction_id"] == served.foot_ds.SOPInstanceUID
+    assert body["tasks"] == ["hallux_valgus"]  # BodyPartExamined FOOT routes it
+    assert body["prediction"] in body["probabilities"]
+    assert set(body["probabilities"]) == {"Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus"}
+    assert body["confidence"] == pytest.approx(body["probabilities"][body["prediction"]])
+    assert isinstance(body["hallux_valgus_detected"], bool)
+    assert body["inference_time"] > 0
+    assert body["model_info"]["hallux_valgus"]["name"] == "hallux-valgus-demo"
+    assert "not for clinical use" in body["model_info"]["hallux_valgus"]["disclaimer"]
+    assert body["male_prediction"] is None and body["female_prediction"] is None
+
+
+def test_predict_base64_answers_as_predict(client: TestClient, served: Served, foot_response: dict) -> None:
+    # the same DICOM file again is the same instance, its results already recorded: the same answer
+    encoded = base64.b64encode(served.foot).decode()
+    again = client.post("/predict_base64", json={"image": encoded})
+    assert again.status_code == 200, again.text
+    assert again.json() == foot_response
+    # fields sent empty, as a browser's form sends them, count as not sent
+    empty = {"patient_id": "", "sex": "", "task": ""}
+    assert client.post("/predict", files={"image": ("f", served.foot)}, data=empty).json() == foot_response
+    # a data URL with line breaks, as a browser's FileReader or a MIME encoder gives it
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    assert (
+        client.post("/predict_base64", json={"image": "data:application/dicom;base64," + wrapped}).json()
+        == again.json()
+    )
+
+
+def test_predict_base64_of_a_picture_gives_the_same_predictions(
+    client: TestClient, served: Served, hand_response: dict
+) -> None:
+    request = {"image": base64.b64encode(served.hand_png).decode(), "patient_id": PICTURE_PATIENT, "sex": "F"}
+    response = client.post("/predict_base64", json=request | {"task": "bone_age"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["prediction_id"] != hand_response["prediction_id"], "a picture is a new instance each time"
+    for sex in ("male", "female"):
+        for key in ("age", "uncertainty_sigma"):
+            assert body[f"{sex}_prediction"][key] == pytest.approx(hand_response[f"{sex}_prediction"][key], abs=1e-3)
+
+
+# --- GET /results/{patient_id} ------------------------------------------------------------------------------
+
+
+def test_results_lists_the_patients_predictions_newest_first(client: TestClient, hand_response: dict) -> None:
+    response = client.get(f"/results/{quote(PICTURE_PATIENT, safe='')}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["patient_id"] == PICTURE_PATIENT and body["upload_timestamp"]
+    assert body["total_predictions"] == len(body["predictions"]) >= 1
+    timestamps = [prediction["timestamp"] for prediction in body["predictions"]]
+    assert timestamps == sorted(timestamps, reverse=True)
+    [listed] = [p for p in body["predictions"] if p["prediction_id"] == hand_response["prediction_id"]]
+    assert {key: listed[key] for key in hand_response} == hand_response
+    assert listed["male_age"] == listed["male_prediction"]["age"]
+    assert listed["female_uncertainty"] == listed["female_prediction"]["uncertainty_sigma"]
+
+
+def test_results_of_an_unknown_patient_is_404(client: TestClient) -> None:
+    assert "PatientID" in problem(client.get("/results/NOBODY-42"), 404)
+
+
+# --- GET /model_info ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_node", [True, False])
+def test_model_info_reports_the_cards_metrics(served: Served, with_node: bool) -> None:
+    response = client_for(served, node=with_node).get("/model_info")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    inference = served.node.settings.inference
+    for task, path in (("hallux_valgus", inference.hallux_valgus_card), ("bone_age", inference.bone_age_card)):
+        card = read_card(path)
+        info = body[task]
+        assert (info["task"], info["name"], info["version"], info["input_size"]) == (
+            task,
+            card.name,
+            card.version,
+            card.input_size,
+        )
+        assert info["demo"] is card.demo and info["disclaimer"] == card.disclaimer
+        assert info["metrics"] == card.metrics, "the card's measured metrics, nothing added"
+        assert info["metrics_note"] is None
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+def test_an_upload_over_the_limit_is_413(served: Served) -> None:
+    small = client_for(served, max_upload_mb=1)
+    # just over the limit: the body passes the request's allowance, the image does not
+    over = np.random.default_rng(0).bytes(2**20 + 10)
+    assert "1 MiB" in problem(small.post("/predict", files={"image": ("a.png", over)}), 413)
+    # far over: refused from the Content-Length, before the body is read
+    assert "1 MiB" in problem(small.post("/predict", files={"image": ("a.png", over * 3)}), 413)
+    assert "1 MiB" in problem(small.post("/predict_base64", json={"image": base64.b64encode(over).decode()}), 413)
+    # a body without a Content-Length (chunked) is counted as it arrives
+    body = b'{"image": "' + base64.b64encode(over * 3)
+    chunks = (body[i : i + 2**16] for i in range(0, len(body), 2**16))
+    headers = {"Content-Type": "application/json"}
+    assert "1 MiB" in problem(small.post("/predict_base64", content=chunks, headers=headers), 413)
+
+
+def test_default_limit_is_16_mib() -> None:
+    assert Settings().web.max_upload_mb == 16
+
+
+def test_a_decompression_bomb_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    picture = png_bytes(Image.new("L", (200, 100)))
+    monkeypatch.setattr(uploads, "MAX_IMAGE_PIXELS", 10_000)
+    assert "decompression-bomb" in problem(client.post("/predict", files={"image": ("a.png", picture)}), 413)
+    monkeypatch.setattr(uploads, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # Pillow's own guard: an error beyond twice its limit
+    assert "decompression-bomb" in problem(client.post("/predict", files={"image": ("a.png", picture)}), 413)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"patient,age\nA,12\n", b"%PDF-1.7\n" + b"\x00" * 300, b"GIF89a" + b"\x00" * 64],
+    ids=["text", "pdf", "gif"],
+)
+def test_anything_but_dicom_png_jpeg_tiff_bmp_is_415(client: TestClient, content: bytes) -> None:
+    detail = problem(client.post("/predict", files={"image": ("xray.png", content, "image/png")}), 415)
+    assert "PNG, JPEG, TIFF or BMP" in detail
+
+
+def test_a_truncated_dicom_file_is_422_and_not_stored(client: TestClient, served: Served) -> None:
+    ds = served.foot_ds.copy()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    data = part10(ds)
+    detail = problem(client.post("/predict", files={"image": ("cut.dcm", data[: len(data) * 2 // 3])}), 422)
+    assert "truncated" in detail
+    with served.node.sessions() as session:
+        assert session.scalar(select(Instance.id).where(Instance.sop_instance_uid == ds.SOPInstanceUID)) is None
+
+
+def test_a_truncated_picture_is_422(client: TestClient, served: Served) -> None:
+    cut = served.hand_png[: len(served.hand_png) // 2]
+    assert "cannot be decoded" in problem(client.post("/predict", files={"image": ("a.png", cut)}), 422)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"task": "knee"}, {"sex": "X"}, {"patient_id": "A" * 65}, {"patient_id": "A\\B"}],
+    ids=["task", "sex", "long-id", "backslash-id"],
+)
+def test_bad_parameters_are_422(client: TestClient, served: Served, fields: dict) -> None:
+    problem(client.post("/predict", files={"image": ("a.png", served.hand_png)}, data=fields), 422)
+    request = {"image": base64.b64encode(served.hand_png).decode()} | fields
+    problem(client.post("/predict_base64", json=request), 422)
+
+
+def test_a_dicom_upload_is_stored_as_sent(client: TestClient, served: Served) -> None:
+    files = {"image": ("foot.dcm", served.foot)}
+    assert "PatientID" in problem(client.post("/predict", files=files, data={"patient_id": "OTHER"}), 422)
+    assert "routing sends this image to hallux_valgus" in problem(
+        client.post("/predict", files=files, data={"task": "bone_age"}), 422
+    )
+
+
+def test_invalid_base64_is_422(client: TestClient) -> None:
+    assert "base64" in problem(client.post("/predict_base64", json={"image": "not base64!"}), 422)
+
+
+def test_the_token_guards_uploads_and_results(served: Served, hand_response: dict) -> None:
+    guarded = client_for(served, api_token=TOKEN)
+    assert guarded.post("/predict", files={"image": ("a.png", served.hand_png)}).status_code == 401
+    assert guarded.post("/predict_base64", json={"image": "AAAA"}).status_code == 401
+    assert guarded.get(f"/results/{quote(PICTURE_PATIENT, safe='')}").status_code == 401
+    assert guarded.get("/model_info").status_code == 200, "no patient data: open"
+    authorised = {"Authorization": f"Bearer {TOKEN}"}
+    assert guarded.get(f"/results/{quote(PICTURE_PATIENT, safe='')}", headers=authorised).status_code == 200
+
+
+def test_without_the_node_predict_is_503(served: Served) -> None:
+    assert "node" in problem(
+        client_for(served, node=False).post("/predict", files={"image": ("a.png", served.hand_png)}), 503
+    )
+
+
+# --- inference in the request -------------------------------------------------------------------------------
+
+
+def test_a_job_a_worker_claimed_first_runs_once_and_the_request_waits_for_it(served: Served) -> None:
+    node = served.node
+    ds = served.foot_ds.copy()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    data = part10(ds)
+    prepared = uploads.prepare(data, node.settings.inference, 2**30)
+    node.ingestor.ingest(prepared.file_meta, [prepared.dataset], calling_ae="TEST")
+    [claimed] = node.queue.claim_batch([INFERENCE_JOB], 1)  # a worker was quicker
+    handler = node.workers.handlers[INFERENCE_JOB]
+
+    def worker() -> None:
+        threading.Event().wait(0.3)
+        assert not handler([claimed])
+        node.queue.complete(claimed)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    infer_now(node, claimed.instance_pk, timeout=30)
+    thread.join()
+    with node.sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == claimed.id))
+        assert (job.state, job.attempts) == (JobState.DONE, 1)
+        assert session.scalar(select(Instance).where(Instance.id == claimed.instance_pk)).results
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("PNG", "RGBA"), ("JPEG", "RGB"), ("TIFF", "I;16"), ("BMP", "P"), ("PNG", "LA")]
+)
+def test_each_accepted_picture_becomes_8_bit_gray(kind: str, mode: str) -> None:
+    ramp = np.tile(np.linspace(0, 1, 64), (48, 1))
+    if mode == "I;16":
+        image = Image.fromarray((ramp * 4000 + 100).astype(np.uint16))
+    else:
+        image = Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    gray, found = uploads.decode_picture(buffer.getvalue())
+    assert found == kind and gray.dtype == np.uint8 and gray.shape == (48, 64)
+    assert gray[:, -1].mean() > gray[:, 0].mean() + 200, "the luminance, stretched for 16 bits"
+    ds = pydicom.dcmread(io.BytesIO(uploads.secondary_capture(gray, "P-1", "M", "hallux_valgus", found)))
+    assert (ds.BodyPartExamined, ds.PatientSex, ds.Modality) == ("FOOT", "M", "OT")
+    assert np.array_equal(ds.pixel_array, gray)
