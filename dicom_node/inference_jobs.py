@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pydicom
+from prometheus_client import Histogram
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import delete, select, update
@@ -90,9 +91,12 @@ class InferenceJobs:
         models: InferenceModels,
         store: InstanceStore,
         sessions: sessionmaker[Session],
+        latency: Histogram | None = None,
     ) -> None:
+        """``latency`` observes each image's seconds from reading to recorded results, by task."""
         self.settings = settings
         self.models = models
+        self.latency = latency
         self.store = store
         self.sessions = sessions
         # Reading and decoding run on every core while no model runs: numpy and Pillow release the GIL.
@@ -271,6 +275,9 @@ class InferenceJobs:
             if work.rows:
                 enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
             session.execute(update(Job).where(Job.id == work.job.id).values(note=note))
+        if self.latency is not None:
+            for task in work.route.tasks:
+                self.latency.labels(task).observe(sum(work.timings_ms.values()) / 1000)
 
 
 def _results_directory(instance_path: PurePosixPath) -> PurePosixPath:

@@ -12,6 +12,7 @@ from dicom_node.delivery import DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import JobQueue
+from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
 from dicom_node.scp import StorageSCP
 from dicom_node.storage import InstanceStore
@@ -31,6 +32,7 @@ class Node:
         models: InferenceModels | None = None,
     ) -> None:
         self.settings = settings
+        self.models = models
         self.store = InstanceStore(settings.storage.root)
         self.engine = create_index_engine(settings.database.url)
         self.sessions = session_factory(self.engine)
@@ -41,7 +43,10 @@ class Node:
             settings.dicom.max_inflated_mb * 2**20,
             on_queued=lambda: self.workers.wake(),
         )
-        self.scp = StorageSCP(settings.dicom, self.ingestor)
+        self.metrics = NodeMetrics(self.sessions)
+        self.scp = StorageSCP(
+            settings.dicom, self.ingestor, lambda status: self.metrics.store_refusals.labels(f"0x{status:04X}").inc()
+        )
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
         delivery = settings.delivery
         self.deliveries = DeliveryQueue(
@@ -50,7 +55,9 @@ class Node:
         self.sender = DeliverySender(settings, self.deliveries, self.store)
         handlers = {OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)}
         if models is not None:
-            handlers[INFERENCE_JOB] = InferenceJobs(settings.inference, models, self.store, self.sessions)
+            handlers[INFERENCE_JOB] = InferenceJobs(
+                settings.inference, models, self.store, self.sessions, self.metrics.inference_seconds
+            )
         handlers |= job_handlers or {}
         self.workers = WorkerPool(
             self.queue,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import uid
@@ -74,8 +75,9 @@ def handle_echo(event: Event) -> int:
     return EchoStatus.SUCCESS
 
 
-def make_store_handler(ingestor: Ingestor):
-    """The EVT_C_STORE handler: ingest the raw dataset, answer with the outcome's status."""
+def make_store_handler(ingestor: Ingestor, on_refused: Callable[[StoreStatus], None] = lambda status: None):
+    """The EVT_C_STORE handler: ingest the raw dataset, answer with the outcome's status (``on_refused`` counts
+    the refusals)."""
 
     def handle_store(event: Event) -> int | Dataset:
         request = event.request
@@ -97,6 +99,7 @@ def make_store_handler(ingestor: Ingestor):
                 rejection.status,
                 rejection.reason,
             )
+            on_refused(rejection.status)
             return _failure(rejection.status, rejection.reason)
         log.info("%s %s from %s", result.outcome, result.sop_instance_uid, calling_ae)
         return StoreStatus.SUCCESS
@@ -117,6 +120,7 @@ class StorageSCP:
 
     settings: DicomSettings
     ingestor: Ingestor
+    on_refused: Callable[[StoreStatus], None] = lambda status: None
 
     def __post_init__(self) -> None:
         self._server: ThreadedAssociationServer | None = None
@@ -136,7 +140,8 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening in background threads; one thread per association."""
-        handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, make_store_handler(self.ingestor))]
+        store = make_store_handler(self.ingestor, self.on_refused)
+        handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, store)]
         self._server = self.build_ae().start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )

@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from web.dependencies import WebContext, require_token
-from web.routers import deliveries, health, instances, jobs, patients, predict, results, studies, viewer
+from web.routers import deliveries, health, instances, jobs, metrics, patients, predict, results, studies, viewer
 from web.uploads import UploadLimit
 
 log = logging.getLogger(__name__)
@@ -20,10 +20,11 @@ API_PREFIX = "/api"
 
 def create_app(context: WebContext) -> FastAPI:
     """The app over ``context``. Everything under ``/api`` asks for ``web.api_token`` when one is set (it shows
-    patient data, or job errors that may name stored files); ``/health`` and the docs stay open."""
+    patient data, or job errors that may name stored files); ``/health``, ``/metrics`` and the docs stay open."""
     app = FastAPI(title="DICOM AI node", summary="Viewer and HTTP API of the DICOM AI node.")
     app.state.context = context
     app.include_router(health.router)
+    app.include_router(metrics.router)  # counts only, no patient data: open like /health, for scrapers
     for module in (patients, studies, instances, results, jobs, deliveries):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
     # the seed projects' endpoints, at the root as the seeds had them; uploads and results ask for the token

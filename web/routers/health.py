@@ -1,4 +1,9 @@
-"""``GET /health``: is the node alive, and is each part it needs working?"""
+"""``GET /health``: is the node alive, and is each part it needs working?
+
+Required parts (the database, writable storage, the DICOM listener and, in a serving node, the models) answer
+503 when one is down. MLflow is reported but not required: inference and delivery go on without it, and the
+runs are logged when it is back.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import os
 from typing import Literal
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel
-from sqlalchemy import text
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from dicom_node.jobs import count_by_state
+from dicom_node.delivery import count_by_state as deliveries_by_state
+from dicom_node.jobs import count_by_state as jobs_by_state
+from dicom_node.models import TrackedRun, TrackingState
 from web.dependencies import ContextDep, WebContext
 
 router = APIRouter(tags=["health"])
@@ -21,36 +29,90 @@ class PartHealth(BaseModel):
     detail: str = ""
 
 
+class ModelHealth(BaseModel):
+    name: str
+    version: str
+    weights_digest: str
+    demo: bool
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: PartHealth
     storage: PartHealth
     dicom_listener: PartHealth
+    models: list[ModelHealth] | None = Field(description="The loaded models; null where the app serves no node.")
+    mlflow: PartHealth = Field(description="Runs waiting to be logged and the last error; not a required part.")
     jobs: dict[str, int]
+    deliveries: dict[str, int]
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 def health(context: ContextDep, response: Response) -> Health:
-    database, jobs = _database(context)
+    database, jobs, deliveries, mlflow = _index(context)
     root = context.settings.storage.root
     storage = PartHealth(ok=os.access(root, os.W_OK), detail=str(root))
     listener = PartHealth(
         ok=context.listener_up(), detail=f"{context.settings.dicom.ae_title}@{context.settings.dicom.port}"
     )
-    healthy = database.ok and storage.ok and listener.ok
+    models = _models(context)
+    healthy = database.ok and storage.ok and listener.ok and models != []
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Health(
-        status="ok" if healthy else "degraded", database=database, storage=storage, dicom_listener=listener, jobs=jobs
+        status="ok" if healthy else "degraded",
+        database=database,
+        storage=storage,
+        dicom_listener=listener,
+        models=models,
+        mlflow=mlflow,
+        jobs=jobs,
+        deliveries=deliveries,
     )
 
 
-def _database(context: WebContext) -> tuple[PartHealth, dict[str, int]]:
-    """The database's health and, when it answers, the number of jobs in each state."""
+def _models(context: WebContext) -> list[ModelHealth] | None:
+    """The node's models; an empty list is a serving node without models (it cannot infer)."""
+    if context.node is None:
+        return None
+    loaded = context.node.models
+    if loaded is None:
+        return []
+    return [
+        ModelHealth(
+            name=model.card.name, version=model.card.version, weights_digest=model.weights_digest, demo=model.card.demo
+        )
+        for model in (loaded.hallux_valgus, loaded.bone_age)
+    ]
+
+
+def _index(context: WebContext) -> tuple[PartHealth, dict[str, int], dict[str, int], PartHealth]:
+    """The database's health and, when it answers, jobs and deliveries by state and the MLflow backlog."""
     try:
         with context.sessions() as session:
             session.execute(text("SELECT 1"))
-            jobs = {state.value: count for state, count in count_by_state(session).items()}
+            jobs = {state.value: count for state, count in jobs_by_state(session).items()}
+            deliveries = {state.value: count for state, count in deliveries_by_state(session).items()}
+            mlflow = _mlflow(session, context)
     except SQLAlchemyError as error:
-        return PartHealth(ok=False, detail=type(error).__name__), {}
-    return PartHealth(ok=True), jobs
+        unknown = PartHealth(ok=False, detail="unknown: the index does not answer")
+        return PartHealth(ok=False, detail=type(error).__name__), {}, {}, unknown
+    return PartHealth(ok=True), jobs, deliveries, mlflow
+
+
+def _mlflow(session: Session, context: WebContext) -> PartHealth:
+    """Healthy while no run that is waiting has failed to log."""
+    settings = context.settings.mlflow
+    if not settings.enabled:
+        return PartHealth(ok=True, detail="tracking switched off (mlflow.enabled)")
+    waiting = session.scalar(
+        select(func.count()).select_from(TrackedRun).where(TrackedRun.state == TrackingState.PENDING)
+    )
+    failing = session.scalar(
+        select(func.count())
+        .select_from(TrackedRun)
+        .where(TrackedRun.state == TrackingState.PENDING, TrackedRun.attempts > 0)
+    )
+    detail = f"{waiting} runs waiting to be logged"
+    # the errors themselves stay in the index and the log: /health is open, and they may name the tracking URI
+    return PartHealth(ok=not failing, detail=f"{detail}, {failing} of them failed to" if failing else detail)
