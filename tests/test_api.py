@@ -272,6 +272,57 @@ def test_an_unknown_result_is_404(client: TestClient) -> None:
     assert client.get("/api/results/abc/heatmap.png").status_code == 422
 
 
+# Found by schemathesis (tests/test_openapi_fuzz.py): numbers the database cannot take overflowed in its driver (a
+# 500): SQLite's INTEGER beyond 64 bits, PostgreSQL's 32-bit ids and 64-bit OFFSET. They are refused by the
+# parameters' declared bounds.
+@pytest.mark.parametrize(
+    ("method", "url", "bound"),
+    [
+        ("GET", "/api/results/10745480258298517504/heatmap.png", "less than or equal to 2147483647"),
+        ("GET", "/api/results/2147483648/heatmap.png", "less than or equal to 2147483647"),
+        ("GET", "/api/results/-99999999999999999999/heatmap.png", "greater than or equal to 1"),
+        ("POST", "/api/deliveries/10745480258298517504/retry", "less than or equal to 2147483647"),
+        ("GET", "/api/patients?offset=383149339397759441966202880", "less than or equal to 9223372036854775807"),
+        ("GET", "/api/jobs?offset=9223372036854775808", "less than or equal to 9223372036854775807"),
+        ("GET", "/api/deliveries?offset=9223372036854775808", "less than or equal to 9223372036854775807"),
+        ("GET", "/patients?offset=9223372036854775808", "less than or equal to 9223372036854775807"),
+    ],
+)
+def test_numbers_beyond_the_database_are_422(client: TestClient, method: str, url: str, bound: str) -> None:
+    response = client.request(method, url)
+    assert response.status_code == 422, response.text
+    assert bound in response.json()["detail"][0]["msg"]
+
+
+def test_the_largest_accepted_numbers_answer(client: TestClient) -> None:
+    assert client.get("/api/results/2147483647/heatmap.png").status_code == 404
+    assert client.post("/api/deliveries/2147483647/retry").status_code == 404
+    page = client.get("/api/patients", params={"offset": 2**63 - 1}).json()
+    assert (page["items"], page["total"], page["offset"]) == ([], 2, 2**63 - 1)
+
+
+# Found by schemathesis on PostgreSQL: a NUL character in a text parameter makes the driver raise (a 500).
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/patients?search=DOE%00",
+        "/api/patients/AB%00",
+        "/api/studies/1.2%00",
+        "/api/instances/1.2%00",
+        "/api/instances/1.2%00/image.png",
+        "/api/jobs?kind=inference%00",
+        "/api/deliveries?destination=pacs%00",
+        "/patients?search=%00",
+        "/patients/AB%00",
+        "/instances/1.2%00",
+    ],
+)
+def test_a_nul_character_is_422(client: TestClient, url: str) -> None:
+    response = client.get(url)
+    assert response.status_code == 422, response.text
+    assert "NUL (0x00) characters are not allowed" in response.json()["detail"][0]["msg"]
+
+
 # --- jobs and deliveries ------------------------------------------------------------------------------------
 
 

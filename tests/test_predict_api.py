@@ -340,6 +340,27 @@ def test_invalid_base64_is_422(client: TestClient) -> None:
     assert "base64" in problem(client.post("/predict_base64", json={"image": "not base64!"}), 422)
 
 
+@pytest.mark.parametrize("patient_id", [None, ""])
+def test_predict_base64_takes_a_null_or_empty_patient_id_as_not_sent(client: TestClient, patient_id) -> None:
+    # the 64-character bound was applied to the None it became: a TypeError in validation, a 500 (schemathesis)
+    request = {"image": "not base64!", "patient_id": patient_id}
+    assert "base64" in problem(client.post("/predict_base64", json=request), 422), "the request reached the route"
+
+
+def test_a_body_that_cannot_be_parsed_is_400(client: TestClient) -> None:
+    # JSON that is not UTF-8: FastAPI's 400, documented in the spec (schemathesis found it undocumented)
+    response = client.post(
+        "/predict_base64", content=b'{"image": "\xff\xfe"}', headers={"Content-Type": "application/json"}
+    )
+    problem(response, 400)
+    assert "400" in client.get("/openapi.json").json()["paths"]["/predict_base64"]["post"]["responses"]
+
+
+def test_results_of_a_patient_id_with_a_nul_character_is_422(client: TestClient) -> None:
+    # PostgreSQL takes no NUL in a text parameter: the driver raised, a 500
+    assert "NUL" in problem(client.get("/results/AB%0012"), 422)
+
+
 def test_the_token_guards_uploads_and_results(served: Served, hand_response: dict) -> None:
     guarded = client_for(served, api_token=TOKEN)
     assert guarded.post("/predict", files={"image": ("a.png", served.hand_png)}).status_code == 401

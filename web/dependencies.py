@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Cookie, Depends, HTTPException, Query, Request, status
+from fastapi import Cookie, Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
@@ -62,7 +63,25 @@ def get_store(context: ContextDep) -> InstanceStore:
 
 StoreDep = Annotated[InstanceStore, Depends(get_store)]
 
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+# Numbers beyond what the database takes are refused with 422 by their declared bounds, rather than overflowing in
+# the driver (a 500): an OFFSET is a 64-bit integer (SQLite, PostgreSQL's bigint), and the tables' ids are
+# INTEGER columns, 32-bit in PostgreSQL.
+MAX_OFFSET = 2**63 - 1
+MAX_ROW_ID = 2**31 - 1
+
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")]
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="The row's id (a positive 32-bit integer).")]
+
+
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL (0x00) characters are not allowed: no value in the index holds one")
+    return value
+
+
+# Text looked up in the index (an id, a search): PostgreSQL cannot take a NUL character in a text parameter (the
+# driver raises, a 500), so a value with one is refused with 422.
+IndexText = Annotated[str, AfterValidator(_without_nul)]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items on the page at most.")]
 
 _bearer = HTTPBearer(auto_error=False, description="web.api_token of the node's configuration")

@@ -33,10 +33,10 @@ OptionalSex = Annotated[
     Field(description="PatientSex of a picture's Secondary Capture; must match a DICOM upload's."),
 ]
 OptionalPatientId = Annotated[
-    str | None,
+    # the length bound on the string alone: on the union it would be applied to None too (a TypeError, a 500)
+    Annotated[str, Field(max_length=64)] | None,
     BeforeValidator(empty_as_none),
     Field(
-        max_length=64,
         description="PatientID (free text, 1-64 characters) of a picture's Secondary Capture; none = a new one "
         "(UPLOAD-...). Must match a DICOM upload's PatientID.",
     ),

@@ -39,6 +39,13 @@ class Problem(BaseModel):
     detail: str
 
 
+class InvalidRequest(BaseModel):
+    """A 422: the reason in words, or, for fields that fail validation, FastAPI's list of them (each with its
+    ``loc``, ``msg`` and ``type``)."""
+
+    detail: str | list[dict[str, Any]]
+
+
 class FromRow(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from dicom_node.delivery import DeliveryQueue
 from dicom_node.models import Delivery, DeliveryState, Instance
-from web.dependencies import ContextDep, Limit, Offset, SessionDep
+from web.dependencies import ContextDep, IndexText, Limit, Offset, RowId, SessionDep
 from web.schemas import DeliveryListItem, DeliveryOut, Page, Problem
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ router = APIRouter(prefix="/deliveries", tags=["deliveries"])
 def list_deliveries(
     session: SessionDep,
     state: DeliveryState | None = None,
-    destination: Annotated[str | None, Query(max_length=64, description="A configured destination's name.")] = None,
+    destination: Annotated[
+        IndexText | None, Query(max_length=64, description="A configured destination's name.")
+    ] = None,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> Page[DeliveryListItem]:
@@ -55,7 +57,7 @@ def list_deliveries(
     response_model=DeliveryOut,
     responses={404: {"model": Problem}, 409: {"model": Problem}},
 )
-def retry_delivery(delivery_id: int, context: ContextDep, session: SessionDep) -> DeliveryOut:
+def retry_delivery(delivery_id: RowId, context: ContextDep, session: SessionDep) -> DeliveryOut:
     """Queue a failed delivery again with fresh attempts (as ``dicom-node resend --id``); the node's sender
     sends it at its next poll. 409 for a delivery that has not failed."""
     state = session.scalar(select(Delivery.state).where(Delivery.id == delivery_id))

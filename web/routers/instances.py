@@ -14,7 +14,7 @@ from sqlalchemy.orm import selectinload
 from dicom_node.models import Delivery, Instance, Series, Study
 from dicom_node.tracking import tracked_run_url
 from inference.pixels import UnsupportedImage
-from web.dependencies import SessionDep, SettingsDep, StoreDep
+from web.dependencies import IndexText, SessionDep, SettingsDep, StoreDep
 from web.imaging import image_png
 from web.records import instance_fields, result_out, source_uids
 from web.schemas import DeliveryOut, InstanceDetail, JobOut, Problem, WrittenObject
@@ -28,7 +28,7 @@ PNG_CACHE = {"Cache-Control": "no-store"}
 
 
 @router.get("/{sop_uid}", response_model=InstanceDetail, responses={404: {"model": Problem}})
-def get_instance(sop_uid: str, session: SessionDep, settings: SettingsDep) -> InstanceDetail:
+def get_instance(sop_uid: IndexText, session: SessionDep, settings: SettingsDep) -> InstanceDetail:
     """An instance, its jobs and results, and the objects the node wrote from it with their deliveries."""
     instance = session.scalar(
         select(Instance)
@@ -81,7 +81,7 @@ def get_instance(sop_uid: str, session: SessionDep, settings: SettingsDep) -> In
     response_class=Response,
     responses={**PNG_RESPONSE, 404: {"model": Problem}, 409: {"model": Problem}},
 )
-def get_instance_image(sop_uid: str, session: SessionDep, store: StoreDep, max_size: MaxSize = 1024) -> Response:
+def get_instance_image(sop_uid: IndexText, session: SessionDep, store: StoreDep, max_size: MaxSize = 1024) -> Response:
     """The stored image through its VOI window (bone bright), 8-bit gray, scaled down to ``max_size``.
     409 for an instance without an image (a structured report)."""
     path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
 from dicom_node.models import Instance, Job, JobState
-from web.dependencies import Limit, Offset, SessionDep
+from web.dependencies import IndexText, Limit, Offset, SessionDep
 from web.schemas import JobListItem, JobOut, Page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def list_jobs(
     session: SessionDep,
     state: JobState | None = None,
-    kind: Annotated[str | None, Query(max_length=32, description="inference or outputs")] = None,
+    kind: Annotated[IndexText | None, Query(max_length=32, description="inference or outputs")] = None,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> Page[JobListItem]:

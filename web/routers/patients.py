@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import distinct, func, or_, select
 
 from dicom_node.models import Instance, Patient, Series, Study
-from web.dependencies import Limit, Offset, SessionDep
+from web.dependencies import IndexText, Limit, Offset, SessionDep
 from web.records import patient_with_tree, studies_out
 from web.schemas import Page, PatientDetail, PatientSummary, Problem
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/patients", tags=["patients"])
 def list_patients(
     session: SessionDep,
     search: Annotated[
-        str | None, Query(max_length=324, description="Part of the PatientID or name, in any case.")
+        IndexText | None, Query(max_length=324, description="Part of the PatientID or name, in any case.")
     ] = None,
     offset: Offset = 0,
     limit: Limit = 50,
@@ -70,7 +70,7 @@ def list_patients(
 # The PatientID is free text: it may hold "/" (matched by the path converter) and spaces; a client
 # percent-encodes it as any path segment.
 @router.get("/{patient_id:path}", response_model=PatientDetail, responses={404: {"model": Problem}})
-def get_patient(patient_id: str, session: SessionDep) -> PatientDetail:
+def get_patient(patient_id: IndexText, session: SessionDep) -> PatientDetail:
     """A patient with their studies, series and instances (the received ones and those the node wrote)."""
     patient = patient_with_tree(session, patient_id)
     if patient is None:

@@ -25,7 +25,7 @@ from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.status import StoreStatus
 from inference.model_card import ModelCard, ModelLoadError, read_card
-from web.dependencies import ContextDep, SessionDep, WebContext, require_token
+from web.dependencies import ContextDep, IndexText, SessionDep, WebContext, require_token
 from web.predict_schemas import (
     ModelCardInfo,
     ModelInfo,
@@ -35,7 +35,7 @@ from web.predict_schemas import (
     empty_as_none,
 )
 from web.predictions import infer_now, newest_first, patient_prediction, prediction_out, run_ids
-from web.schemas import Problem
+from web.schemas import InvalidRequest, Problem
 from web.uploads import ENVELOPE_BYTES, Sex, UploadRefused, check_patient_id, prepare, read_limited, too_large
 
 router = APIRouter(tags=["seed endpoints"])
@@ -43,14 +43,18 @@ router = APIRouter(tags=["seed endpoints"])
 CALLING_AE = "HTTP-UPLOAD"  # recorded as the instance's calling AE, as the SCP records the sender's
 TOKEN = [Depends(require_token)]
 UPLOAD_ERRORS = {
-    code: {"model": Problem}
-    for code in (
-        status.HTTP_401_UNAUTHORIZED,
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        status.HTTP_422_UNPROCESSABLE_CONTENT,
-        status.HTTP_503_SERVICE_UNAVAILABLE,
-    )
+    **{
+        code: {"model": Problem}
+        for code in (
+            status.HTTP_400_BAD_REQUEST,  # a body that cannot be parsed (malformed multipart, JSON not in UTF-8)
+            status.HTTP_401_UNAUTHORIZED,
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+    },
+    # a corrupt image, or FastAPI's validation errors of the form or JSON fields
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": InvalidRequest},
 }
 _TASK = "Run this task only: hallux_valgus (foot) or bone_age (hand); none = as the node routes the image."
 _PATIENT_ID = (
@@ -121,7 +125,7 @@ def predict_base64(context: ContextDep, request: PredictBase64Request) -> Predic
     dependencies=TOKEN,
     responses={401: {"model": Problem}, 404: {"model": Problem}},
 )
-def get_results(patient_id: str, session: SessionDep) -> PatientResults:
+def get_results(patient_id: IndexText, session: SessionDep) -> PatientResults:
     """The patient's images that have results, the most recently recorded first, each in the shape of
     ``POST /predict``'s response plus the bone-age seed's flat fields; 404 for an unknown PatientID."""
     patient = session.scalar(select(Patient).where(Patient.patient_id == patient_id))

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from dicom_node.models import InferenceResult
 from inference.predict import Heatmap
-from web.dependencies import SessionDep, StoreDep
+from web.dependencies import RowId, SessionDep, StoreDep
 from web.imaging import heatmap_png
 from web.routers.instances import PNG_CACHE, PNG_RESPONSE, MaxSize
 from web.schemas import Problem
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/results", tags=["results"])
 
 
 @router.get("/{result_id}/heatmap.png", response_class=Response, responses={**PNG_RESPONSE, 404: {"model": Problem}})
-def get_result_heatmap(result_id: int, session: SessionDep, store: StoreDep, max_size: MaxSize = 1024) -> Response:
+def get_result_heatmap(result_id: RowId, session: SessionDep, store: StoreDep, max_size: MaxSize = 1024) -> Response:
     """The heatmap as RGBA, the size of the instance's ``image.png`` at the same ``max_size``: jet colours, alpha
     rising with the value from 0 (transparent where the Secondary Captures show no colour) to 255 at the peak.
     The Secondary Captures lay it at opacity 0.6."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from web.dependencies import SessionDep
+from web.dependencies import IndexText, SessionDep
 from web.records import source_uids, study_out, study_with_tree
 from web.schemas import PatientBrief, Problem, StudyDetail
 
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/studies", tags=["studies"])
 
 
 @router.get("/{study_uid}", response_model=StudyDetail, responses={404: {"model": Problem}})
-def get_study(study_uid: str, session: SessionDep) -> StudyDetail:
+def get_study(study_uid: IndexText, session: SessionDep) -> StudyDetail:
     """A study with its patient, series and instances (the received ones and those the node wrote)."""
     study = study_with_tree(session, study_uid)
     if study is None:

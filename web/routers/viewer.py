@@ -31,7 +31,7 @@ from sqlalchemy import select
 from dicom_node.config import Settings
 from dicom_node.models import InferenceResult, Instance, Patient
 from inference.model_card import DEMO_DISCLAIMER
-from web.dependencies import TOKEN_COOKIE, Limit, Offset, SessionDep, SettingsDep, require_token
+from web.dependencies import TOKEN_COOKIE, IndexText, Limit, Offset, SessionDep, SettingsDep, require_token
 from web.imaging import MAX_OPACITY
 from web.routers.instances import get_instance
 from web.routers.patients import get_patient, list_patients
@@ -202,7 +202,7 @@ def patients_page(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    search: Annotated[str | None, Query(max_length=324)] = None,
+    search: Annotated[IndexText | None, Query(max_length=324)] = None,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> HTMLResponse:
@@ -215,7 +215,7 @@ def patients_page(
 
 
 @router.get("/patients/{patient_id:path}", response_class=HTMLResponse, dependencies=ViewerAccess)
-def patient_page(patient_id: str, request: Request, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
+def patient_page(patient_id: IndexText, request: Request, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
     try:
         patient = get_patient(patient_id, session)
     except HTTPException as error:
@@ -257,7 +257,7 @@ def _bone_age_sort_key(result: ResultOut) -> tuple[bool, str]:
 
 @router.get("/instances/{sop_uid}", response_class=HTMLResponse, dependencies=ViewerAccess)
 def instance_page(
-    sop_uid: str,
+    sop_uid: IndexText,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
