@@ -48,6 +48,17 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+def _check_regular_expression(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"not a regular expression: {error}") from None
+    return value
+
+
+RegularExpression = Annotated[str, AfterValidator(_check_regular_expression)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -131,18 +142,9 @@ ROUTED_ATTRIBUTES: tuple[RoutedAttribute, ...] = (
 class RoutingRule(Section):
     """Instances whose ``attributes`` match ``pattern`` (a regular expression, any case) run ``tasks``."""
 
-    pattern: str
+    pattern: RegularExpression
     tasks: list[TaskName]
     attributes: list[RoutedAttribute] = list(ROUTED_ATTRIBUTES)
-
-    @field_validator("pattern")
-    @classmethod
-    def _is_regular_expression(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return value
 
 
 class InferenceSettings(Section):
@@ -189,18 +191,9 @@ class DeliveryRule(Section):
     """Outputs of ``kinds`` for instances sent by a calling AE matching ``calling_ae`` (a regular expression,
     any case; empty matches every caller) go to ``destinations``."""
 
-    calling_ae: str = ""
+    calling_ae: RegularExpression = ""
     kinds: list[OutputKind] = list(OUTPUT_KINDS)
     destinations: list[str]
-
-    @field_validator("calling_ae")
-    @classmethod
-    def _is_regular_expression(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return value
 
 
 class OutputSettings(Section):
