@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
@@ -14,62 +13,21 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from sqlalchemy import select, update
 
-from dicom_node.config import ConfigError, InferenceSettings, Settings, load_settings
-from dicom_node.inference_jobs import InferenceModels
+from dicom_node.config import ConfigError, load_settings
 from dicom_node.models import Delivery, DeliveryState
-from dicom_node.node import Node
-from dicom_node.part10 import encoded_dataset
-from dicom_node.phantoms.generator import render_phantom
+from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
 from web.app import create_app
 from web.dependencies import WebContext
 
-HAND_PATIENT = "AB/12 34"  # free text: a slash and a space
-FOOT_PATIENT = "CD-5678"
 TOKEN = "0123456789abcdef-test-token"
-
-
-@dataclass(frozen=True)
-class Received:
-    node: Node
-    hand: pydicom.Dataset
-    foot: pydicom.Dataset
-    failed_delivery: int
-    pending_delivery: int
 
 
 @pytest.fixture(scope="module")
 def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Received]:
-    root = tmp_path_factory.mktemp("api")
-    settings = Settings(
-        storage={"root": root / "storage"},
-        workers={"count": 0},
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-        delivery={"default_destination": "pacs"},
-    )
-    node = Node(settings, models=InferenceModels.load(InferenceSettings(runtime="torch")))  # the demo cards
-    phantoms = []
-    for index, (kind, patient_id, name) in enumerate(
-        [("hand", HAND_PATIENT, "DOE^JANE"), ("foot", FOOT_PATIENT, "ROE^RICHARD")]
-    ):
-        ds, _ = render_phantom(11, index, kind)
-        ds.PatientID, ds.PatientName = patient_id, name
-        path = root / f"{kind}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)], "MODALITY")
-        phantoms.append(ds)
-    while node.workers.run_once():  # inference, then the outputs it queues
-        pass
-    with node.sessions.begin() as session:
-        first, second = session.scalars(select(Delivery.id).order_by(Delivery.id).limit(2)).all()
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == first)
-            .values(state=DeliveryState.FAILED, attempts=8, last_status=0xA900, last_error="pacs answered 0xA900")
-        )
-    yield Received(node, *phantoms, first, second)
-    node.engine.dispose()
+    state = received_node(tmp_path_factory.mktemp("api"))
+    yield state
+    state.node.engine.dispose()
 
 
 def client_for(received: Received, **web: object) -> TestClient:

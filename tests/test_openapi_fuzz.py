@@ -10,7 +10,6 @@ import os
 from collections.abc import Iterator
 
 import hypothesis
-import pydicom
 import pytest
 import schemathesis
 from fastapi import FastAPI
@@ -22,14 +21,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from dicom_node.config import InferenceSettings, Settings
-from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import Delivery, DeliveryState, InferenceResult, Instance, Patient, Study
+from dicom_node.config import Settings
+from dicom_node.models import Delivery, InferenceResult, Instance, Patient, Study
 from dicom_node.node import Node
-from dicom_node.part10 import encoded_dataset
-from dicom_node.phantoms.generator import render_phantom
+from tests.node_state import received_node
 from web.app import create_app
 from web.dependencies import WebContext
 
@@ -51,25 +48,8 @@ FUZZ_SETTINGS = hypothesis.settings(
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    root = tmp_path_factory.mktemp("fuzz")
-    settings = Settings(
-        storage={"root": root / "storage"},
-        workers={"count": 0},
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-        delivery={"default_destination": "pacs"},
-    )
-    node = Node(settings, models=InferenceModels.load(InferenceSettings(runtime="torch")))  # the demo cards
-    for index, (kind, patient_id) in enumerate([("hand", "AB/12 34"), ("foot", "CD-5678")]):
-        ds, _ = render_phantom(13, index, kind)
-        ds.PatientID = patient_id
-        path = root / f"{kind}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)], "MODALITY")
-    while node.workers.run_once():  # inference, then the outputs it queues
-        pass
-    with node.sessions.begin() as session:  # a failed delivery, for POST /api/deliveries/{id}/retry
-        first = session.scalar(select(Delivery.id).order_by(Delivery.id).limit(1))
-        session.execute(update(Delivery).where(Delivery.id == first).values(state=DeliveryState.FAILED, attempts=8))
+    node = received_node(tmp_path_factory.mktemp("fuzz"), seed=13).node  # with a failed delivery to retry
+    with node.sessions() as session:
         KNOWN.update(
             patient_id=list(session.scalars(select(Patient.patient_id))),
             study_uid=list(session.scalars(select(Study.study_instance_uid))),

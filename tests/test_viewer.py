@@ -19,72 +19,29 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-import pydicom
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
-from sqlalchemy import select, update
 
-from dicom_node.config import InferenceSettings, Settings
-from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import Delivery, DeliveryState
-from dicom_node.node import Node
-from dicom_node.part10 import encoded_dataset
-from dicom_node.phantoms.generator import render_phantom
 from inference.model_card import DEMO_DISCLAIMER
 from tests.dicom_peers import free_port
+from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
 from web.app import create_app
 from web.dependencies import TOKEN_COOKIE, WebContext
 from web.routers import viewer
 
-HAND_PATIENT = "AB/12 34"  # free text: a slash and a space
-FOOT_PATIENT = "CD-5678"
 TOKEN = "0123456789abcdef-viewer-token"
 BANNER = "AI RESULTS - NOT FOR DIAGNOSTIC USE"
 DEMO_LABEL = f"Demo model: {DEMO_DISCLAIMER}"
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@dataclass(frozen=True)
-class Received:
-    node: Node
-    hand: pydicom.Dataset
-    foot: pydicom.Dataset
-    failed_delivery: int
-
-
 @pytest.fixture(scope="module")
 def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Received]:
-    root = tmp_path_factory.mktemp("viewer")
-    settings = Settings(
-        storage={"root": root / "storage"},
-        workers={"count": 0},
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-        delivery={"default_destination": "pacs"},
-    )
-    node = Node(settings, models=InferenceModels.load(InferenceSettings(runtime="torch")))  # the demo cards
-    phantoms = []
-    for index, (kind, patient_id, name) in enumerate(
-        [("hand", HAND_PATIENT, "DOE^JANE"), ("foot", FOOT_PATIENT, "ROE^RICHARD")]
-    ):
-        ds, _ = render_phantom(11, index, kind)
-        ds.PatientID, ds.PatientName = patient_id, name
-        path = root / f"{kind}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)], "MODALITY")
-        phantoms.append(ds)
-    while node.workers.run_once():  # inference, then the outputs it queues
-        pass
-    with node.sessions.begin() as session:
-        first = session.scalars(select(Delivery.id).order_by(Delivery.id).limit(1)).one()
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == first)
-            .values(state=DeliveryState.FAILED, attempts=8, last_status=0xA900, last_error="pacs answered 0xA900")
-        )
-    yield Received(node, *phantoms, first)
-    node.engine.dispose()
+    state = received_node(tmp_path_factory.mktemp("viewer"))
+    yield state
+    state.node.engine.dispose()
 
 
 def app_for(received: Received, **web: object):
