@@ -22,7 +22,6 @@ import datetime as dt
 import logging
 import re
 import ssl
-import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.background import PollingThread
 from dicom_node.config import Destination, OutputKind, Settings
 from dicom_node.models import Delivery, DeliveryState, Instance
 from dicom_node.storage import InstanceStore
@@ -166,35 +166,19 @@ def count_by_state(session: Session) -> dict[DeliveryState, int]:
     return {DeliveryState(state): count for state, count in rows}
 
 
-class DeliverySender:
+class DeliverySender(PollingThread):
     """A thread that sends due deliveries, one association per destination and batch."""
 
     def __init__(self, settings: Settings, queue: DeliveryQueue, store: InstanceStore) -> None:
+        super().__init__("delivery", settings.delivery.poll_interval)
         self.settings = settings
         self.queue = queue
         self.store = store
         self.destinations = {destination.name: destination for destination in settings.destinations}
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if not self.destinations:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._work, name="delivery", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
-        self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def wake(self) -> None:
-        """Look for due deliveries now rather than at the next poll."""
-        self._wakeup.set()
+        if self.destinations:
+            super().start()
 
     def run_once(self) -> bool:
         """Send one batch to one destination; False when nothing was due."""
@@ -206,15 +190,8 @@ class DeliverySender:
             self._send(self.destinations[name], deliveries)
         return True
 
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if not self.run_once():
-                    self._wakeup.wait(self.settings.delivery.poll_interval)
-                    self._wakeup.clear()
-            except Exception:
-                log.exception("delivery error; retrying after %.1f s", self.settings.delivery.poll_interval)
-                self._stopping.wait(self.settings.delivery.poll_interval)
+    def run_pass(self) -> bool:
+        return self.run_once()
 
     def _send(self, destination: Destination, deliveries: list[ClaimedDelivery]) -> None:
         ae = AE(ae_title=self.settings.dicom.ae_title)

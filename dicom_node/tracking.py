@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.background import PollingThread
 from dicom_node.config import MlflowSettings
 from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
 from dicom_node.output_jobs import OUTPUTS_JOB
@@ -340,7 +340,7 @@ class TrackingQueue:
             )
 
 
-class InferenceTracker:
+class InferenceTracker(PollingThread):
     """A thread that logs the due runs to MLflow, a batch per pass; started only where the node runs models."""
 
     def __init__(
@@ -350,6 +350,7 @@ class InferenceTracker:
         store: InstanceStore,
         models: InferenceModels | None = None,
     ) -> None:
+        super().__init__("tracking", settings.poll_interval)
         self.settings = settings
         self.queue = TrackingQueue(sessions, settings)
         self.store = store
@@ -358,47 +359,25 @@ class InferenceTracker:
         self._experiment_id: str | None = None
         self._pseudonym_key: bytes | None = None
         self._failing = False
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if not self.settings.enabled or self.models is None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._work, name="tracking", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the run in hand, then stop."""
-        self._stopping.set()
-        self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        if self.settings.enabled and self.models is not None:
+            super().start()
 
     def run_once(self) -> int:
         """Queue the instances with new results, then log up to ``batch_size`` due runs, stopping at the first
         that fails (the rest wait for the next pass); return how many were taken."""
         self.queue.add_new()
         taken = 0
-        while taken < self.settings.batch_size and not self._stopping.is_set():
+        while taken < self.settings.batch_size and not self.stopping:
             claimed = self.queue.claim()
             if claimed is None or not self._log(claimed):
                 break
             taken += 1
         return taken
 
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                busy = self.run_once() == self.settings.batch_size
-            except Exception as error:  # the index unavailable: the next pass tries again
-                log.warning("MLflow tracking pass failed (%s)", type(error).__name__)
-                busy = False
-            if not busy:
-                self._wakeup.wait(self.settings.poll_interval)
-                self._wakeup.clear()
+    def run_pass(self) -> bool:
+        return self.run_once() == self.settings.batch_size
 
     def _log(self, claimed: ClaimedRun) -> bool:
         """Log one claimed run; False when MLflow failed (recorded on the row)."""
