@@ -108,21 +108,26 @@ def _positive(text: str) -> int:
     return value
 
 
-def _serve_command(args: argparse.Namespace) -> int:
+def _settings_or_none(config: Path) -> Settings | None:
+    """The settings of ``config``; None after printing the one-line reason when they cannot be used."""
     try:
-        settings = load_settings(args.config)
+        return load_settings(config)
     except ConfigError as error:
         print(f"dicom-node: {error}", file=sys.stderr)
+        return None
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    settings = _settings_or_none(args.config)
+    if settings is None:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     return serve(settings)
 
 
 def _resend_command(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(f"dicom-node: {error}", file=sys.stderr)
+    settings = _settings_or_none(args.config)
+    if settings is None:
         return EXIT_CONFIG_ERROR
     if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
         print(f"dicom-node: no destination is named {args.destination!r}", file=sys.stderr)
