@@ -19,6 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -69,19 +71,39 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ListenerTlsSettings(Section):
+    """DICOM over TLS on the listener (PS3.15 B.1, TLS 1.2 or later): the node's certificate and key; with
+    ``ca_file``, every caller must present a certificate signed by that CA."""
+
+    cert_file: FilePath
+    key_file: FilePath
+    ca_file: FilePath | None = None
+
+
 class DicomSettings(Section):
     ae_title: AETitle = "AINODE"
     host: str = "0.0.0.0"
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = []
+    calling_ae_addresses: dict[AETitle, list[IPvAnyNetwork]] = {}
+    tls: ListenerTlsSettings | None = None
     max_associations: int = Field(16, ge=1)
     accept_all_storage: bool = False
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     max_pdu_size: int = Field(0, ge=0)
     max_inflated_mb: int = Field(256, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1)
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 60.0
     network_timeout: Seconds = 60.0
+
+    @model_validator(mode="after")
+    def _bound_titles_are_allowed(self) -> DicomSettings:
+        if self.allowed_calling_aets:
+            unlisted = sorted(set(self.calling_ae_addresses) - set(self.allowed_calling_aets))
+            if unlisted:
+                raise ValueError(f"calling_ae_addresses: {unlisted} not in allowed_calling_aets")
+        return self
 
 
 MIN_API_TOKEN_LENGTH = 16
@@ -106,10 +128,13 @@ class WebSettings(Section):
 
 class StorageSettings(Section):
     root: Path = Path("storage")
+    min_free_mb: int = Field(1024, ge=0)
 
 
 class DatabaseSettings(Section):
     url: str = ""
+    # below the DIMSE timeout of the usual senders (Orthanc: 10 s), so that they get 0xA700, not a dropped answer
+    busy_timeout: Seconds = 5.0
 
     @field_validator("url")
     @classmethod
@@ -162,6 +187,7 @@ class InferenceSettings(Section):
     ]
     undecided_tasks: list[TaskName] = ["hallux_valgus", "bone_age"]
     skip_derived: bool = True
+    on_missing_model: Literal["refuse", "degraded"] = "refuse"
 
 
 class TlsSettings(Section):

@@ -40,6 +40,7 @@ from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.part10 import dataset_offset
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
+from inference.pixels import ImageTooLarge, check_pixel_count
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ class Rejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class TooLarge(Rejected):
+    """Refused for a size beyond a configured limit: a decompression bomb or an image too large to decode.
+
+    The status is 0xC000 (Error: Cannot understand), not 0xA700 (Refused: Out of Resources): PS3.4 B.2.3 makes
+    A7xx a lack of resources, which senders retry; this dataset would be refused on every retry.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(StoreStatus.CANNOT_UNDERSTAND, reason)
 
 
 class Outcome(enum.StrEnum):
@@ -134,6 +146,7 @@ class Ingestor:
         sessions: sessionmaker[Session],
         duplicate_policy: DuplicatePolicy = "keep_first",
         max_inflated_bytes: int = 256 * 2**20,
+        max_image_pixels: int = 100_000_000,
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         """``on_queued`` is called after an instance and its job were committed, to wake the workers."""
@@ -142,6 +155,7 @@ class Ingestor:
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
         self.max_inflated_bytes = max_inflated_bytes
+        self.max_image_pixels = max_image_pixels
         # Serialises the read-then-write of get-or-create rows between this process's threads;
         # other processes are handled by retrying on a unique-constraint violation.
         self._lock = threading.Lock()
@@ -183,7 +197,9 @@ class Ingestor:
     ) -> IngestResult:
         temporary = self.store.write_temporary([_PREAMBLE, _encode_file_meta(file_meta), *dataset])
         try:
-            header = _read_header(temporary, file_meta.TransferSyntaxUID, self.max_inflated_bytes)
+            header = _read_header(
+                temporary, file_meta.TransferSyntaxUID, self.max_inflated_bytes, self.max_image_pixels
+            )
             relative = self._check(header, file_meta, expected_sop_class_uid)
             return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID)
         finally:
@@ -336,8 +352,9 @@ def _encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int) -> InstanceHeader:
-    """Parse the whole dataset, leaving large values on disk, and refuse it if it was cut short."""
+def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, max_pixels: int) -> InstanceHeader:
+    """Parse the whole dataset, leaving large values on disk, and refuse it if it was cut short or claims more
+    than ``max_pixels`` pixels (nothing is decoded here; the workers would decode it)."""
     deflated = transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian
     if deflated:
         _check_inflated_size(path, max_inflated_bytes)
@@ -347,6 +364,9 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int) 
         ds = pydicom.dcmread(path, defer_size=defer)
         truncated = _is_truncated(ds, path.stat().st_size)  # before any access converts the raw elements
         header = InstanceHeader.from_dataset(ds)
+        check_pixel_count(ds, max_pixels)
+    except ImageTooLarge as error:
+        raise TooLarge(str(error)) from None
     except Exception as error:  # pydicom raises many types on malformed input; all mean the same here
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded ({type(error).__name__})") from None
     if truncated:
@@ -355,18 +375,22 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int) 
 
 
 def _check_inflated_size(path: Path, limit: int) -> None:
-    """Refuse a deflated dataset that would inflate beyond ``limit`` bytes (pydicom inflates it whole)."""
+    """Refuse a deflated dataset that would inflate beyond ``limit`` bytes (pydicom inflates it whole), or that is
+    no raw deflate stream at all (PS3.5 A.5: RFC 1951 without zlib header)."""
     with open(path, "rb") as file:
         file.seek(dataset_offset(path))
         inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
-        while block := file.read(1 << 20):
-            while block:
-                inflated += len(inflater.decompress(block, 1 << 22))
-                if inflated > limit:
-                    raise Rejected(StoreStatus.OUT_OF_RESOURCES, f"deflated dataset inflates beyond {limit >> 20} MiB")
-                block = inflater.unconsumed_tail
-            if inflater.eof:
-                return
+        try:
+            while block := file.read(1 << 20):
+                while block:
+                    inflated += len(inflater.decompress(block, 1 << 22))
+                    if inflated > limit:
+                        raise TooLarge(f"deflated dataset inflates beyond {limit >> 20} MiB")
+                    block = inflater.unconsumed_tail
+                if inflater.eof:
+                    return
+        except zlib.error:
+            raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "deflated dataset cannot be inflated") from None
 
 
 def _is_truncated(ds: Dataset, stream_size: int) -> bool:

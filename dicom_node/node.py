@@ -14,7 +14,7 @@ from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import JobQueue
 from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
 from dicom_node.tracking import InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
@@ -34,18 +34,22 @@ class Node:
         self.settings = settings
         self.models = models
         self.store = InstanceStore(settings.storage.root)
-        self.engine = create_index_engine(settings.database.url)
+        self.engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
         self.sessions = session_factory(self.engine)
         self.ingestor = Ingestor(
             self.store,
             self.sessions,
             settings.dicom.duplicate_policy,
             settings.dicom.max_inflated_mb * 2**20,
+            settings.dicom.max_image_pixels,
             on_queued=lambda: self.workers.wake(),
         )
         self.metrics = NodeMetrics(self.sessions)
         self.scp = StorageSCP(
-            settings.dicom, self.ingestor, lambda status: self.metrics.store_refusals.labels(f"0x{status:04X}").inc()
+            settings.dicom,
+            self.ingestor,
+            DiskGuard(settings.storage.root, settings.storage.min_free_mb * 2**20),
+            lambda status: self.metrics.store_refusals.labels(f"0x{status:04X}").inc(),
         )
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
         delivery = settings.delivery
@@ -56,7 +60,12 @@ class Node:
         handlers = {OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)}
         if models is not None:
             handlers[INFERENCE_JOB] = InferenceJobs(
-                settings.inference, models, self.store, self.sessions, self.metrics.inference_seconds
+                settings.inference,
+                models,
+                self.store,
+                self.sessions,
+                self.metrics.inference_seconds,
+                settings.dicom.max_image_pixels,
             )
         handlers |= job_handlers or {}
         self.workers = WorkerPool(
@@ -71,7 +80,7 @@ class Node:
     def start(self) -> None:
         """Resume where a previous run stopped, then listen and work."""
         swept = self.store.sweep_incoming()
-        resumed = self.queue.recover_interrupted()
+        resumed = self.queue.recover_interrupted() + self.queue.release_waiting()
         resent = self.deliveries.recover_interrupted()
         if swept or resumed or resent:
             log.info(

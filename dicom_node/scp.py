@@ -2,18 +2,27 @@
 
 Each C-STORE is handed to the :class:`~dicom_node.ingest.Ingestor` with the bytes exactly as they arrived
 (pynetdicom issue #367: no decode and re-encode), and answered only after the instance is durable and indexed.
+
+Before an association is negotiated, a calling AE title bound to source addresses must come from one of them,
+and the storage root must keep its floor of free space; otherwise the association is rejected (PS3.8 9.3.4).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (
@@ -28,7 +37,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import DicomSettings
+from dicom_node.config import DicomSettings, ListenerTlsSettings
 from dicom_node.ingest import Ingestor, Rejected
 from dicom_node.status import EchoStatus, StoreStatus
 
@@ -62,6 +71,98 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 _MAX_ERROR_COMMENT = 64  # VR LO
 
+Network = IPv4Network | IPv6Network
+
+
+class AssociateRejection(NamedTuple):
+    """The result, source and reason of an A-ASSOCIATE-RJ (PS3.8 section 9.3.4, Table 9-21)."""
+
+    result: int
+    source: int
+    reason: int
+
+
+CALLING_AE_NOT_RECOGNISED = AssociateRejection(result=0x01, source=0x01, reason=0x03)  # permanent, service user
+LOCAL_LIMIT_EXCEEDED = AssociateRejection(result=0x02, source=0x03, reason=0x02)  # transient, presentation
+
+
+@dataclass
+class DiskGuard:
+    """A floor of free space under the storage root, below which the node takes nothing new."""
+
+    root: Path
+    min_free_bytes: int
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self, incoming_bytes: int = 0) -> bool:
+        """Whether ``incoming_bytes`` more can be written without going below the floor."""
+        return self.free_bytes() - incoming_bytes >= self.min_free_bytes
+
+
+def comes_from_bound_address(bindings: Mapping[str, Sequence[Network]], calling_ae: str, address: str) -> bool:
+    """Whether ``address`` is one of those ``calling_ae`` is bound to; a title bound to none may come from any."""
+    networks = bindings.get(calling_ae.strip())
+    if networks is None:
+        return True
+    host: IPv4Address | IPv6Address = ip_address(address)
+    # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d.
+    host = getattr(host, "ipv4_mapped", None) or host
+    return any(host in network for network in networks)
+
+
+def make_association_check(bindings: Mapping[str, Sequence[Network]], disk: DiskGuard) -> Callable[[Event], None]:
+    """The EVT_REQUESTED handler: reject an association from an address its calling AE title is not bound to
+    (rejected-permanent, calling AE title not recognised), or any while free space is below the floor
+    (rejected-transient, local limit exceeded), before it is negotiated (PS3.8 section 9.3.4)."""
+
+    def check_association(event: Event) -> None:
+        association = event.assoc
+        calling_ae = association.requestor.primitive.calling_ae_title
+        address = association.requestor.address
+        if not comes_from_bound_address(bindings, calling_ae, address):
+            log.warning("rejected association from %s at %s: not an address bound to that title", calling_ae, address)
+            _reject(association, CALLING_AE_NOT_RECOGNISED)
+        elif not disk.has_room():
+            log.warning(
+                "rejected association from %s: %d MiB free under %s, below the floor of %d MiB",
+                calling_ae,
+                disk.free_bytes() >> 20,
+                disk.root,
+                disk.min_free_bytes >> 20,
+            )
+            _reject(association, LOCAL_LIMIT_EXCEEDED)
+
+    return check_association
+
+
+def _reject(association: Association, rejection: AssociateRejection) -> None:
+    association.acse.send_reject(*rejection)
+    # As pynetdicom does for its own rejections: wait until the peer has read the rejection and closed.
+    association.kill()
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """pynetdicom wraps each accepted connection in the listener's one thread, so a handshake there would let a
+    caller that sends nothing stall every other caller: it is left to :func:`complete_handshake`, in the
+    connection's own thread."""
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False, **options: Any) -> ssl.SSLSocket:
+        return super().wrap_socket(sock, server_side, **(options | {"do_handshake_on_connect": False}))
+
+
+def listener_ssl_context(tls: ListenerTlsSettings) -> ssl.SSLContext:
+    """The server side of DICOM over TLS (PS3.15 B.1): TLS 1.2 or later and the node's certificate; with a CA,
+    callers must present a certificate it signed."""
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
 
 def storage_sop_classes(accept_all_storage: bool) -> tuple[str, ...]:
     """The storage SOP classes offered as SCP: the X-ray set, or every storage class pynetdicom knows."""
@@ -75,19 +176,50 @@ def handle_echo(event: Event) -> int:
     return EchoStatus.SUCCESS
 
 
-def make_store_handler(ingestor: Ingestor, on_refused: Callable[[StoreStatus], None] = lambda status: None):
+def bound_silence(timeout: float) -> Callable[[Event], None]:
+    """An EVT_CONN_OPEN handler: a peer silent for ``timeout`` seconds in the middle of a PDU loses its connection.
+
+    pynetdicom times out an idle association between PDUs, but reads the rest of a PDU (PS3.8 9.3: its length
+    comes first) on the accepted socket, which has no timeout: a peer that stops mid-PDU would hold its
+    association, and a slot of ``max_associations``, for ever. A read that times out closes the connection.
+    """
+
+    def handle_open(event: Event) -> None:
+        event.assoc.dul.socket.socket.settimeout(timeout)
+
+    return handle_open
+
+
+def complete_handshake(event: Event) -> None:
+    """The EVT_CONN_OPEN handler of a TLS listener: the TLS handshake (PS3.15 B.1). A caller that fails it (plain
+    TCP, an untrusted or missing certificate, silence) is logged and disconnected before any DICOM is read."""
+    connection = event.assoc.dul.socket.socket
+    try:
+        connection.do_handshake()
+    except OSError as error:  # ssl.SSLError, or the timeout of bound_silence
+        log.warning("TLS handshake with %s failed: %s", event.address[0], getattr(error, "reason", None) or error)
+        connection.close()
+
+
+def make_store_handler(
+    ingestor: Ingestor, disk: DiskGuard, on_refused: Callable[[StoreStatus], None] = lambda status: None
+):
     """The EVT_C_STORE handler: ingest the raw dataset, answer with the outcome's status (``on_refused`` counts
-    the refusals)."""
+    the refusals); a dataset that would take free space below the floor is refused with Out of Resources
+    (PS3.4 Table B.2-1)."""
 
     def handle_store(event: Event) -> int | Dataset:
         request = event.request
         calling_ae = event.assoc.requestor.ae_title
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = calling_ae
+        dataset = request.DataSet.getbuffer()
         try:
+            if not disk.has_room(dataset.nbytes):
+                raise Rejected(StoreStatus.OUT_OF_RESOURCES, "free disk space is below the node's floor")
             result = ingestor.ingest(
                 file_meta,
-                [request.DataSet.getbuffer()],
+                [dataset],
                 calling_ae=calling_ae,
                 expected_sop_class_uid=request.AffectedSOPClassUID,
             )
@@ -120,6 +252,7 @@ class StorageSCP:
 
     settings: DicomSettings
     ingestor: Ingestor
+    disk: DiskGuard
     on_refused: Callable[[StoreStatus], None] = lambda status: None
 
     def __post_init__(self) -> None:
@@ -140,12 +273,28 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening in background threads; one thread per association."""
-        store = make_store_handler(self.ingestor, self.on_refused)
-        handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, store)]
+        handlers = [
+            (evt.EVT_REQUESTED, make_association_check(self.settings.calling_ae_addresses, self.disk)),
+            (evt.EVT_CONN_OPEN, bound_silence(self.settings.network_timeout)),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, make_store_handler(self.ingestor, self.disk, self.on_refused)),
+        ]
+        tls = self.settings.tls
+        if tls:  # after bound_silence, whose timeout bounds the handshake
+            handlers.append((evt.EVT_CONN_OPEN, complete_handshake))
         self._server = self.build_ae().start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=listener_ssl_context(tls) if tls else None,
         )
-        log.info("DICOM listener %s on %s:%d", self.settings.ae_title, self.settings.host, self.settings.port)
+        log.info(
+            "DICOM listener %s on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.settings.port,
+            " (TLS)" if tls else "",
+        )
 
     @property
     def listening(self) -> bool:

@@ -14,8 +14,12 @@ a fraction of the time on a 4-megapixel radiograph.
 from __future__ import annotations
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
+
+from inference.codestream import declared_size
 
 # Without a VOI, these percentiles of the image map to 0 and 1: collimator blades and markers do not set the range.
 STRETCH_PERCENTILES = (0.5, 99.5)
@@ -25,18 +29,72 @@ class UnsupportedImage(ValueError):
     """The dataset holds no image the models can read."""
 
 
-def radiograph_pixels(ds: Dataset) -> np.ndarray:
-    """The image of ``ds`` as float32 in [0, 1], MONOCHROME2 convention (high attenuation bright)."""
+class ImageTooLarge(UnsupportedImage):
+    """The image claims more pixels than the node decodes: a decompression bomb, or simply too large."""
+
+
+def dimensions(ds: Dataset) -> tuple[int, int, int]:
+    """Rows, Columns and Number of Frames as the header states them (PS3.3 C.7.6.3, C.7.6.6): what decoding
+    would allocate, whatever the size of the (compressed) Pixel Data. 0 rows or columns where absent, 1 frame."""
+    try:
+        return int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as error:  # a multi-valued or non-numeric value
+        raise UnsupportedImage(f"the image's dimensions are not numbers ({type(error).__name__})") from None
+
+
+def check_pixel_count(ds: Dataset, max_pixels: int) -> None:
+    """Raise :class:`ImageTooLarge` when ``ds`` claims more than ``max_pixels`` pixels (``dicom.max_image_pixels``),
+    Rows x Columns x Number of Frames, before anything is decoded."""
+    rows, columns, frames = dimensions(ds)
+    count = rows * columns * frames
+    if count > max_pixels:
+        raise ImageTooLarge(f"{count} pixels exceed dicom.max_image_pixels")  # fits an ErrorComment (LO, 64)
+
+
+def check_codestream(ds: Dataset) -> None:
+    """Raise :class:`UnsupportedImage` when the first compressed frame's codestream declares other dimensions than
+    Rows and Columns (PS3.5 8.2 requires them to agree; a decoder would allocate what the codestream declares)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None or not uid.UID(syntax).is_encapsulated:
+        return
+    rows, columns, frames = dimensions(ds)
+    try:
+        first = next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except (ValueError, TypeError, StopIteration) as error:
+        raise UnsupportedImage(f"the Pixel Data is not encapsulated (PS3.5 A.4): {type(error).__name__}") from None
+    declared, header = declared_size(first), (rows, columns)
+    if declared is not None and declared != header:
+        raise UnsupportedImage(
+            f"the codestream declares {declared[0]} x {declared[1]} pixels, Rows x Columns {header[0]} x {header[1]}"
+        )
+
+
+def radiograph_pixels(ds: Dataset, max_pixels: int | None = None) -> np.ndarray:
+    """The image of ``ds`` as float32 in [0, 1], MONOCHROME2 convention (high attenuation bright); an image of more
+    than ``max_pixels``, or whose codestream disagrees with its header, is refused before it is decoded."""
     if "PixelData" not in ds:
         raise UnsupportedImage("the dataset has no Pixel Data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    stored = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # the first frame only
+    if max_pixels is not None:
+        check_pixel_count(ds, max_pixels)
+    check_codestream(ds)
+    stored = _first_frame(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return _colour_to_gray(ds, stored)
     if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
         return _through_lookup_table(stored, ds, photometric)
     return _grayscale_pipeline(stored, ds, photometric, stored)
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    """The stored values of the first frame. pydicom raises ValueError for Pixel Data shorter than the header's
+    dimensions say (PS3.5 8.1.1) and RuntimeError when no decoder reads the codestream: damaged data, which no
+    retry reads, so :class:`UnsupportedImage`."""
+    frames = dimensions(ds)[2]
+    try:
+        return pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        raise UnsupportedImage(f"the pixels cannot be decoded: {error}") from None
 
 
 def _grayscale_pipeline(values: np.ndarray, ds: Dataset, photometric: str, image: np.ndarray) -> np.ndarray:

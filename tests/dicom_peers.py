@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config
+from pynetdicom import AE, Association, _config
+from pynetdicom.sop_class import Verification
 
 NODE_AE = "AINODE"
 
@@ -60,6 +61,23 @@ def send_datasets(port: int, datasets: Sequence[Dataset], *, calling_aet: str = 
         return [association.send_c_store(ds) for ds in datasets]
     finally:
         association.release()
+
+
+def associate(port: int, *, calling_aet: str = "TESTSCU", bind_address: str = "127.0.0.1") -> Association:
+    """Request a Verification association from ``bind_address``; released at once if the node accepted it."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", port, ae_title=NODE_AE, bind_address=(bind_address, 0))
+    if association.is_established:
+        association.release()
+    return association
+
+
+def rejection(association: Association) -> tuple[str, str, str]:
+    """The result, source and reason of the A-ASSOCIATE-RJ the node answered (PS3.8 Table 9-21), in words."""
+    assert association.is_rejected, "the association was not rejected"
+    answer = association.acceptor.primitive
+    return answer.result_str, answer.source_str, answer.reason_str
 
 
 def dcmtk(tool: str, *args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,6 @@ retried with backoff, other failures fail at once, `dicom-node resend` queues th
 from __future__ import annotations
 
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from dicom_node.node import Node
 from dicom_node.part10 import encoded_dataset
 from dicom_node.synthetic import synthetic_dx
 from tests.dicom_peers import free_port
+from tests.tls import certificate_authority
 
 
 class AnsweringPeer:
@@ -159,50 +159,6 @@ def test_a_destination_that_is_down_uses_up_its_attempts_then_fails(tmp_path: Pa
     row = delivery(node, delivery_id)
     assert (row.state, row.attempts, row.last_status) == (DeliveryState.FAILED, 3, None)
     assert "association" in row.last_error or "cannot connect" in row.last_error
-
-
-def certificate_authority(directory: Path, name: str) -> tuple[Path, Path, Path]:
-    """A CA made by openssl and a server certificate it signed for 127.0.0.1: (ca, certificate, key)."""
-    directory.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        f"/CN={name}",
-    )
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=peer")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    )
-    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
 
 
 def test_a_tls_destination_gets_the_object_only_when_its_certificate_verifies(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_disk_full_while_publishing_answers_out_of_resources(node: Node, monkeyp
     assert stored_instances(node) == [] and files_under_patients(node) == []
 
 
-def test_a_deflate_bomb_is_refused(start_node: NodeFactory, tmp_path: Path) -> None:
+def test_a_deflate_bomb_is_refused_with_a_status_senders_do_not_retry(start_node: NodeFactory, tmp_path: Path) -> None:
     node = start_node(max_inflated_mb=8)
     ds = synthetic_dx("PAT-BOMB", side=64)
     ds.add_new(0x00091010, "OB", b"\x00" * (32 * 2**20))  # 32 MiB of zeros: a few dozen KiB deflated
@@ -164,7 +164,7 @@ def test_a_deflate_bomb_is_refused(start_node: NodeFactory, tmp_path: Path) -> N
     assert path.stat().st_size < 2**20
 
     [response] = send_files(node.settings.dicom.port, [path])
-    assert response.Status == StoreStatus.OUT_OF_RESOURCES
+    assert response.Status == StoreStatus.CANNOT_UNDERSTAND  # not retryable: 0xA700 would be sent again forever
     assert "inflates beyond 8 MiB" in response.ErrorComment
     assert stored_instances(node) == []
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from dicom_node.config import TaskName
-from dicom_node.ingest import INFERENCE_JOB, Rejected
+from dicom_node.ingest import INFERENCE_JOB, Rejected, TooLarge
 from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.status import StoreStatus
@@ -90,9 +90,9 @@ def predict(
     valgus seed's fields for a foot, the bone-age seed's for a hand (the fields of a task that did not run are
     null). A picture is stored as a Secondary Capture; BodyPartExamined FOOT or HAND from ``task`` routes it.
 
-    413 larger than ``web.max_upload_mb`` (or decoding to more than 50 million pixels), 415 not one of the
-    accepted kinds, 422 corrupt or truncated, or an image no model (or not ``task``) runs on; 503 when the
-    node serves no models or inference did not finish in time."""
+    413 larger than ``web.max_upload_mb`` (or decoding to more than 50 million pixels, or a DICOM image of more
+    than ``dicom.max_image_pixels``), 415 not one of the accepted kinds, 422 corrupt or truncated, or an image no
+    model (or not ``task``) runs on; 503 when the node serves no models or inference did not finish in time."""
     limit = context.settings.web.max_upload_mb * 2**20
     return _predict(context, read_limited(image.file, limit), patient_id, sex, task)
 
@@ -202,13 +202,14 @@ def _node(context: WebContext) -> Node:
 
 
 def _refusal(rejected: Rejected) -> HTTPException:
-    """The ingest's refusal as an HTTP error: the file's fault (422, 413) or the node's (503, 500)."""
-    if rejected.status in (StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS):
+    """The ingest's refusal as an HTTP error: the file's fault (413 beyond a size limit, else 422) or the node's
+    (503, 500)."""
+    if isinstance(rejected, TooLarge):
+        code = status.HTTP_413_CONTENT_TOO_LARGE
+    elif rejected.status in (StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS):
         code = status.HTTP_422_UNPROCESSABLE_CONTENT
     elif rejected.status == StoreStatus.OUT_OF_RESOURCES:
-        code = (
-            status.HTTP_413_CONTENT_TOO_LARGE if "inflates" in rejected.reason else status.HTTP_503_SERVICE_UNAVAILABLE
-        )
+        code = status.HTTP_503_SERVICE_UNAVAILABLE
     else:
         code = status.HTTP_500_INTERNAL_SERVER_ERROR
     return HTTPException(code, f"the image was not stored: {rejected.reason}")
@@ -219,7 +220,9 @@ def _cards(context: WebContext) -> dict[TaskName, ModelCard]:
     handler = context.node.workers.handlers.get(INFERENCE_JOB) if context.node is not None else None
     models = getattr(handler, "models", None)
     if models is not None:
-        return {"hallux_valgus": models.hallux_valgus.card, "bone_age": models.bone_age.card}
+        if models.missing:  # started without a model (inference.on_missing_model: degraded)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(models.missing.values()))
+        return {task: model.card for task, model in models.loaded().items()}
     inference = context.settings.inference
     try:
         return {
