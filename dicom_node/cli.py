@@ -132,7 +132,7 @@ def _resend_command(args: argparse.Namespace) -> int:
     if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
         print(f"dicom-node: no destination is named {args.destination!r}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    engine = create_index_engine(settings.database.url)
+    engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
     try:
         delivery = settings.delivery
         queue = DeliveryQueue(
@@ -256,7 +256,9 @@ def serve(settings: Settings) -> int:
     except ModelLoadError as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
-    log.info("models loaded: %s; %s", models.hallux_valgus.card.label, models.bone_age.card.label)
+    for task, reason in models.missing.items():
+        log.warning("started without the %s model (inference.on_missing_model: degraded): %s", task, reason)
+    log.info("models loaded: %s", "; ".join(model.card.label for model in models.loaded().values()) or "none")
     try:
         node = Node(settings, models=models)
     except OSError as error:

@@ -8,17 +8,18 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import DatabaseSettings
 from dicom_node.models import Base
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-
-def create_index_engine(url: str) -> Engine:
+def create_index_engine(url: str, busy_timeout: float = DatabaseSettings().busy_timeout) -> Engine:
     """An engine for ``url`` with the tables created.
 
     SQLite runs in WAL mode so that readers (the web viewer) never block the SCP's writes, with
     ``synchronous=FULL`` so that a committed index row survives a power cut as the file it points at does.
-    Statement parameters are kept out of error messages: they hold patient data.
+    A write that finds another connection's lock waits up to ``busy_timeout`` seconds, then raises
+    ``OperationalError`` ("database is locked"). Statement parameters are kept out of error messages: they
+    hold patient data.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -28,7 +29,7 @@ def create_index_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"check_same_thread": False, "timeout": busy_timeout},
             hide_parameters=True,
         )
         event.listen(engine, "connect", _configure_sqlite)
@@ -38,12 +39,7 @@ def create_index_engine(url: str) -> Engine:
 
 def _configure_sqlite(connection, _record) -> None:
     cursor = connection.cursor()
-    for pragma in (
-        "journal_mode=WAL",
-        "synchronous=FULL",
-        "foreign_keys=ON",
-        f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-    ):
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

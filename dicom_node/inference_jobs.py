@@ -3,8 +3,9 @@
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
 decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance,
 the heatmaps are written under ``results/`` beside the layout of ``patients/``, and one transaction replaces
-the instance's results, notes what the job did and queues the instance's outputs job
-(:mod:`dicom_node.output_jobs`), so a job run again leaves the same state as one run once.
+the instance's results, queues the instance's outputs job (:mod:`dicom_node.output_jobs`) and marks the job
+done with what it did: a process killed before the commit leaves the job to run again, which leaves the same
+state as one run once; killed after it, the job is not run again (new result ids would give new outputs).
 An instance that cannot be read or decoded fails its own job only.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,16 +23,17 @@ import pydicom
 from prometheus_client import Histogram
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
-from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue, still_claimed
-from dicom_node.models import InferenceResult, Instance, Job
+from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
+from dicom_node.models import InferenceResult, Instance
 from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
+from inference.model_card import ModelMissingError
 from inference.pixels import UnsupportedImage, radiograph_pixels
 from inference.predict import (
     BoneAgeEstimate,
@@ -48,24 +51,40 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferenceModels:
-    """The models the node serves, loaded once and shared by every worker."""
+    """The models the node serves, loaded once and shared by every worker. A model whose card or weights file was
+    missing at start (``inference.on_missing_model: degraded``) is None, and ``missing`` says why."""
 
-    hallux_valgus: Model
-    bone_age: Model
+    hallux_valgus: Model | None
+    bone_age: Model | None
+    missing: Mapping[TaskName, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: InferenceSettings, cache_dir: Path | None = None) -> InferenceModels:
-        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem.
-        ``cache_dir`` keeps the graphs the onnxruntime runtime exports."""
-        return cls(
-            *(
-                Model.load(card, settings.runtime, cache_dir, settings.threads)
-                for card in (settings.hallux_valgus_card, settings.bone_age_card)
-            )
-        )
+        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem, but
+        for a missing card or weights file under ``on_missing_model: degraded``. ``cache_dir`` keeps the graphs the
+        onnxruntime runtime exports."""
+        models: dict[TaskName, Model | None] = {}
+        missing: dict[TaskName, str] = {}
+        for task, card in (("hallux_valgus", settings.hallux_valgus_card), ("bone_age", settings.bone_age_card)):
+            try:
+                models[task] = Model.load(card, settings.runtime, cache_dir, settings.threads)
+            except ModelMissingError as error:
+                if settings.on_missing_model == "refuse":
+                    raise
+                models[task], missing[task] = None, str(error)
+        return cls(models["hallux_valgus"], models["bone_age"], missing)
+
+    def loaded(self) -> dict[TaskName, Model]:
+        """The models that were loaded, by task."""
+        models: dict[TaskName, Model | None] = {"hallux_valgus": self.hallux_valgus, "bone_age": self.bone_age}
+        return {task: model for task, model in models.items() if model is not None}
 
     def of(self, task: TaskName) -> Model:
-        return self.hallux_valgus if task == "hallux_valgus" else self.bone_age
+        """The model of ``task``; raises :class:`JobMustWait` when it was missing at start."""
+        model = self.loaded().get(task)
+        if model is None:
+            raise JobMustWait(f"waiting for the {task} model: {self.missing[task]}")
+        return model
 
 
 @dataclass
@@ -92,9 +111,12 @@ class InferenceJobs:
         store: InstanceStore,
         sessions: sessionmaker[Session],
         latency: Histogram | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
-        """``latency`` observes each image's seconds from reading to recorded results, by task."""
+        """``latency`` observes each image's seconds from reading to recorded results, by task; an image of more
+        than ``max_image_pixels`` (``dicom.max_image_pixels``) fails its job without being decoded."""
         self.settings = settings
+        self.max_image_pixels = max_image_pixels
         self.models = models
         self.latency = latency
         self.store = store
@@ -168,18 +190,19 @@ class InferenceJobs:
         ds = pydicom.dcmread(self.store.absolute(relative))
         work = _Work(job, relative, ds, route(ds, self.settings))
         if work.route.tasks:
-            picture = as_picture(radiograph_pixels(ds))
-            work.inputs = {task: self.models.of(task).inputs([picture]) for task in work.route.tasks}
+            models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
+            picture = as_picture(radiograph_pixels(ds, self.max_image_pixels))
+            work.inputs = {task: model.inputs([picture]) for task, model in models.items()}
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
     def _predict(self, task: TaskName, images: ModelInputs) -> list:
         if task == "hallux_valgus":
-            return predict_hallux_valgus(self.models.hallux_valgus, images, self.settings.hallux_valgus_threshold)
-        return predict_bone_age(self.models.bone_age, images, self.settings.bone_age_augmentations)
+            return predict_hallux_valgus(self.models.of(task), images, self.settings.hallux_valgus_threshold)
+        return predict_bone_age(self.models.of(task), images, self.settings.bone_age_augmentations)
 
     def _hallux_valgus_rows(self, work: _Work, result: HalluxValgusResult) -> None:
-        model = self.models.hallux_valgus
+        model = self.models.of("hallux_valgus")
         values = {
             "probabilities": result.probabilities,
             "prediction": result.prediction,
@@ -196,7 +219,7 @@ class InferenceJobs:
         self._add_row(work, "hallux_valgus", "foot", True, summary, values, result.heatmap, model)
 
     def _bone_age_rows(self, work: _Work, estimates: dict[str, BoneAgeEstimate]) -> None:
-        model, header = self.models.bone_age, work.header
+        model, header = self.models.of("bone_age"), work.header
         age = chronological_age(
             _text(header, "PatientBirthDate"), _text(header, "StudyDate"), _text(header, "PatientAge")
         )
@@ -274,7 +297,7 @@ class InferenceJobs:
                 session.add(row)
             if work.rows:
                 enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
-            session.execute(update(Job).where(Job.id == work.job.id).values(note=note))
+            finish(session, work.job, note)
         if self.latency is not None:
             for task in work.route.tasks:
                 self.latency.labels(task).observe(sum(work.timings_ms.values()) / 1000)

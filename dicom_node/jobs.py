@@ -31,6 +31,11 @@ class PermanentJobError(Exception):
     """A job failed in a way no retry can change (an image no decoder can read): it is marked failed at once."""
 
 
+class JobMustWait(Exception):
+    """A job cannot run before the node is restarted with what it lacks (a missing model file): it waits, its
+    attempt not counted, with the message as its note."""
+
+
 class JobQueue:
     def __init__(self, sessions: sessionmaker[Session], max_attempts: int, retry_backoff: float) -> None:
         self.sessions = sessions
@@ -67,12 +72,13 @@ class JobQueue:
                     return claimed
 
     def complete(self, job: ClaimedJob) -> bool:
-        """Mark a claimed job done; False when it was queued again meanwhile (it stays pending)."""
+        """Mark a claimed job done (its handler may have done so with its effects, by :func:`finish`); False
+        when it was queued again meanwhile (it stays pending)."""
         with self.sessions.begin() as session:
             return bool(
                 session.execute(
                     update(Job)
-                    .where(*_still_claimed(job))
+                    .where(*_claim(job), Job.state.in_((JobState.RUNNING, JobState.DONE)))
                     .values(state=JobState.DONE, last_error=None)
                     .execution_options(synchronize_session=False)
                 ).rowcount
@@ -93,6 +99,23 @@ class JobQueue:
                 delay = self.retry_backoff * 2 ** (row.attempts - 1)
                 row.available_at = _now() + dt.timedelta(seconds=delay)
             return row.state
+
+    def wait(self, job: ClaimedJob, reason: str) -> None:
+        """Put a claimed job aside until the next start (:meth:`release_waiting`), its attempt not counted."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Job)
+                .where(*_still_claimed(job))
+                .values(state=JobState.WAITING, attempts=Job.attempts - 1, note=reason, last_error=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def release_waiting(self) -> int:
+        """At start-up: waiting jobs are due again; those that still cannot run wait again."""
+        with self.sessions.begin() as session:
+            return session.execute(
+                update(Job).where(Job.state == JobState.WAITING).values(state=JobState.PENDING, available_at=_now())
+            ).rowcount
 
     def recover_interrupted(self) -> int:
         """At start-up: jobs left running by a stopped process go back to pending, their attempt counted;
@@ -128,8 +151,24 @@ def still_claimed(session: Session, job: ClaimedJob) -> bool:
     return session.scalar(select(Job.id).where(*_still_claimed(job)).with_for_update()) is not None
 
 
+def finish(session: Session, job: ClaimedJob, note: str) -> None:
+    """Mark a still claimed ``job`` done, with what it did, in the handler's transaction that records its
+    effects: they commit together, so a process killed after the commit does not run the job again (and a run
+    again would give its outputs new identities)."""
+    session.execute(
+        update(Job)
+        .where(*_still_claimed(job))
+        .values(state=JobState.DONE, last_error=None, note=note)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _claim(job: ClaimedJob) -> tuple:
+    return Job.id == job.id, Job.generation == job.generation
+
+
 def _still_claimed(job: ClaimedJob) -> tuple:
-    return Job.id == job.id, Job.state == JobState.RUNNING, Job.generation == job.generation
+    return *_claim(job), Job.state == JobState.RUNNING
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

@@ -88,6 +88,7 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    WAITING = "waiting"  # for what the node lacks until a restart (a missing model); see JobQueue.wait
 
 
 class Job(Base):

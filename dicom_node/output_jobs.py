@@ -4,7 +4,7 @@ For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.ou
 the instance, one structured report of all its results (:mod:`dicom_node.outputs.report`). Their UIDs derive
 from the source and the results' ids, so a job run again after a crash writes the same objects to the same
 places. One transaction indexes them beside the received instances (``source_instance_pk`` says which one they
-report on) and adds one outbox row per object and destination (:mod:`dicom_node.delivery`).
+report on), adds one outbox row per object and destination (:mod:`dicom_node.delivery`) and marks the job done.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for
 from dicom_node.ingest import InstanceHeader, index_series
-from dicom_node.jobs import ClaimedJob, PermanentJobError, still_claimed
+from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, still_claimed
 from dicom_node.models import Delivery, InferenceResult, Instance, Job
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import build_measurement_report
@@ -101,7 +101,7 @@ class OutputJobs:
             note = f"wrote {len(written)} objects; {queued} deliveries queued"
             if not queued:
                 note += " (no destination: see delivery.default_destination)"
-            session.execute(update(Job).where(Job.id == job.id).values(note=note))
+            finish(session, job, note)
         if queued:
             self.on_queued()
 

@@ -212,7 +212,7 @@ def _model_params(result: InferenceResult, models: InferenceModels | None) -> di
         f"{result.task}.model_version": result.model_version,
         f"{result.task}.weights_digest": result.weights_digest,
     }
-    model = models.of(result.task) if models is not None else None
+    model = models.loaded().get(result.task) if models is not None else None
     if model is not None and model.weights_digest == result.weights_digest:  # the model that made the result
         params[f"{result.task}.input_size"] = str(model.card.input_size)
     return params

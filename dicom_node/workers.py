@@ -12,7 +12,9 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from dicom_node.jobs import ClaimedJob, JobQueue, PermanentJobError
+from sqlalchemy.exc import OperationalError
+
+from dicom_node.jobs import ClaimedJob, JobMustWait, JobQueue, PermanentJobError
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +71,33 @@ class WorkerPool:
         except Exception as error:
             failures = {job.id: error for job in jobs}
         for job in jobs:
-            try:
-                self._finish(job, failures.get(job.id))
-            except Exception as error:  # the index is unavailable: the job is resumed at the next start
-                log.error("job %d could not be marked finished (%s)", job.id, type(error).__name__)
+            self._finish_when_possible(job, failures.get(job.id))
         return True
+
+    def _finish_when_possible(self, job: ClaimedJob, error: Exception | None) -> None:
+        """Record the outcome of ``job``; while the index is unavailable (busy, or its server away), try again
+        every poll interval, so that the job is not left running until the next start. A node stopping meanwhile
+        leaves it running, and the next start resumes it."""
+        while True:
+            try:
+                self._finish(job, error)
+                return
+            except OperationalError:
+                log.error("job %d could not be marked finished (index unavailable); trying again", job.id)
+                if self._stopping.wait(self.poll_interval):
+                    return
+            except Exception as unexpected:
+                log.error("job %d could not be marked finished (%s)", job.id, type(unexpected).__name__)
+                return
 
     def _finish(self, job: ClaimedJob, error: Exception | None) -> None:
         if error is None:
             if not self.queue.complete(job):
                 log.info("job %d was queued again while it ran; it runs again", job.id)
+            return
+        if isinstance(error, JobMustWait):
+            self.queue.wait(job, str(error))
+            log.warning("job %d (%s) waits: %s", job.id, job.kind, error)
             return
         permanent = isinstance(error, PermanentJobError)
         reason = str(error) if permanent else f"{type(error).__name__}: {error}"

@@ -28,6 +28,10 @@ class ModelLoadError(Exception):
     """A model card or its weights cannot be used; the message names the card and the problem."""
 
 
+class ModelMissingError(ModelLoadError):
+    """A model card or its weights file does not exist (as opposed to one that exists but fails its checks)."""
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -118,6 +122,8 @@ def read_card(path: Path) -> ModelCard:
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         return ModelCard.model_validate(values)
+    except FileNotFoundError as error:
+        raise ModelMissingError(f"{path}: cannot read the model card: {error.strerror}") from None
     except OSError as error:
         raise ModelLoadError(f"{path}: cannot read the model card: {error.strerror}") from None
     except yaml.YAMLError:
@@ -162,7 +168,7 @@ def _load_weights(card: ModelCard, card_path: Path) -> torch.nn.Module:
             raise ModelLoadError(f"{card_path}: cannot load {card.weights.uri}: {type(error).__name__}") from None
     weights_path = card_path.parent / card.weights.path
     if not weights_path.is_file():
-        raise ModelLoadError(f"{card_path}: weights file {weights_path} is missing")
+        raise ModelMissingError(f"{card_path}: weights file {weights_path} is missing")
     actual = sha256_of(weights_path)
     if actual != card.weights.sha256.lower():
         raise ModelLoadError(

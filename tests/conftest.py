@@ -11,6 +11,7 @@ from dicom_node.config import Settings
 from dicom_node.models import Instance, Job
 from dicom_node.node import Node
 from tests.dicom_peers import free_port
+from tests.serve_process import onnx_graphs  # noqa: F401  (a fixture for the served-node tests)
 
 NodeFactory = Callable[..., Node]
 

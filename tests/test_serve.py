@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,86 +13,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.synthetic import write_synthetic_dx
-from tests.dicom_peers import NODE_AE, dcmtk, free_port
-
-REPO = Path(__file__).resolve().parents[1]
-DICOM_NODE = Path(sys.executable).parent / "dicom-node"
-
-
-class ServeProcess:
-    def __init__(
-        self,
-        storage: Path,
-        dicom_port: int | None = None,
-        cwd: Path | None = None,
-        environment: dict[str, str] | None = None,
-    ) -> None:
-        self.dicom_port = dicom_port or free_port()
-        self.web_port = free_port()
-        self.storage = storage
-        environment = (
-            os.environ
-            | {
-                "DICOM_NODE_DICOM__HOST": "127.0.0.1",
-                "DICOM_NODE_DICOM__PORT": str(self.dicom_port),
-                "DICOM_NODE_WEB__PORT": str(self.web_port),
-                "DICOM_NODE_STORAGE__ROOT": str(storage),
-                "DICOM_NODE_INFERENCE__HALLUX_VALGUS_CARD": str(REPO / "models" / "hallux-valgus-demo.yaml"),
-                "DICOM_NODE_INFERENCE__BONE_AGE_CARD": str(REPO / "models" / "bone-age-demo.yaml"),
-            }
-            | (environment or {})
-        )
-        self.process = subprocess.Popen(
-            [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
-            env=environment,
-            cwd=cwd or storage.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def wait_until_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"serve exited early:\n{self.process.stdout.read()}"
-            try:
-                if self.health()[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("the node did not become ready")
-
-    def health(self) -> tuple[int, dict]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/health", timeout=5) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as error:
-            return error.code, json.load(error)
-
-    def jobs_when_finished(self, count: int, timeout: float = 90) -> dict[str, int]:
-        """The jobs by state once ``count`` jobs exist and none is pending or running."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = self.health()[1]["jobs"]
-            if sum(jobs.values()) == count and not {"pending", "running"} & set(jobs):
-                return jobs
-            time.sleep(0.2)
-        raise TimeoutError(f"jobs not finished: {self.health()[1]['jobs']}")
-
-    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
-        self.process.send_signal(signal_number)
-        output, _ = self.process.communicate(timeout=timeout)
-        return self.process.returncode, output
+from tests.dicom_peers import NODE_AE, dcmtk
+from tests.serve_process import REPO, ServeProcess
 
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServeProcess]:
     process = ServeProcess(tmp_path / "storage")
     yield process
-    if process.process.poll() is None:
-        process.process.kill()
-        process.process.wait()
+    process.ensure_stopped()
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
@@ -149,8 +73,8 @@ def test_serve_on_a_busy_port_exits_with_one_line(tmp_path: Path) -> None:
         occupant.bind(("127.0.0.1", 0))
         occupant.listen()
         busy = ServeProcess(tmp_path / "storage", dicom_port=occupant.getsockname()[1])
-        output, _ = busy.process.communicate(timeout=60)
-    assert busy.process.returncode == 1
+        returncode, output = busy.wait_for_exit()
+    assert returncode == 1
     assert f"cannot listen on 127.0.0.1:{busy.dicom_port}" in output
     assert "Traceback" not in output
 
@@ -172,8 +96,8 @@ def test_an_unusable_storage_root_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the storage root should be")
     process = ServeProcess(blocker / "storage", cwd=tmp_path)
-    output, _ = process.process.communicate(timeout=60)
-    assert process.process.returncode == 1
+    returncode, output = process.wait_for_exit()
+    assert returncode == 1
     assert "cannot use storage root" in output
     assert "Traceback" not in output
 
@@ -184,8 +108,8 @@ def test_a_model_card_that_fails_its_checks_stops_start_up_with_one_line(tmp_pat
     bad.write_text(card.replace("sha256: ", "sha256: 0000", 1))
     (tmp_path / "hallux-valgus-demo.pt").symlink_to(REPO / "models" / "hallux-valgus-demo.pt")
     process = ServeProcess(tmp_path / "storage", environment={"DICOM_NODE_INFERENCE__HALLUX_VALGUS_CARD": str(bad)})
-    output, _ = process.process.communicate(timeout=60)
-    assert process.process.returncode == 1
+    returncode, output = process.wait_for_exit()
+    assert returncode == 1
     [line] = output.strip().splitlines()
     assert line.startswith(f"dicom-node: {bad}: weights hallux-valgus-demo.pt have sha256 ")
     with socket.socket() as probe:  # nothing listens: the node did not start without its model

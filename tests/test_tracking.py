@@ -219,8 +219,9 @@ def test_runs_appear_once_the_tracking_server_is_back(tmp_path: Path, models: In
 
 @contextmanager
 def mlflow_server(root: Path, port: int) -> Iterator[Path]:
-    """A real MLflow tracking server on ``port``, artifacts proxied to ``root/artifacts``; yields ``root``."""
-    root.mkdir()
+    """A real MLflow tracking server on ``port`` with its store in ``root``, artifacts proxied to ``root/artifacts``;
+    yields ``root``."""
+    root.mkdir(exist_ok=True)  # a server restarted on the same store
     process = subprocess.Popen(
         [
             MLFLOW,

@@ -1,8 +1,9 @@
 """``GET /health``: is the node alive, and is each part it needs working?
 
 Required parts (the database, writable storage, the DICOM listener and, in a serving node, the models) answer
-503 when one is down. MLflow is reported but not required: inference and delivery go on without it, and the
-runs are logged when it is back.
+503 when one is down; so does a node started without a missing model (``inference.on_missing_model: degraded``),
+which receives and stores images but keeps the jobs of that model waiting. MLflow is reported but not required:
+inference and delivery go on without it, and the runs are logged when it is back.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Health(BaseModel):
     storage: PartHealth
     dicom_listener: PartHealth
     models: list[ModelHealth] | None = Field(description="The loaded models; null where the app serves no node.")
+    missing_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tasks whose model was missing at start (inference.on_missing_model: degraded), with the reason; "
+        "their jobs wait until the node is restarted with the model.",
+    )
     mlflow: PartHealth = Field(description="Runs waiting to be logged and the last error; not a required part.")
     jobs: dict[str, int]
     deliveries: dict[str, int]
@@ -56,7 +62,8 @@ def health(context: ContextDep, response: Response) -> Health:
         ok=context.listener_up(), detail=f"{context.settings.dicom.ae_title}@{context.settings.dicom.port}"
     )
     models = _models(context)
-    healthy = database.ok and storage.ok and listener.ok and models != []
+    missing = dict(context.node.models.missing) if context.node is not None and context.node.models is not None else {}
+    healthy = database.ok and storage.ok and listener.ok and models != [] and not missing
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Health(
@@ -65,6 +72,7 @@ def health(context: ContextDep, response: Response) -> Health:
         storage=storage,
         dicom_listener=listener,
         models=models,
+        missing_models=missing,
         mlflow=mlflow,
         jobs=jobs,
         deliveries=deliveries,
@@ -82,7 +90,7 @@ def _models(context: WebContext) -> list[ModelHealth] | None:
         ModelHealth(
             name=model.card.name, version=model.card.version, weights_digest=model.weights_digest, demo=model.card.demo
         )
-        for model in (loaded.hallux_valgus, loaded.bone_age)
+        for model in loaded.loaded().values()
     ]
 
 
@@ -108,11 +116,14 @@ def _mlflow(session: Session, context: WebContext) -> PartHealth:
     waiting = session.scalar(
         select(func.count()).select_from(TrackedRun).where(TrackedRun.state == TrackingState.PENDING)
     )
-    failing = session.scalar(
-        select(func.count())
-        .select_from(TrackedRun)
-        .where(TrackedRun.state == TrackingState.PENDING, TrackedRun.attempts > 0)
+    last_error = session.scalar(
+        select(TrackedRun.last_error)
+        .where(TrackedRun.state == TrackingState.PENDING, TrackedRun.attempts > 0, TrackedRun.last_error.is_not(None))
+        .order_by(TrackedRun.available_at.desc())
+        .limit(1)
     )
     detail = f"{waiting} runs waiting to be logged"
-    # the errors themselves stay in the index and the log: /health is open, and they may name the tracking URI
-    return PartHealth(ok=not failing, detail=f"{detail}, {failing} of them failed to" if failing else detail)
+    if last_error is None:
+        return PartHealth(ok=True, detail=detail)
+    # only the error's type: /health is open, and the message may name the tracking URI and its credentials
+    return PartHealth(ok=False, detail=f"{detail}; logging fails ({last_error.partition(':')[0]})")

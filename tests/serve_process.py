@@ -1,0 +1,137 @@
+"""``dicom-node serve`` run as an administrator runs it, as a subprocess on free loopback ports, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import InferenceSettings
+from dicom_node.inference_jobs import InferenceModels
+from tests.dicom_peers import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DICOM_NODE = Path(sys.executable).parent / "dicom-node"
+DEMO_CARDS = {
+    "hallux_valgus_card": REPO / "models" / "hallux-valgus-demo.yaml",
+    "bone_age_card": REPO / "models" / "bone-age-demo.yaml",
+}
+
+
+@pytest.fixture(scope="session")
+def onnx_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models' ONNX graphs, exported once for the session (a minute on a small machine), for
+    :func:`with_onnx_graphs`."""
+    directory = tmp_path_factory.mktemp("onnx")
+    InferenceModels.load(InferenceSettings(**DEMO_CARDS), directory)
+    return directory
+
+
+def with_onnx_graphs(storage: Path, graphs: Path) -> Path:
+    """``storage`` with the exported graphs in its cache, so that a node started on it need not export them."""
+    shutil.copytree(graphs, storage / "cache" / "onnx")
+    return storage
+
+
+class ServeProcess:
+    """A started ``dicom-node serve`` with the committed config.yaml and demo model cards; ``environment``
+    overrides settings. Its output goes to an anonymous file, so that a long, talkative run never blocks on a
+    full pipe."""
+
+    def __init__(
+        self,
+        storage: Path,
+        dicom_port: int | None = None,
+        cwd: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        self.dicom_port = dicom_port or free_port()
+        self.web_port = free_port()
+        self.storage = storage
+        environment = (
+            os.environ
+            | {
+                "DICOM_NODE_DICOM__HOST": "127.0.0.1",
+                "DICOM_NODE_DICOM__PORT": str(self.dicom_port),
+                "DICOM_NODE_WEB__PORT": str(self.web_port),
+                "DICOM_NODE_STORAGE__ROOT": str(storage),
+            }
+            | {f"DICOM_NODE_INFERENCE__{key.upper()}": str(card) for key, card in DEMO_CARDS.items()}
+            | (environment or {})
+        )
+        self._output = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
+            env=environment,
+            cwd=cwd or storage.parent,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def output(self) -> str:
+        """Everything the process wrote so far."""
+        self._output.seek(0)
+        return self._output.read()
+
+    def wait_until_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"serve exited early:\n{self.output()}"
+            try:
+                if self.health()[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("the node did not become ready")
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/health", timeout=5) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def jobs_when_finished(self, count: int, timeout: float = 90) -> dict[str, int]:
+        """The jobs by state once ``count`` jobs exist and none is pending or running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.health()[1]["jobs"]
+            if sum(jobs.values()) == count and not {"pending", "running"} & set(jobs):
+                return jobs
+            time.sleep(0.2)
+        raise TimeoutError(f"jobs not finished: {self.health()[1]['jobs']}")
+
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident set size so far (VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+    def wait_for_exit(self, timeout: float = 60) -> tuple[int, str]:
+        """The exit status and the output once the process has exited by itself."""
+        self.process.wait(timeout)
+        return self.process.returncode, self.output()
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        self.process.send_signal(signal_number)
+        return self.wait_for_exit(timeout)
+
+    def ensure_stopped(self) -> None:
+        """Kill the process if it still runs (the end of a test that failed midway)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._output.close()
