@@ -40,7 +40,7 @@ from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.part10 import dataset_offset
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
-from inference.pixels import ImageTooLarge, check_pixel_count
+from inference.pixels import ImageTooLarge, UnsupportedImage, check_pixel_count
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, 
         ds = pydicom.dcmread(path, defer_size=defer)
         truncated = _is_truncated(ds, path.stat().st_size)  # before any access converts the raw elements
         header = InstanceHeader.from_dataset(ds)
-        check_pixel_count(ds, max_pixels)
+        _check_pixel_count(ds, max_pixels)
     except ImageTooLarge as error:
         raise TooLarge(str(error)) from None
     except Exception as error:  # pydicom raises many types on malformed input; all mean the same here
@@ -372,6 +372,18 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, 
     if truncated:
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "dataset is truncated")
     return header
+
+
+def _check_pixel_count(ds: Dataset, max_pixels: int) -> None:
+    """Refuse an image that claims more than ``max_pixels``; one whose dimensions are not numbers (``badVR.dcm``'s
+    Number of Frames '1A') is stored as received, as any peer would keep it, and its job records why it cannot be
+    read."""
+    try:
+        check_pixel_count(ds, max_pixels)
+    except ImageTooLarge:
+        raise
+    except UnsupportedImage:
+        pass
 
 
 def _check_inflated_size(path: Path, limit: int) -> None:
