@@ -147,8 +147,18 @@ def enqueue(session: Session, instance: Instance, kind: str) -> None:
 
 def still_claimed(session: Session, job: ClaimedJob) -> bool:
     """Whether ``job`` is still the claim of the running job (not queued again since), for a handler that
-    records results in its own transaction."""
-    return session.scalar(select(Job.id).where(*_still_claimed(job)).with_for_update()) is not None
+    records results in its own transaction; the claim then holds until that transaction ends.
+
+    The check is a no-op UPDATE, not a SELECT ... FOR UPDATE: it takes the row's lock on PostgreSQL and, on
+    SQLite, where pysqlite begins a transaction only at its first write, the database's write lock, so that no
+    enqueue can slip in between the check and :func:`finish`."""
+    claimed = session.execute(
+        update(Job)
+        .where(*_still_claimed(job))
+        .values(generation=Job.generation)
+        .execution_options(synchronize_session=False)
+    )
+    return claimed.rowcount == 1
 
 
 def finish(session: Session, job: ClaimedJob, note: str) -> None:

@@ -97,8 +97,12 @@ class DiskGuard:
         return shutil.disk_usage(self.root).free
 
     def has_room(self, incoming_bytes: int = 0) -> bool:
-        """Whether ``incoming_bytes`` more can be written without going below the floor."""
-        return self.free_bytes() - incoming_bytes >= self.min_free_bytes
+        """Whether ``incoming_bytes`` more can be written without going below the floor; not when the free space
+        cannot be read (the storage root unmounted or failing)."""
+        try:
+            return self.free_bytes() - incoming_bytes >= self.min_free_bytes
+        except OSError:
+            return False
 
 
 def comes_from_bound_address(bindings: Mapping[str, Sequence[Network]], calling_ae: str, address: str) -> bool:
@@ -119,20 +123,27 @@ def make_association_check(bindings: Mapping[str, Sequence[Network]], disk: Disk
 
     def check_association(event: Event) -> None:
         association = event.assoc
-        calling_ae = association.requestor.primitive.calling_ae_title
-        address = association.requestor.address
+        try:
+            rejection = refusal(association.requestor.primitive.calling_ae_title, association.requestor.address)
+        except Exception as error:  # pynetdicom logs a failing EVT_REQUESTED handler and accepts: fail closed
+            log.error("admission check failed (%s): association rejected", type(error).__name__)
+            rejection = LOCAL_LIMIT_EXCEEDED
+        if rejection is not None:
+            _reject(association, rejection)
+
+    def refusal(calling_ae: str, address: str) -> AssociateRejection | None:
         if not comes_from_bound_address(bindings, calling_ae, address):
             log.warning("rejected association from %s at %s: not an address bound to that title", calling_ae, address)
-            _reject(association, CALLING_AE_NOT_RECOGNISED)
-        elif not disk.has_room():
+            return CALLING_AE_NOT_RECOGNISED
+        if not disk.has_room():
             log.warning(
-                "rejected association from %s: %d MiB free under %s, below the floor of %d MiB",
+                "rejected association from %s: free space under %s is below the floor of %d MiB, or unreadable",
                 calling_ae,
-                disk.free_bytes() >> 20,
                 disk.root,
                 disk.min_free_bytes >> 20,
             )
-            _reject(association, LOCAL_LIMIT_EXCEEDED)
+            return LOCAL_LIMIT_EXCEEDED
+        return None
 
     return check_association
 

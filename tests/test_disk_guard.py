@@ -73,6 +73,16 @@ def test_associations_are_accepted_again_once_space_returns(start_node: NodeFact
     assert associate(port).is_released
 
 
+def test_when_free_space_cannot_be_read_associations_are_rejected(start_node: NodeFactory, tmp_path: Path) -> None:
+    node = start_node(min_free_mb=0)
+    port = node.settings.dicom.port
+    node.scp.disk.root = tmp_path / "unmounted"  # the storage root gone: its free space cannot be read
+    assert rejection(associate(port)) == LOCAL_LIMIT_EXCEEDED
+
+    node.scp.disk.root = tmp_path
+    assert associate(port).is_released
+
+
 def test_a_store_that_finds_free_space_below_the_floor_gets_out_of_resources(
     start_node: NodeFactory, tmp_path: Path
 ) -> None:

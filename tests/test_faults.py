@@ -272,11 +272,15 @@ def test_a_worker_meeting_a_locked_index_keeps_running_and_its_job_completes_aft
     locks: list[IndexLock] = []
 
     def lock_while_the_first_batch_runs(jobs: list[ClaimedJob]) -> Mapping[int, Exception]:
-        """The real handler; on the first batch, another connection takes the write lock for 3 s meanwhile."""
-        if not locks:
-            locks.append(IndexLock(node))
-            threading.Timer(3.0, locks[0].release).start()
-        return infer(jobs)
+        """The real handler; on the first batch, another connection holds the write lock while it runs and for 1 s
+        after, while the worker tries to record the outcome."""
+        if locks:
+            return infer(jobs)
+        locks.append(IndexLock(node))
+        try:
+            return infer(jobs)
+        finally:
+            threading.Timer(1.0, locks[0].release).start()
 
     node.workers.handlers[INFERENCE_JOB] = lock_while_the_first_batch_runs
     node.start()
