@@ -284,7 +284,9 @@ def test_a_node_killed_midstream_keeps_every_acknowledged_image_and_processes_an
         first.ensure_stopped()
     acknowledged_before = acknowledgements.successful()
     killed = at_the_kill(database_url)
-    assert killed.running_jobs, "the kill interrupted running jobs"
+    # health showed running jobs just before the kill; one may have finished in between, but then a delivery was
+    # on the wire: either way the kill cut a stage short
+    assert killed.running_jobs or killed.in_flight, "the kill interrupted running jobs or deliveries"
     assert 0 < len(acknowledged_before) < IMAGES, "the kill came while images streamed in"
 
     again = ServeProcess(storage, environment=environment)
