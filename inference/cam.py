@@ -44,8 +44,8 @@ def as_cam_network(network: nn.Module) -> CamNetwork | None:
 def class_activation_maps(feature_map: np.ndarray, head_weight: np.ndarray, outputs: list[int]) -> np.ndarray:
     """CAMs of ``outputs`` (B x len(outputs) x h x w) from a feature map (B x C x h x w) and the linear
     layer's weights (K x C), each scaled so that its maximum is 1 (all 0 if the map is empty)."""
-    maps = np.maximum(np.tensordot(feature_map, head_weight[outputs], axes=([1], [1])), 0.0)  # B x h x w x k
-    maps = np.ascontiguousarray(maps.transpose(0, 3, 1, 2), dtype=np.float32)
+    # einsum, not tensordot: BLAS would wake its thread pool, which then spins beside the runtime's threads
+    maps = np.maximum(np.einsum("bchw,kc->bkhw", feature_map, head_weight[outputs]), 0.0).astype(np.float32)
     peak = maps.max(axis=(2, 3), keepdims=True)
     return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 

@@ -53,6 +53,10 @@ class OnnxRunner:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Each session has its own thread pool, which by default spins after a run; the node runs two sessions
+        # one after the other beside threads that read and record images, and a spinning pool takes a core
+        # from whichever comes next (benchmarks/inference.py shows it in the latency of an image alone).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not graph.is_file():
             export_onnx(network, channels, size, graph)
         try:
