@@ -1,12 +1,12 @@
 """The inference job: from a stored instance to recorded results with heatmaps.
 
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
-decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance,
-the heatmaps are written under ``results/`` beside the layout of ``patients/``, and one transaction replaces
-the instance's results, queues the instance's outputs job (:mod:`dicom_node.output_jobs`) and marks the job
-done with what it did: a process killed before the commit leaves the job to run again, which leaves the same
-state as one run once; killed after it, the job is not run again (new result ids would give new outputs).
-An instance that cannot be read or decoded fails its own job only.
+decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance, one
+file of heatmaps is written under ``results/`` beside the layout of ``patients/``; then, for each instance, the
+batch's transaction replaces its results, queues its outputs job (:mod:`dicom_node.output_jobs`) and marks its
+job done with what it did: a process killed before the commit leaves the jobs to run again, which leaves the
+same state as one run once; killed after it, they are not run again (new result ids would give new outputs).
+An instance that cannot be read, decoded or recorded fails its own job only.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from inference.predict import (
     Heatmap,
     Model,
     ModelInputs,
+    heatmaps_to_bytes,
     predict_bone_age,
     predict_hallux_valgus,
 )
@@ -97,8 +98,16 @@ class _Work:
     route: Route
     inputs: dict[TaskName, ModelInputs] = field(default_factory=dict)  # of the routed tasks' models
     timings_ms: dict[str, float] = field(default_factory=dict)
-    rows: list[InferenceResult] = field(default_factory=list)
-    heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by the path of its file
+    rows: list[dict] = field(default_factory=list)  # the columns of its InferenceResult rows
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by InferenceResult.heatmap_name
+
+    @property
+    def heatmap_path(self) -> PurePosixPath:
+        """``patients/<key>/<study>/<series>/<sop>.dcm`` -> ``results/<key>/<study>/<series>/<sop>-<generation>.npz``:
+        with the generation in the name, a stale run (the instance was replaced meanwhile) never overwrites the
+        new one's file."""
+        path = self.instance_path
+        return PurePosixPath("results", *path.parts[1:-1], f"{path.stem}-{self.job.generation}.npz")
 
 
 class InferenceJobs:
@@ -121,7 +130,8 @@ class InferenceJobs:
         self.latency = latency
         self.store = store
         self.sessions = sessions
-        # Reading and decoding run on every core while no model runs: numpy and Pillow release the GIL.
+        # Reading and decoding, and writing heatmaps, run on every core while no model runs: numpy, Pillow and
+        # fsync release the GIL.
         self._preparers = ThreadPoolExecutor(settings.threads or os.cpu_count() or 1, "prepare")
 
     def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
@@ -137,13 +147,7 @@ class InferenceJobs:
             for work, outcome in self._run_task(task, routed):
                 if isinstance(outcome, Exception):
                     failures[work.job.id] = outcome
-        for work in batch:
-            if work.job.id not in failures:
-                try:
-                    self._record(work)
-                except Exception as error:
-                    failures[work.job.id] = error
-        return failures
+        return failures | self._record([work for work in batch if work.job.id not in failures])
 
     def _run_task(self, task: TaskName, routed: list[_Work]):
         """Run ``task`` on the images of ``routed`` in one batch; if the batch fails, image by image, so that
@@ -261,51 +265,77 @@ class InferenceJobs:
     def _add_row(
         work: _Work, task: str, output: str, primary: bool, summary: str, values: dict, heatmap: Heatmap, model: Model
     ) -> None:
-        # the generation in the name: a stale run (the instance was replaced meanwhile) never overwrites the new one
-        heatmap_path = str(_results_directory(work.instance_path) / f"{task}-{output}-{work.job.generation}.npz")
-        work.heatmaps[heatmap_path] = heatmap
-        work.rows.append(
-            InferenceResult(
-                instance_pk=work.job.instance_pk,
-                task=task,
-                output=output,
-                is_primary=primary,
-                summary=summary,
-                values=values,
-                heatmap_path=heatmap_path,
-                model_name=model.card.name,
-                model_version=model.card.version,
-                weights_digest=model.weights_digest,
-                demo_model=model.card.demo,
-                timings_ms={},
-            )
-        )
+        row = {
+            "instance_pk": work.job.instance_pk,
+            "task": task,
+            "output": output,
+            "is_primary": primary,
+            "summary": summary,
+            "values": values,
+            "heatmap_path": str(work.heatmap_path),
+            "model_name": model.card.name,
+            "model_version": model.card.version,
+            "weights_digest": model.weights_digest,
+            "demo_model": model.card.demo,
+        }
+        work.heatmaps[InferenceResult(**row).heatmap_name] = heatmap
+        work.rows.append(row)
 
-    def _record(self, work: _Work) -> None:
-        started = time.perf_counter()
-        for path, heatmap in work.heatmaps.items():
-            self.store.publish(self.store.write_temporary([heatmap.to_bytes()]), PurePosixPath(path))
-        note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
-        work.timings_ms["record"] = (time.perf_counter() - started) * 1000
-        with self.sessions.begin() as session:
-            if not still_claimed(session, work.job):
-                log.info("job %d was queued again while it ran; its results are not recorded", work.job.id)
-                return
-            session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
-            for row in work.rows:
-                row.timings_ms = dict(work.timings_ms)
-                session.add(row)
-            if work.rows:
-                enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
-            finish(session, work.job, note)
+    def _record(self, batch: list[_Work]) -> dict[int, Exception]:
+        """Write each instance's heatmaps file, side by side (it is mostly waiting for the disk), then record the
+        batch in one transaction, or, if that fails, each instance in its own, so that a record that cannot be made
+        fails its own job only. Returns the failed jobs."""
+        failures: dict[int, Exception] = {}
+        written = []
+        for work, error in zip(batch, self._preparers.map(self._write_heatmaps, batch), strict=True):
+            if error is None:
+                written.append(work)
+            else:
+                failures[work.job.id] = error
+        try:
+            with self.sessions.begin() as session:
+                for work in written:
+                    self._record_in(session, work)
+        except Exception as error:
+            if len(written) == 1:
+                return failures | {written[0].job.id: error}
+            for work in written:
+                try:
+                    with self.sessions.begin() as session:
+                        self._record_in(session, work)
+                except Exception as error:
+                    failures[work.job.id] = error
         if self.latency is not None:
-            for task in work.route.tasks:
-                self.latency.labels(task).observe(sum(work.timings_ms.values()) / 1000)
+            for work in written:
+                if work.job.id not in failures:
+                    for task in work.route.tasks:
+                        self.latency.labels(task).observe(sum(work.timings_ms.values()) / 1000)
+        return failures
 
+    def _write_heatmaps(self, work: _Work) -> Exception | None:
+        """Write and make durable the file of the instance's heatmaps (none when no task ran); the error, if any."""
+        started = time.perf_counter()
+        try:
+            if work.heatmaps:
+                temporary = self.store.write_temporary([heatmaps_to_bytes(work.heatmaps)])
+                self.store.publish(temporary, work.heatmap_path)
+        except Exception as error:
+            return error
+        work.timings_ms["record"] = (time.perf_counter() - started) * 1000
+        return None
 
-def _results_directory(instance_path: PurePosixPath) -> PurePosixPath:
-    """``patients/<key>/<study>/<series>/<sop>.dcm`` -> ``results/<key>/<study>/<series>/<sop>``."""
-    return PurePosixPath("results", *instance_path.parts[1:-1], instance_path.stem)
+    @staticmethod
+    def _record_in(session: Session, work: _Work) -> None:
+        """Replace the instance's results, queue its outputs job and mark its job done, in ``session``'s transaction."""
+        if not still_claimed(session, work.job):
+            log.info("job %d was queued again while it ran; its results are not recorded", work.job.id)
+            return
+        session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
+        session.add_all(InferenceResult(**row, timings_ms=dict(work.timings_ms)) for row in work.rows)
+        if work.rows:
+            enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
+        note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
+        finish(session, work.job, note)
 
 
 def _peak(heatmap: Heatmap) -> list[float] | None:

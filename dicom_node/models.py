@@ -131,7 +131,9 @@ class InferenceResult(Base):
     is_primary: Mapped[bool] = mapped_column(doc="The result to show first, e.g. the model of the patient's sex.")
     summary: Mapped[str] = mapped_column(String(160), doc="The result in words, for lists and logs.")
     values: Mapped[dict] = mapped_column(JSON)
-    heatmap_path: Mapped[str] = mapped_column(String(512), doc="Relative to the storage root.")
+    heatmap_path: Mapped[str] = mapped_column(
+        String(512), doc="The instance's heatmaps file (all its results' maps), relative to the storage root."
+    )
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(32))
     weights_digest: Mapped[str] = mapped_column(String(128))
@@ -140,6 +142,11 @@ class InferenceResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     instance: Mapped[Instance] = relationship(back_populates="results")
+
+    @property
+    def heatmap_name(self) -> str:
+        """The name of this result's map in its instance's heatmaps file (``heatmap_path``)."""
+        return f"{self.task}-{self.output}"
 
 
 class DeliveryState(enum.StrEnum):

@@ -31,7 +31,7 @@ from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
 from dicom_node.storage import InstanceStore
-from inference.predict import Heatmap
+from inference.predict import heatmap_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class OutputJobs:
         captures = {}
         if settings.secondary_captures:
             for result in results:
-                heatmap = Heatmap.from_bytes(self.store.absolute(result.heatmap_path).read_bytes())
+                heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
                 captures[(result.task, result.output)] = build_secondary_capture(
                     source,
                     heatmap,

@@ -435,8 +435,8 @@ class InferenceTracker(PollingThread):
             params=[Param(key, value) for key, value in contents.params.items()],
             tags=[RunTag(key, value) for key, value in contents.tags.items()],
         )
-        for result in run.results:
-            client.log_artifact(run_id, str(self.store.absolute(result.heatmap_path)), "heatmaps")
+        for heatmap_path in sorted({result.heatmap_path for result in run.results}):  # one file per instance
+            client.log_artifact(run_id, str(self.store.absolute(heatmap_path)), "heatmaps")
         if run.report_path is not None:
             client.log_dict(run_id, self._report_json(run.report_path), "report/structured-report.json")
         else:

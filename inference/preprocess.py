@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow
 from PIL import Image
 
 
@@ -54,9 +55,15 @@ class Letterbox:
 
 
 def as_picture(image: np.ndarray | Image.Image) -> Image.Image:
-    """A float32 image as a Pillow image (a copy of its pixels): made once, it serves the inputs of several
-    models."""
-    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.float32))
+    """A float32 image as a Pillow image: made once, it serves the inputs of several models.
+
+    The picture shares the array's memory through the Arrow C data interface (Pillow's ``fromarray`` would copy
+    a radiograph's 20 MB of float32 pixels), so the array must not change while the picture is in use."""
+    if isinstance(image, Image.Image):
+        return image
+    pixels = np.ascontiguousarray(image, np.float32)
+    rows, columns = pixels.shape
+    return Image.fromarrow(pyarrow.array(pixels.reshape(-1)), "F", (columns, rows))
 
 
 def model_input(image: np.ndarray | Image.Image, size: int, mean: float, std: float) -> tuple[np.ndarray, Letterbox]:

@@ -15,10 +15,11 @@ from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.models import InferenceResult, Instance, Job, JobState
 from dicom_node.node import Node
+from dicom_node.part10 import encoded_dataset
 from dicom_node.phantoms import generate_phantoms, read_labels
 from dicom_node.synthetic import synthetic_dx
 from inference.pixels import radiograph_pixels
-from inference.predict import Heatmap, predict_bone_age, predict_hallux_valgus
+from inference.predict import heatmap_from_bytes, predict_bone_age, predict_hallux_valgus
 from tests.conftest import stored_jobs
 from tests.dicom_peers import dcmtk, free_port, send_datasets
 
@@ -92,11 +93,12 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
         ds = pydicom.dcmread(phantoms / label.file)
         rows = {row.output: row for row in results[ds.SOPInstanceUID]}
         image = radiograph_pixels(ds)
+        assert len({row.heatmap_path for row in rows.values()}) == 1  # one heatmaps file per instance
         for row in rows.values():
             assert (row.model_name, row.demo_model) == (models.of(row.task).card.name, True)
             assert row.weights_digest == models.of(row.task).weights_digest
             assert {"prepare", f"{row.task}_model", "record"} <= set(row.timings_ms)
-            stored = Heatmap.from_bytes(node.store.absolute(row.heatmap_path).read_bytes())
+            stored = heatmap_from_bytes(node.store.absolute(row.heatmap_path).read_bytes(), row.heatmap_name)
             assert stored.letterbox.rows == ds.Rows and stored.letterbox.columns == ds.Columns
         if label.task == "foot":
             [expected] = predict_hallux_valgus(models.hallux_valgus, [image], 0.3)
@@ -105,7 +107,9 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
             assert values["prediction"] == expected.prediction and rows["foot"].is_primary
             assert values["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
             assert values["hallux_valgus_detected"] == expected.hallux_valgus_detected
-            stored = Heatmap.from_bytes(node.store.absolute(rows["foot"].heatmap_path).read_bytes())
+            stored = heatmap_from_bytes(
+                node.store.absolute(rows["foot"].heatmap_path).read_bytes(), "hallux_valgus-foot"
+            )
             np.testing.assert_allclose(stored.values, expected.heatmap.values, atol=1e-3)
         else:
             [expected] = predict_bone_age(models.bone_age, [image])
@@ -188,3 +192,38 @@ def test_a_model_failure_on_one_image_fails_that_job_only(
     assert [len(recorded[ds.SOPInstanceUID]) for ds in datasets] == [results, 0, results]
     failed = [job for job in jobs if job.state == JobState.FAILED]
     assert len(failed) == 1 and failed[0].last_error == "RuntimeError: the runtime refused an input"
+
+
+def test_a_record_the_index_refuses_fails_that_job_only_and_the_batch_is_recorded(
+    tmp_path: Path, models: InferenceModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(storage={"root": tmp_path / "storage"}, workers={"count": 0})
+    node = Node(settings, models=models)
+    datasets = [synthetic_dx("REFUSED", side=256, seed=n, body_part="FOOT") for n in range(3)]
+    for number, ds in enumerate(datasets):
+        ds.StudyInstanceUID = datasets[0].StudyInstanceUID
+        ds.save_as(path := tmp_path / f"{number}.dcm", enforce_file_format=True)
+        node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)])
+    with node.sessions() as session:
+        refused_pk = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == datasets[1].SOPInstanceUID))
+    handler = node.workers.handlers["inference"]
+    record_in = handler._record_in
+
+    def refusing(session, work):  # the index refuses one instance's rows: the batch's transaction fails
+        record_in(session, work)
+        if work.job.instance_pk == refused_pk:
+            raise RuntimeError("the index refused a row")
+
+    monkeypatch.setattr(handler, "_record_in", refusing)
+    jobs = node.queue.claim_batch(["inference"], 3)
+    assert len(jobs) == 3, "all three in one batch, recorded in one transaction"
+    failures = handler(jobs)
+    assert {job_id: str(error) for job_id, error in failures.items()} == {
+        job.id: "the index refused a row" for job in jobs if job.instance_pk == refused_pk
+    }
+    recorded = results_by_file(node)
+    assert [len(recorded[ds.SOPInstanceUID]) for ds in datasets] == [1, 0, 1]
+    states = {job.instance_pk: job.state for job in stored_jobs(node) if job.kind == "inference"}
+    assert states[refused_pk] == JobState.RUNNING, "the worker records the failure"
+    assert [state for pk, state in states.items() if pk != refused_pk] == [JobState.DONE, JobState.DONE]
+    node.engine.dispose()

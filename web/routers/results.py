@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response, status
 
 from dicom_node.models import InferenceResult
-from inference.predict import Heatmap
+from inference.predict import heatmap_from_bytes
 from web.dependencies import RowId, SessionDep, StoreDep
 from web.imaging import heatmap_png
 from web.routers.instances import PNG_CACHE, PNG_RESPONSE, MaxSize
@@ -23,7 +23,7 @@ def get_result_heatmap(result_id: RowId, session: SessionDep, store: StoreDep, m
     if result is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no result {result_id}")
     try:
-        heatmap = Heatmap.from_bytes(store.absolute(result.heatmap_path).read_bytes())
+        heatmap = heatmap_from_bytes(store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
     except FileNotFoundError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the heatmap of result {result_id} is missing") from None
     return Response(heatmap_png(heatmap, max_size), media_type="image/png", headers=PNG_CACHE)
