@@ -49,6 +49,8 @@ from inference.preprocess import as_picture
 
 log = logging.getLogger(__name__)
 
+DEFERRED_PIXEL_DATA = 1 << 16  # bytes: larger values are read when used
+
 
 @dataclass(frozen=True)
 class InferenceModels:
@@ -191,7 +193,8 @@ class InferenceJobs:
         started = time.perf_counter()
         with self.sessions() as session:
             relative = PurePosixPath(session.scalars(select(Instance.path).where(Instance.id == job.instance_pk)).one())
-        ds = pydicom.dcmread(self.store.absolute(relative))
+        # the Pixel Data stays in the file until decoded: :mod:`inference.pixels` reads native values straight from it
+        ds = pydicom.dcmread(self.store.absolute(relative), defer_size=DEFERRED_PIXEL_DATA)
         work = _Work(job, relative, ds, route(ds, self.settings))
         if work.route.tasks:
             models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded

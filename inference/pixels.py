@@ -8,13 +8,16 @@ image is stretched between robust percentiles of its own values.
 
 For integer pixels of up to 16 bits, the pipeline runs once per stored value that occurs (a lookup table), and
 the image is mapped through the table in one pass: the same result as applying each step to every pixel, for
-a fraction of the time on a 4-megapixel radiograph.
+a fraction of the time on a 4-megapixel radiograph. A dataset read with its Pixel Data left in the file
+(``dcmread(path, defer_size=...)``) that holds native unsigned 16-bit values has them read from the file into
+the array in one copy, not two (file to bytes, bytes to array).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
@@ -90,11 +93,38 @@ def _first_frame(ds: Dataset) -> np.ndarray:
     """The stored values of the first frame. pydicom raises ValueError for Pixel Data shorter than the header's
     dimensions say (PS3.5 8.1.1) and RuntimeError when no decoder reads the codestream: damaged data, which no
     retry reads, so :class:`UnsupportedImage`."""
+    from_file = _native_values_from_file(ds)
+    if from_file is not None:
+        return from_file
     frames = dimensions(ds)[2]
     try:
         return pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError) as error:
         raise UnsupportedImage(f"the pixels cannot be decoded: {error}") from None
+
+
+def _native_values_from_file(ds: Dataset) -> np.ndarray | None:
+    """The values of a single-frame, unsigned 16-bit, little endian native image whose Pixel Data is still in its
+    file, read straight into an array; None for any other image, or one with bits set above Bits Stored (which
+    pydicom masks), so that pydicom decodes it: the values are those of ``ds.pixel_array`` either way."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    rows, columns, frames = dimensions(ds)
+    bits_stored = int(ds.get("BitsStored") or 16)
+    if not (
+        isinstance(element, RawDataElement)
+        and element.value is None  # deferred: still in the file
+        and isinstance(ds.filename, str)
+        and syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
+        and (ds.get("BitsAllocated"), ds.get("SamplesPerPixel", 1), ds.get("PixelRepresentation")) == (16, 1, 0)
+        and frames == 1
+        and 0 < rows * columns * 2 <= element.length
+    ):
+        return None
+    values = np.fromfile(ds.filename, np.dtype("<u2"), rows * columns, offset=element.value_tell)
+    if len(values) < rows * columns or (bits_stored < 16 and int(values.max()) >> bits_stored):
+        return None
+    return values.reshape(rows, columns)
 
 
 def _grayscale_pipeline(values: np.ndarray, ds: Dataset, photometric: str, image: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from pydicom.pixels import pixel_array
 
 from dicom_node.phantoms.generator import render_phantom
 from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
-from inference.pixels import _grayscale_pipeline, radiograph_pixels, window
+from inference.pixels import _grayscale_pipeline, _native_values_from_file, radiograph_pixels, window
 from inference.predict import Model, ModelInputs, _augmented_copies, predict_bone_age, predict_hallux_valgus
 from inference.preprocess import Letterbox
 
@@ -109,6 +109,23 @@ def test_the_lookup_table_serves_signed_and_unsigned_files(name: str) -> None:
     stored = pixel_array(ds, index=0)
     direct = _grayscale_pipeline(stored, ds, str(ds.PhotometricInterpretation), stored)
     assert np.abs(radiograph_pixels(ds) - direct).max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("case", "from_file"),
+    [("12 bits", True), ("bits above Bits Stored", False), ("signed", False)],
+)
+def test_native_pixels_read_from_the_file_equal_pydicoms(tmp_path: Path, case: str, from_file: bool) -> None:
+    ds, _ = twins(0)
+    if case == "bits above Bits Stored":  # pydicom masks them; the values are read its way
+        ds.PixelData = (ds.pixel_array | 0xF000).astype("<u2").tobytes()
+    elif case == "signed":
+        ds.PixelRepresentation = 1
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    whole = pydicom.dcmread(tmp_path / "x.dcm")
+    deferred = pydicom.dcmread(tmp_path / "x.dcm", defer_size=1 << 16)
+    assert (_native_values_from_file(deferred) is not None) == from_file
+    np.testing.assert_array_equal(radiograph_pixels(deferred), radiograph_pixels(whole))
 
 
 def test_cam_equals_autograd_grad_cam() -> None:
