@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import get_args
 
 import pydicom
 from prometheus_client import Histogram
@@ -50,6 +51,7 @@ from inference.preprocess import as_picture
 log = logging.getLogger(__name__)
 
 DEFERRED_PIXEL_DATA = 1 << 16  # bytes: larger values are read when used
+TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
 
 @dataclass(frozen=True)
@@ -144,42 +146,44 @@ class InferenceJobs:
                 failures[job.id] = prepared
             else:
                 batch.append(prepared)
-        for task in ("hallux_valgus", "bone_age"):
-            routed = [work for work in batch if task in work.route.tasks and work.job.id not in failures]
-            for work, outcome in self._run_task(task, routed):
+        # The two tasks' models run side by side (each cuts its batch into parts for the cores, see
+        # :mod:`inference.runtime`): an image alone that both tasks read has both models at work at once.
+        routed = [[work for work in batch if task in work.route.tasks] for task in TASKS]
+        for task, outcomes in zip(TASKS, self._preparers.map(self._run_task, TASKS, routed), strict=True):
+            for work, outcome, milliseconds in outcomes:  # the results made into rows in the order of TASKS
                 if isinstance(outcome, Exception):
                     failures[work.job.id] = outcome
+                    continue
+                work.timings_ms[f"{task}_model"] = milliseconds
+                try:
+                    (self._hallux_valgus_rows if task == "hallux_valgus" else self._bone_age_rows)(work, outcome)
+                except Exception as error:
+                    failures[work.job.id] = error
         return failures | self._record([work for work in batch if work.job.id not in failures])
 
-    def _run_task(self, task: TaskName, routed: list[_Work]):
+    def _run_task(self, task: TaskName, routed: list[_Work]) -> list[tuple[_Work, object, float]]:
         """Run ``task`` on the images of ``routed`` in one batch; if the batch fails, image by image, so that
-        one image the model cannot take fails its own job only. Yields (work, None or the error)."""
+        one image the model cannot take fails its own job only. Returns (work, its result or the error,
+        milliseconds of model time) for each."""
         if not routed:
-            return
+            return []
         try:
             started = time.perf_counter()
             outputs = self._predict(task, ModelInputs.concatenate([work.inputs[task] for work in routed]))
             share = (time.perf_counter() - started) * 1000 / len(routed)
-            pairs = [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
+            return [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
         except Exception as error:
             if len(routed) == 1:
-                yield routed[0], error
-                return
-            pairs = []
-            for work in routed:
-                try:
-                    started = time.perf_counter()
-                    [output] = self._predict(task, work.inputs[task])
-                    pairs.append((work, output, (time.perf_counter() - started) * 1000))
-                except Exception as error:
-                    yield work, error
-        for work, output, milliseconds in pairs:
-            work.timings_ms[f"{task}_model"] = milliseconds
+                return [(routed[0], error, 0.0)]
+        outcomes = []
+        for work in routed:
+            started = time.perf_counter()
             try:
-                (self._hallux_valgus_rows if task == "hallux_valgus" else self._bone_age_rows)(work, output)
-                yield work, None
+                [output] = self._predict(task, work.inputs[task])
+                outcomes.append((work, output, (time.perf_counter() - started) * 1000))
             except Exception as error:
-                yield work, error
+                outcomes.append((work, error, 0.0))
+        return outcomes
 
     def _prepare_or_error(self, job: ClaimedJob) -> _Work | Exception:
         try:

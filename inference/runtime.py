@@ -4,14 +4,22 @@ Both runners take a batch of model inputs and return the outputs and the post-Re
 forward pass (:class:`inference.cam.CamNetwork`), so a heatmap costs one small product either way. The ONNX
 graph is exported once per weights digest and input size and kept in a cache directory, so later starts
 only load it.
+
+ONNX Runtime computes a batch as parts side by side, one part per core, each run on one thread: DenseNet121 is
+some 400 small operators, and a run that splits every operator across the cores waits at a barrier after each,
+while side-by-side runs never wait for one another. All the runners of a process share one pool of those
+threads, so that two models running at once (:mod:`dicom_node.inference_jobs` runs the two tasks side by side)
+still run one part per core.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -45,18 +53,17 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """ONNX Runtime (CPU) on the exported graph of the same network."""
+    """ONNX Runtime (CPU) on the exported graph of the same network, a batch cut into up to ``threads`` parts
+    (0: one per core) that run side by side, each on one thread."""
 
     def __init__(self, network: CamNetwork, channels: int, size: int, graph: Path, threads: int = 0) -> None:
         import onnxruntime
 
+        self.parts = threads or os.cpu_count() or 1
+        self._pool = _part_runners(self.parts)
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = 1  # the calling thread computes the run: no pool of the session's own
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Each session has its own thread pool, which by default spins after a run; the node runs two sessions
-        # one after the other beside threads that read and record images, and a spinning pool takes a core
-        # from whichever comes next (benchmarks/inference.py shows it in the latency of an image alone).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not graph.is_file():
             export_onnx(network, channels, size, graph)
         try:
@@ -67,8 +74,16 @@ class OnnxRunner:
             self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs, feature_map = self.session.run(None, {"image": np.ascontiguousarray(batch, np.float32)})
-        return outputs, feature_map
+        parts = np.array_split(np.ascontiguousarray(batch, np.float32), min(len(batch), self.parts))
+        runs = list(self._pool.map(lambda part: self.session.run(None, {"image": part}), parts))
+        return np.concatenate([run[0] for run in runs]), np.concatenate([run[1] for run in runs])
+
+
+@functools.cache
+def _part_runners(threads: int) -> ThreadPoolExecutor:
+    """The threads that run the parts of every ONNX Runtime batch of this process (ONNX Runtime's ``run`` may be
+    called from several threads at once)."""
+    return ThreadPoolExecutor(threads, "onnxruntime")
 
 
 def export_onnx(network: CamNetwork, channels: int, size: int, path: Path) -> None:
