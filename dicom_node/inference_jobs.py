@@ -24,12 +24,12 @@ import pydicom
 from prometheus_client import Histogram
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
-from dicom_node.models import InferenceResult, Instance
+from dicom_node.models import InferenceResult, Instance, heatmap_name
 from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
@@ -285,7 +285,7 @@ class InferenceJobs:
             "weights_digest": model.weights_digest,
             "demo_model": model.card.demo,
         }
-        work.heatmaps[InferenceResult(**row).heatmap_name] = heatmap
+        work.heatmaps[heatmap_name(task, output)] = heatmap
         work.rows.append(row)
 
     def _record(self, batch: list[_Work]) -> dict[int, Exception]:
@@ -338,8 +338,8 @@ class InferenceJobs:
             log.info("job %d was queued again while it ran; its results are not recorded", work.job.id)
             return
         session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
-        session.add_all(InferenceResult(**row, timings_ms=dict(work.timings_ms)) for row in work.rows)
-        if work.rows:
+        if work.rows:  # one bulk INSERT, without the ORM's unit of work
+            session.execute(insert(InferenceResult), [row | {"timings_ms": dict(work.timings_ms)} for row in work.rows])
             enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)

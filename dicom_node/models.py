@@ -146,7 +146,12 @@ class InferenceResult(Base):
     @property
     def heatmap_name(self) -> str:
         """The name of this result's map in its instance's heatmaps file (``heatmap_path``)."""
-        return f"{self.task}-{self.output}"
+        return heatmap_name(self.task, self.output)
+
+
+def heatmap_name(task: str, output: str) -> str:
+    """The name of a result's map in its instance's heatmaps file."""
+    return f"{task}-{output}"
 
 
 class DeliveryState(enum.StrEnum):
