@@ -57,19 +57,16 @@ class JobQueue:
                 oldest = session.scalar(select(Job.kind).where(*due, Job.kind.in_(kinds)).order_by(Job.id).limit(1))
                 if oldest is None:
                     return []
-                candidates = session.scalars(select(Job).where(*due, Job.kind == oldest).order_by(Job.id).limit(limit))
-                claimed = []
-                for job in candidates.all():
-                    taken = session.execute(
-                        update(Job)
-                        .where(Job.id == job.id, Job.state == JobState.PENDING)
-                        .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
-                        .execution_options(synchronize_session=False)
-                    ).rowcount
-                    if taken:  # another worker may have taken it since the select
-                        claimed.append(ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1, job.generation))
-                if claimed:
-                    return claimed
+                candidates = select(Job.id).where(*due, Job.kind == oldest).order_by(Job.id).limit(limit)
+                taken = session.execute(  # those still pending: another worker may have taken some since the select
+                    update(Job)
+                    .where(Job.id.in_(session.scalars(candidates).all()), Job.state == JobState.PENDING)
+                    .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
+                    .returning(Job.id, Job.kind, Job.instance_pk, Job.attempts, Job.generation)
+                    .execution_options(synchronize_session=False)
+                ).all()
+                if taken:
+                    return sorted((ClaimedJob(*row) for row in taken), key=lambda job: job.id)
 
     def complete(self, job: ClaimedJob) -> bool:
         """Mark a claimed job done (its handler may have done so with its effects, by :func:`finish`); False
