@@ -141,12 +141,19 @@ class InferenceJobs:
     def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
         failures: dict[int, Exception] = {}
         batch = []
-        for job, prepared in zip(jobs, self._preparers.map(self._prepare_or_error, jobs), strict=True):
+        with self.sessions() as session:
+            paths = dict(
+                session.execute(
+                    select(Instance.id, Instance.path).where(Instance.id.in_([job.instance_pk for job in jobs]))
+                ).all()
+            )
+        stored = [paths.get(job.instance_pk) for job in jobs]
+        for job, prepared in zip(jobs, self._preparers.map(self._prepare_or_error, jobs, stored), strict=True):
             if isinstance(prepared, Exception):
                 failures[job.id] = prepared
             else:
                 batch.append(prepared)
-        # The two tasks' models run side by side (each cuts its batch into parts for the cores, see
+        # The two tasks' models run side by side (each runs its batch's images side by side on the cores, see
         # :mod:`inference.runtime`): an image alone that both tasks read has both models at work at once.
         routed = [[work for work in batch if task in work.route.tasks] for task in TASKS]
         for task, outcomes in zip(TASKS, self._preparers.map(self._run_task, TASKS, routed), strict=True):
@@ -185,18 +192,20 @@ class InferenceJobs:
                 outcomes.append((work, error, 0.0))
         return outcomes
 
-    def _prepare_or_error(self, job: ClaimedJob) -> _Work | Exception:
+    def _prepare_or_error(self, job: ClaimedJob, path: str | None) -> _Work | Exception:
         try:
-            return self._prepare(job)
+            return self._prepare(job, path)
         except (InvalidDicomError, UnsupportedImage) as error:  # no retry can read it
             return PermanentJobError(f"{type(error).__name__}: {error}")
         except Exception as error:  # e.g. the file or the index unavailable: this job only, retried
             return error
 
-    def _prepare(self, job: ClaimedJob) -> _Work:
+    def _prepare(self, job: ClaimedJob, path: str | None) -> _Work:
+        """Read, route and decode the instance stored at ``path`` (None: it is no longer in the index)."""
         started = time.perf_counter()
-        with self.sessions() as session:
-            relative = PurePosixPath(session.scalars(select(Instance.path).where(Instance.id == job.instance_pk)).one())
+        if path is None:
+            raise LookupError(f"instance {job.instance_pk} is not in the index")
+        relative = PurePosixPath(path)
         # the Pixel Data stays in the file until decoded: :mod:`inference.pixels` reads native values straight from it
         ds = pydicom.dcmread(self.store.absolute(relative), defer_size=DEFERRED_PIXEL_DATA)
         work = _Work(job, relative, ds, route(ds, self.settings))

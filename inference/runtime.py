@@ -5,11 +5,12 @@ forward pass (:class:`inference.cam.CamNetwork`), so a heatmap costs one small p
 graph is exported once per weights digest and input size and kept in a cache directory, so later starts
 only load it.
 
-ONNX Runtime computes a batch as parts side by side, one part per core, each run on one thread: DenseNet121 is
-some 400 small operators, and a run that splits every operator across the cores waits at a barrier after each,
-while side-by-side runs never wait for one another. All the runners of a process share one pool of those
-threads, so that two models running at once (:mod:`dicom_node.inference_jobs` runs the two tasks side by side)
-still run one part per core.
+ONNX Runtime computes a batch image by image, one run per image on one thread, as many side by side as there
+are cores: DenseNet121 is some 400 small operators, and a run that splits every operator across the cores waits
+at a barrier after each, while side-by-side runs never wait for one another (and one image's activations stay
+closer to its core than a batch's). All the runners of a process share one pool of those threads, so that two
+models running at once (:mod:`dicom_node.inference_jobs` runs the two tasks side by side) still run one image
+per core.
 """
 
 from __future__ import annotations
@@ -53,14 +54,13 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """ONNX Runtime (CPU) on the exported graph of the same network, a batch cut into up to ``threads`` parts
-    (0: one per core) that run side by side, each on one thread."""
+    """ONNX Runtime (CPU) on the exported graph of the same network, a batch run image by image, up to ``threads``
+    (0: one per core) side by side, each on one thread."""
 
     def __init__(self, network: CamNetwork, channels: int, size: int, graph: Path, threads: int = 0) -> None:
         import onnxruntime
 
-        self.parts = threads or os.cpu_count() or 1
-        self._pool = _part_runners(self.parts)
+        self._pool = _image_runners(threads or os.cpu_count() or 1)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # the calling thread computes the run: no pool of the session's own
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,14 +74,14 @@ class OnnxRunner:
             self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = np.array_split(np.ascontiguousarray(batch, np.float32), min(len(batch), self.parts))
-        runs = list(self._pool.map(lambda part: self.session.run(None, {"image": part}), parts))
+        images = np.ascontiguousarray(batch, np.float32)[:, None]
+        runs = list(self._pool.map(lambda image: self.session.run(None, {"image": image}), images))
         return np.concatenate([run[0] for run in runs]), np.concatenate([run[1] for run in runs])
 
 
 @functools.cache
-def _part_runners(threads: int) -> ThreadPoolExecutor:
-    """The threads that run the parts of every ONNX Runtime batch of this process (ONNX Runtime's ``run`` may be
+def _image_runners(threads: int) -> ThreadPoolExecutor:
+    """The threads that run the images of every ONNX Runtime batch of this process (ONNX Runtime's ``run`` may be
     called from several threads at once)."""
     return ThreadPoolExecutor(threads, "onnxruntime")
 
