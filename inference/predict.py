@@ -76,10 +76,12 @@ def heatmaps_to_bytes(heatmaps: Mapping[str, Heatmap]) -> bytes:
 
 
 def heatmap_from_bytes(data: bytes, name: str) -> Heatmap:
-    """The heatmap ``name`` of a file written by :func:`heatmaps_to_bytes`; KeyError when it holds none of that name."""
+    """The heatmap ``name`` of a file written by :func:`heatmaps_to_bytes`, or the one map of a file of a single
+    heatmap (as nodes wrote before heatmaps were kept by instance); KeyError when it holds none of that name."""
     with np.load(io.BytesIO(data)) as stored:
-        rows, columns, size = (int(value) for value in stored[f"{name}.letterbox"])
-        return Heatmap(stored[f"{name}.values"].astype(np.float32), Letterbox(rows, columns, size))
+        prefix = "" if "values" in stored else f"{name}."
+        rows, columns, size = (int(value) for value in stored[f"{prefix}letterbox"])
+        return Heatmap(stored[f"{prefix}values"].astype(np.float32), Letterbox(rows, columns, size))
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,28 @@ def test_a_heatmap_peak_maps_back_to_the_image() -> None:
     assert Heatmap(values, box).on_image().shape == (400, 200)
 
 
+def test_an_instances_heatmaps_file_gives_each_map_by_name_and_an_older_single_map_file_is_read() -> None:
+    import io
+
+    from inference.predict import Heatmap, heatmap_from_bytes, heatmaps_to_bytes
+
+    rng = np.random.default_rng(5)
+    maps = {
+        name: Heatmap(rng.random((6, 6)).astype(np.float32), Letterbox(300 + n, 200, 160))
+        for n, name in enumerate(["bone_age-male", "bone_age-female"])
+    }
+    data = heatmaps_to_bytes(maps)
+    for name, heatmap in maps.items():
+        read = heatmap_from_bytes(data, name)
+        assert read.letterbox == heatmap.letterbox
+        np.testing.assert_allclose(read.values, heatmap.values, atol=1e-3)  # kept as float16
+    with pytest.raises(KeyError):
+        heatmap_from_bytes(data, "hallux_valgus-foot")
+    older = io.BytesIO()  # one map a file, as nodes wrote them before
+    np.savez(older, values=maps["bone_age-male"].values.astype(np.float16), letterbox=np.array([300, 200, 160]))
+    assert heatmap_from_bytes(older.getvalue(), "bone_age-male").letterbox == Letterbox(300, 200, 160)
+
+
 def test_inference_never_imports_the_node_or_the_web_app() -> None:
     import ast
     from pathlib import Path
