@@ -6,7 +6,8 @@ file of heatmaps is written under ``results/`` beside the layout of ``patients/`
 batch's transaction replaces its results, queues its outputs job (:mod:`dicom_node.output_jobs`) and marks its
 job done with what it did: a process killed before the commit leaves the jobs to run again, which leaves the
 same state as one run once; killed after it, they are not run again (new result ids would give new outputs).
-An instance that cannot be read, decoded or recorded fails its own job only.
+An instance that cannot be read, decoded or recorded fails its own job only; an index that cannot be reached
+fails the batch, to be retried.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prometheus_client import Histogram
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
@@ -100,6 +102,7 @@ class _Work:
     instance_path: PurePosixPath
     header: Dataset
     route: Route
+    started: float  # time.perf_counter() when its preparation began
     inputs: dict[TaskName, ModelInputs] = field(default_factory=dict)  # of the routed tasks' models
     timings_ms: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # the columns of its InferenceResult rows
@@ -135,7 +138,8 @@ class InferenceJobs:
         self.store = store
         self.sessions = sessions
         # Reading and decoding, and writing heatmaps, run on every core while no model runs: numpy, Pillow and
-        # fsync release the GIL.
+        # fsync release the GIL. The two tasks' models are started from it too (with one thread, one after the
+        # other).
         self._preparers = ThreadPoolExecutor(settings.threads or os.cpu_count() or 1, "prepare")
 
     def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
@@ -158,8 +162,8 @@ class InferenceJobs:
         routed = [[work for work in batch if task in work.route.tasks] for task in TASKS]
         for task, outcomes in zip(TASKS, self._preparers.map(self._run_task, TASKS, routed), strict=True):
             for work, outcome, milliseconds in outcomes:  # the results made into rows in the order of TASKS
-                if isinstance(outcome, Exception):
-                    failures[work.job.id] = outcome
+                if isinstance(outcome, Exception) or work.job.id in failures:
+                    failures.setdefault(work.job.id, outcome)  # the first task's error, when both failed
                     continue
                 work.timings_ms[f"{task}_model"] = milliseconds
                 try:
@@ -208,7 +212,7 @@ class InferenceJobs:
         relative = PurePosixPath(path)
         # the Pixel Data stays in the file until decoded: :mod:`inference.pixels` reads native values straight from it
         ds = pydicom.dcmread(self.store.absolute(relative), defer_size=DEFERRED_PIXEL_DATA)
-        work = _Work(job, relative, ds, route(ds, self.settings))
+        work = _Work(job, relative, ds, route(ds, self.settings), started)
         if work.route.tasks:
             models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
             picture = as_picture(radiograph_pixels(ds, self.max_image_pixels))
@@ -310,22 +314,24 @@ class InferenceJobs:
                 failures[work.job.id] = error
         try:
             with self.sessions.begin() as session:
-                for work in written:
-                    self._record_in(session, work)
+                recorded = [work for work in written if self._record_in(session, work)]
+        except OperationalError as error:  # the index busy or away: each transaction alone would wait as long
+            return failures | {work.job.id: error for work in written}
         except Exception as error:
             if len(written) == 1:
                 return failures | {written[0].job.id: error}
+            recorded = []
             for work in written:
                 try:
                     with self.sessions.begin() as session:
-                        self._record_in(session, work)
+                        if self._record_in(session, work):
+                            recorded.append(work)
                 except Exception as error:
                     failures[work.job.id] = error
         if self.latency is not None:
-            for work in written:
-                if work.job.id not in failures:
-                    for task in work.route.tasks:
-                        self.latency.labels(task).observe(sum(work.timings_ms.values()) / 1000)
+            for work in recorded:
+                for task in work.route.tasks:
+                    self.latency.labels(task).observe(time.perf_counter() - work.started)
         return failures
 
     def _write_heatmaps(self, work: _Work) -> Exception | None:
@@ -341,17 +347,19 @@ class InferenceJobs:
         return None
 
     @staticmethod
-    def _record_in(session: Session, work: _Work) -> None:
-        """Replace the instance's results, queue its outputs job and mark its job done, in ``session``'s transaction."""
+    def _record_in(session: Session, work: _Work) -> bool:
+        """Replace the instance's results, queue its outputs job and mark its job done, in ``session``'s transaction;
+        False when the job was queued again meanwhile (nothing recorded)."""
         if not still_claimed(session, work.job):
             log.info("job %d was queued again while it ran; its results are not recorded", work.job.id)
-            return
+            return False
         session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
         if work.rows:  # one bulk INSERT, without the ORM's unit of work
             session.execute(insert(InferenceResult), [row | {"timings_ms": dict(work.timings_ms)} for row in work.rows])
             enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)
+        return True
 
 
 def _peak(heatmap: Heatmap) -> list[float] | None:

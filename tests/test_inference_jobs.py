@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
@@ -226,4 +227,29 @@ def test_a_record_the_index_refuses_fails_that_job_only_and_the_batch_is_recorde
     states = {job.instance_pk: job.state for job in stored_jobs(node) if job.kind == "inference"}
     assert states[refused_pk] == JobState.RUNNING, "the worker records the failure"
     assert [state for pk, state in states.items() if pk != refused_pk] == [JobState.DONE, JobState.DONE]
+    node.engine.dispose()
+
+
+def test_an_index_that_cannot_be_reached_fails_the_batch_at_once(
+    tmp_path: Path, models: InferenceModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(storage={"root": tmp_path / "storage"}, workers={"count": 0})
+    node = Node(settings, models=models)
+    for number in range(2):
+        ds = synthetic_dx("LOCKED", side=256, seed=number, body_part="FOOT")
+        ds.save_as(path := tmp_path / f"{number}.dcm", enforce_file_format=True)
+        node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)])
+    handler = node.workers.handlers["inference"]
+    attempts = []
+
+    def locked(session, work):  # each transaction alone would wait busy_timeout again
+        attempts.append(work.job.id)
+        raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(handler, "_record_in", locked)
+    jobs = node.queue.claim_batch(["inference"], 2)
+    failures = handler(jobs)
+    assert set(failures) == {job.id for job in jobs}
+    assert all(isinstance(error, OperationalError) for error in failures.values())
+    assert len(attempts) == 1, "no transaction per instance after the batch's"
     node.engine.dispose()
