@@ -104,25 +104,29 @@ def _first_frame(ds: Dataset) -> np.ndarray:
 
 
 def _native_values_from_file(ds: Dataset) -> np.ndarray | None:
-    """The values of a single-frame, unsigned 16-bit, little endian native image whose Pixel Data is still in its
-    file, read straight into an array; None for any other image, or one with bits set above Bits Stored (which
-    pydicom masks), so that pydicom decodes it: the values are those of ``ds.pixel_array`` either way."""
+    """The values of a single-frame, unsigned 16-bit, little endian native grayscale image whose Pixel Data is still
+    in its file, read straight into an array; None for any other image, one whose header pydicom would question,
+    or one with bits set above Bits Stored (which pydicom masks), so that pydicom decodes it: the values are those
+    of ``ds.pixel_array`` either way."""
     element = ds.get_item("PixelData", keep_deferred=True)
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     rows, columns, frames = dimensions(ds)
-    bits_stored = int(ds.get("BitsStored") or 16)
+    bits_stored = ds.get("BitsStored")
     if not (
         isinstance(element, RawDataElement)
         and element.value is None  # deferred: still in the file
         and isinstance(ds.filename, str)
         and syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
-        and (ds.get("BitsAllocated"), ds.get("SamplesPerPixel", 1), ds.get("PixelRepresentation")) == (16, 1, 0)
+        and (ds.get("BitsAllocated"), ds.get("SamplesPerPixel"), ds.get("PixelRepresentation")) == (16, 1, 0)
+        and isinstance(bits_stored, int)
+        and 1 <= bits_stored <= 16
+        and str(ds.get("PhotometricInterpretation")) in ("MONOCHROME1", "MONOCHROME2")
         and frames == 1
         and 0 < rows * columns * 2 <= element.length
     ):
         return None
     values = np.fromfile(ds.filename, np.dtype("<u2"), rows * columns, offset=element.value_tell)
-    if len(values) < rows * columns or (bits_stored < 16 and int(values.max()) >> bits_stored):
+    if len(values) < rows * columns or int(values.max()) >> bits_stored:
         return None
     return values.reshape(rows, columns)
 
