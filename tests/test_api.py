@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import ConfigError, load_settings
-from dicom_node.models import Delivery, DeliveryState
+from dicom_node.models import Delivery, DeliveryState, InferenceResult
 from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
 from web.app import create_app
 from web.dependencies import WebContext
@@ -228,6 +228,22 @@ def test_an_unknown_result_is_404(client: TestClient) -> None:
     response = client.get("/api/results/999999/heatmap.png")
     assert (response.status_code, response.json()) == (404, {"detail": "no result 999999"})
     assert client.get("/api/results/abc/heatmap.png").status_code == 422
+
+
+def test_a_damaged_heatmaps_file_is_404_not_a_server_error(client: TestClient, received: Received) -> None:
+    [result] = client.get(f"/api/instances/{received.foot.SOPInstanceUID}").json()["results"]
+    with received.node.sessions() as session:
+        path = received.node.store.absolute(session.get_one(InferenceResult, result["id"]).heatmap_path)
+    kept = path.read_bytes()
+    try:
+        path.write_bytes(kept[: len(kept) // 2])
+        response = client.get(result["heatmap_url"])
+        assert (response.status_code, response.json()) == (
+            404,
+            {"detail": f"the heatmap of result {result['id']} is unreadable"},
+        )
+    finally:
+        path.write_bytes(kept)
 
 
 # Found by schemathesis (tests/test_openapi_fuzz.py): numbers the database cannot take overflowed in its driver (a

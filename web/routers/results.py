@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 from fastapi import APIRouter, HTTPException, Response, status
 
 from dicom_node.models import InferenceResult
@@ -26,4 +28,6 @@ def get_result_heatmap(result_id: RowId, session: SessionDep, store: StoreDep, m
         heatmap = heatmap_from_bytes(store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
     except FileNotFoundError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the heatmap of result {result_id} is missing") from None
+    except (KeyError, ValueError, zipfile.BadZipFile):  # a heatmaps file without this map, or a damaged one
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the heatmap of result {result_id} is unreadable") from None
     return Response(heatmap_png(heatmap, max_size), media_type="image/png", headers=PNG_CACHE)
