@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import DatabaseSettings
 from dicom_node.models import Base
+
+SQLITE_RETURNING = (3, 35, 0)  # the first SQLite with UPDATE ... RETURNING (dicom_node.jobs claims with it)
 
 
 def create_index_engine(url: str, busy_timeout: float = DatabaseSettings().busy_timeout) -> Engine:
@@ -22,6 +26,10 @@ def create_index_engine(url: str, busy_timeout: float = DatabaseSettings().busy_
     hold patient data.
     """
     parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and sqlite3.sqlite_version_info < SQLITE_RETURNING:
+        raise ArgumentError(
+            f"SQLite {sqlite3.sqlite_version} is older than 3.35, whose UPDATE ... RETURNING the job queue claims with"
+        )
     if parsed.get_backend_name() != "sqlite":
         engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     else:

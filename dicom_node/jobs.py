@@ -1,7 +1,8 @@
 """The job queue: rows in the index that workers claim, finish, or fail with a bounded number of retries.
 
-Claiming is a conditional UPDATE (``state = pending`` in the WHERE clause), so two workers, in one process or
-several, never run the same job; it works the same on SQLite and PostgreSQL.
+Claiming is a conditional UPDATE (``state = pending`` in the WHERE clause) that returns the rows it took, so two
+workers, in one process or several, never run the same job; it works the same on SQLite (3.35 or later) and
+PostgreSQL.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import ArgumentError
 
 from dicom_node.config import Settings
 from dicom_node.database import create_index_engine, session_factory
@@ -201,3 +202,12 @@ def test_a_job_interrupted_on_every_attempt_is_failed_not_retried_forever(sessio
     failed = job(sessions, job_id)
     assert (failed.state, failed.last_error) == (JobState.FAILED, "interrupted on every attempt")
     assert queue.claim([INFERENCE_JOB]) is None
+
+
+def test_an_sqlite_without_returning_is_refused_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import dicom_node.database
+
+    monkeypatch.setattr(dicom_node.database.sqlite3, "sqlite_version_info", (3, 31, 1))
+    with pytest.raises(ArgumentError, match=r"older than 3.35, whose UPDATE \.\.\. RETURNING"):
+        create_index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    assert not (tmp_path / "index.db").exists()
