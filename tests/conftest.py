@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import select
@@ -13,6 +14,9 @@ from dicom_node.node import Node
 from tests.dicom_peers import free_port
 from tests.serve_process import onnx_graphs  # noqa: F401  (a fixture for the served-node tests)
 
+if TYPE_CHECKING:
+    from dicom_node.inference_jobs import InferenceModels
+
 NodeFactory = Callable[..., Node]
 
 
@@ -22,6 +26,17 @@ def node_settings(storage_root: Path, **dicom: object) -> Settings:
         web={"port": free_port()},
         storage={"root": storage_root},
     )
+
+
+@contextmanager
+def running_node(settings: Settings, models: InferenceModels | None = None) -> Iterator[Node]:
+    """A node of ``settings`` (and ``models``, else those its settings name), started, and stopped at the end."""
+    node = Node(settings, models=models)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 @contextmanager

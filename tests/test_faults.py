@@ -11,8 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from dicom_node.node import Node
 from dicom_node.status import StoreStatus
 from dicom_node.synthetic import synthetic_dx
 from dicom_node.tracking import RUN_KEY_TAG
-from tests.conftest import files_under_patients, stored_instances, stored_jobs
+from tests.conftest import files_under_patients, running_node, stored_instances, stored_jobs
 from tests.dicom_peers import free_port, send_datasets
 from tests.serve_process import REPO, ServeProcess
 from tests.test_delivery import delivery, queued_delivery
@@ -48,16 +47,6 @@ MISSING_WEIGHTS = "missing-foot.pt"
 @pytest.fixture(scope="module")
 def models() -> InferenceModels:
     return InferenceModels.load(InferenceSettings(runtime="torch"))
-
-
-@contextmanager
-def running(settings: Settings, models: InferenceModels | None = None) -> Iterator[Node]:
-    node = Node(settings, models=models)
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 def jobs_by_state(node: Node) -> dict[JobState, int]:
@@ -176,7 +165,7 @@ def test_with_the_mlflow_server_stopped_images_are_processed_and_delivered_and_t
         },
     )
     server_root = tmp_path / "mlflow-server"
-    with storescp(pacs_port, tmp_path / "pacs", "PACS") as pacs, running(settings, models) as node:
+    with storescp(pacs_port, tmp_path / "pacs", "PACS") as pacs, running_node(settings, models) as node:
         web = TestClient(create_app(WebContext(settings, node.sessions, lambda: node.scp.listening, node=node)))
         with mlflow_server(server_root, mlflow_port):
             assert send_datasets(settings.dicom.port, [synthetic_dx("MLFLOW-1", side=256)])[0].Status == 0
@@ -246,7 +235,7 @@ def test_a_c_store_meeting_a_locked_index_is_refused_with_nothing_kept_and_a_res
     tmp_path: Path,
 ) -> None:
     ds = synthetic_dx("LOCKED-INDEX", side=128)
-    with running(locked_index_settings(tmp_path, count=0)) as node:
+    with running_node(locked_index_settings(tmp_path, count=0)) as node:
         lock = IndexLock(node)
         try:
             started = time.monotonic()

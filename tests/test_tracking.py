@@ -29,6 +29,7 @@ from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedR
 from dicom_node.node import Node
 from dicom_node.phantoms.generator import render_phantom
 from dicom_node.tracking import InferenceRun, run_contents, run_url, tracked_run_url, without_identifiers
+from tests.conftest import running_node
 from tests.dicom_peers import free_port, send_datasets
 from web.app import create_app
 from web.dependencies import WebContext
@@ -90,12 +91,8 @@ def tracked_node(storage: Path, models: InferenceModels, **mlflow: object) -> It
         workers={"count": 1, "poll_interval": 0.05},
         mlflow={"poll_interval": 0.1, "retry_backoff": 0.1, "max_backoff": 0.5, **mlflow},
     )
-    node = Node(settings, models=models)
-    node.start()
-    try:
+    with running_node(settings, models) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def tracking_rows(node: Node) -> list[TrackedRun]:
