@@ -8,14 +8,25 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.database import create_index_engine, session_factory
 from dicom_node.delivery import DeliveryQueue
+from dicom_node.index_schema import (
+    IndexNotReady,
+    SchemaChange,
+    downgrade_index,
+    history,
+    index_revision,
+    upgrade_index,
+)
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import Node
 from dicom_node.storage import InstanceStore
@@ -45,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     resend.add_argument("--destination", help="only the failed deliveries to this destination")
     resend.add_argument("--id", type=_positive, action="append", default=[], help="only this delivery (repeatable)")
     resend.set_defaults(run=_resend_command)
+
+    db = commands.add_parser("db", help="the index's schema: its revision, upgrades, the history of revisions")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    for name, run, help_text in (
+        ("upgrade", _db_upgrade_command, "bring the index to a revision (default: the code's head)"),
+        ("downgrade", _db_downgrade_command, "take the index back to a revision, for an older version of the node"),
+        ("current", _db_current_command, "print the index's revision"),
+        ("check", _db_check_command, "exit 1, with one line, when the index is not at the code's head"),
+        ("history", _db_history_command, "list the revisions, oldest first"),
+    ):
+        db_command = db_commands.add_parser(name, help=help_text)
+        db_command.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
+        if name in ("upgrade", "downgrade"):
+            db_command.add_argument("--revision", default="head", required=name == "downgrade")
+        db_command.set_defaults(run=run)
 
     phantoms = commands.add_parser("phantoms", help="write synthetic hand and foot X-rays with labels.csv")
     phantoms.add_argument("--out", type=Path, required=True, help="directory for the DICOM files and labels.csv")
@@ -145,6 +171,71 @@ def _resend_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _index_engine(args: argparse.Namespace) -> Iterator[Engine | None]:
+    """The configured index's engine, as it is (None after printing why there is none), with logging set up."""
+    settings = _settings_or_none(args.config)
+    if settings is None:
+        yield None
+        return
+    configure_logging(settings.logging.level)
+    engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _db_upgrade_command(args: argparse.Namespace) -> int:
+    return _db_change(args, upgrade_index)
+
+
+def _db_downgrade_command(args: argparse.Namespace) -> int:
+    return _db_change(args, downgrade_index)
+
+
+def _db_change(args: argparse.Namespace, change_index: Callable[[Engine, str], SchemaChange]) -> int:
+    with _index_engine(args) as engine:
+        if engine is None:
+            return EXIT_CONFIG_ERROR
+        try:
+            change = change_index(engine, args.revision)
+        except (IndexNotReady, SQLAlchemyError) as error:
+            print(f"dicom-node: {error}", file=sys.stderr)
+            return EXIT_START_FAILED
+    if change.before == change.after:
+        print(f"index already at revision {change.after}")
+    else:
+        print(f"index changed from revision {change.before} to {change.after}")
+    return 0
+
+
+def _db_current_command(args: argparse.Namespace) -> int:
+    with _index_engine(args) as engine:
+        if engine is None:
+            return EXIT_CONFIG_ERROR
+        print(index_revision(engine))
+    return 0
+
+
+def _db_check_command(args: argparse.Namespace) -> int:
+    with _index_engine(args) as engine:
+        if engine is None:
+            return EXIT_CONFIG_ERROR
+        state = index_revision(engine)
+    if not state.at_head:
+        upgrade = f"dicom-node db upgrade --config {args.config}"
+        print(f"index at revision {state}, not the code's {state.head}: run '{upgrade}'")
+        return EXIT_START_FAILED
+    print(f"index at revision {state}")
+    return 0
+
+
+def _db_history_command(args: argparse.Namespace) -> int:
+    print("\n".join(history()))
+    return 0
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from inference.training.datasets import DatasetError
     from inference.training.run import run_training
@@ -232,6 +323,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pynetdicom's INFO lines describe every association; keep them for DEBUG.
     logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # Alembic's INFO lines describe its context at every run; the node logs each schema change in one line.
+    logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
 def serve(settings: Settings) -> int:
@@ -266,6 +359,9 @@ def serve(settings: Settings) -> int:
         return EXIT_START_FAILED
     except (SQLAlchemyError, ImportError) as error:
         print(f"dicom-node: cannot open the database ({type(error).__name__}: {error})", file=sys.stderr)
+        return EXIT_START_FAILED
+    except IndexNotReady as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
     try:
         node.start()

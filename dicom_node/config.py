@@ -135,6 +135,8 @@ class DatabaseSettings(Section):
     url: str = ""
     # below the DIMSE timeout of the usual senders (Orthanc: 10 s), so that they get 0xA700, not a dropped answer
     busy_timeout: Seconds = 5.0
+    # Upgrade an index behind the code's schema at start. None: on SQLite yes, on PostgreSQL no.
+    auto_upgrade: bool | None = None
 
     @field_validator("url")
     @classmethod

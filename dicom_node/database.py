@@ -11,13 +11,28 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import DatabaseSettings
-from dicom_node.models import Base
+from dicom_node.index_schema import prepare_index
 
 SQLITE_RETURNING = (3, 35, 0)  # the first SQLite with UPDATE ... RETURNING (dicom_node.jobs claims with it)
 
 
+def open_index(database: DatabaseSettings) -> Engine:
+    """An engine for the configured index, at the code's schema (:func:`dicom_node.index_schema.prepare_index`).
+
+    Raises:
+        IndexNotReady: the index is not at the code's schema and may not, or could not, be brought there.
+    """
+    engine = create_index_engine(database.url, database.busy_timeout)
+    try:
+        prepare_index(engine, database.auto_upgrade)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 def create_index_engine(url: str, busy_timeout: float = DatabaseSettings().busy_timeout) -> Engine:
-    """An engine for ``url`` with the tables created.
+    """An engine for ``url``, as it is: the schema is :mod:`dicom_node.index_schema`'s business.
 
     SQLite runs in WAL mode so that readers (the web viewer) never block the SCP's writes, with
     ``synchronous=FULL`` so that a committed index row survives a power cut as the file it points at does.
@@ -41,7 +56,6 @@ def create_index_engine(url: str, busy_timeout: float = DatabaseSettings().busy_
             hide_parameters=True,
         )
         event.listen(engine, "connect", _configure_sqlite)
-    Base.metadata.create_all(engine)
     return engine
 
 

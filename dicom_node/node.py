@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 
 from dicom_node.config import Settings
-from dicom_node.database import create_index_engine, session_factory
+from dicom_node.database import open_index, session_factory
 from dicom_node.delivery import DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB, Ingestor
@@ -34,7 +34,7 @@ class Node:
         self.settings = settings
         self.models = models
         self.store = InstanceStore(settings.storage.root)
-        self.engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
+        self.engine = open_index(settings.database)
         self.sessions = session_factory(self.engine)
         self.ingestor = Ingestor(
             self.store,

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dicom_node.database import create_index_engine
+from dicom_node.index_schema import upgrade_index
 from tests.dicom_peers import free_port
 
 
@@ -52,3 +54,14 @@ def create_database(admin_url: str, name: str) -> str:
     with psycopg.connect(plain, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def migrated_database(admin_url: str, name: str) -> str:
+    """A new database at the code's schema, as an operator leaves it with ``dicom-node db upgrade``; its URL."""
+    url = create_database(admin_url, name)
+    engine = create_index_engine(url)
+    try:
+        upgrade_index(engine)
+    finally:
+        engine.dispose()
+    return url

@@ -43,7 +43,7 @@ from dicom_node.status import StoreStatus
 from dicom_node.synthetic import synthetic_dx
 from tests.dicom_peers import NODE_AE, free_port
 from tests.orthanc import Orthanc, orthanc, orthanc_binary
-from tests.postgres import create_database, postgres_bin, temporary_postgres
+from tests.postgres import migrated_database, postgres_bin, temporary_postgres
 from tests.serve_process import DEMO_CARDS, ServeProcess, with_onnx_graphs
 
 IMAGES = 100
@@ -139,7 +139,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'storage' / 'index.sqlite3'}"
     server = request.getfixturevalue("postgres_server")
-    return create_database(server, f"crash_{next(_databases)}")
+    return migrated_database(server, f"crash_{next(_databases)}")
 
 
 @pytest.fixture

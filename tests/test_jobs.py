@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import ArgumentError
 
-from dicom_node.config import Settings
-from dicom_node.database import create_index_engine, session_factory
+from dicom_node.config import DatabaseSettings, Settings
+from dicom_node.database import create_index_engine, open_index, session_factory
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.jobs import ClaimedJob, JobQueue
 from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
@@ -23,7 +23,7 @@ from tests.dicom_peers import free_port, send_datasets
 
 @pytest.fixture
 def sessions(tmp_path: Path):
-    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    engine = open_index(DatabaseSettings(url=f"sqlite:///{tmp_path / 'index.sqlite3'}"))
     yield session_factory(engine)
     engine.dispose()
 

@@ -15,7 +15,7 @@ import pytest
 from dicom_node.config import Settings
 from dicom_node.node import Node
 from tests.conftest import NodeFactory, node_settings, started_nodes
-from tests.postgres import create_database, postgres_bin, temporary_postgres
+from tests.postgres import migrated_database, postgres_bin, temporary_postgres
 from tests.test_ingest_failures import (  # noqa: F401  (collected here against PostgreSQL)
     test_a_study_sent_again_under_another_patient_is_refused,
     test_commit_that_lands_but_reports_an_error_loses_no_image,
@@ -42,7 +42,7 @@ def postgres_server() -> Iterator[str]:
 def start_node(tmp_path: Path, postgres_server: str) -> Iterator[NodeFactory]:
     def settings_for(**dicom: object) -> Settings:
         settings = node_settings(tmp_path / "storage", **dicom)
-        settings.database.url = create_database(postgres_server, f"node_{next(_numbers)}")
+        settings.database.url = migrated_database(postgres_server, f"node_{next(_numbers)}")
         return settings
 
     with started_nodes(settings_for) as start:
