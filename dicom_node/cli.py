@@ -8,8 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -23,6 +22,7 @@ from dicom_node.index_schema import (
     IndexNotReady,
     SchemaChange,
     downgrade_index,
+    first_line,
     history,
     index_revision,
     upgrade_index,
@@ -152,83 +152,75 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _resend_command(args: argparse.Namespace) -> int:
-    settings = _settings_or_none(args.config)
-    if settings is None:
-        return EXIT_CONFIG_ERROR
-    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
-        print(f"dicom-node: no destination is named {args.destination!r}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
-    try:
+    def resend(engine: Engine, settings: Settings) -> int:
+        if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
+            print(f"dicom-node: no destination is named {args.destination!r}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        state = index_revision(engine)
+        if not state.at_head:
+            raise IndexNotReady(f"the index is at revision {state}, not the code's {state.head}: start the node first")
         delivery = settings.delivery
         queue = DeliveryQueue(
             session_factory(engine), delivery.max_attempts, delivery.retry_backoff, delivery.max_backoff
         )
-        count = queue.resend(args.id, args.destination)
-    finally:
-        engine.dispose()
-    print(f"{count} failed deliveries queued again")
-    return 0
+        print(f"{queue.resend(args.id, args.destination)} failed deliveries queued again")
+        return 0
+
+    return _on_index(args, resend)
 
 
-@contextmanager
-def _index_engine(args: argparse.Namespace) -> Iterator[Engine | None]:
-    """The configured index's engine, as it is (None after printing why there is none), with logging set up."""
+def _on_index(args: argparse.Namespace, command: Callable[[Engine, Settings], int]) -> int:
+    """Run ``command`` on the configured index as it is; a problem with the index is one line, exit status 1."""
     settings = _settings_or_none(args.config)
     if settings is None:
-        yield None
-        return
+        return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
     try:
-        yield engine
+        return command(engine, settings)
+    except (IndexNotReady, SQLAlchemyError) as error:
+        reason = str(error) if isinstance(error, IndexNotReady) else f"{type(error).__name__}: {first_line(error)}"
+        print(f"dicom-node: {reason}", file=sys.stderr)
+        return EXIT_START_FAILED
     finally:
         engine.dispose()
 
 
 def _db_upgrade_command(args: argparse.Namespace) -> int:
-    return _db_change(args, upgrade_index)
+    return _on_index(args, lambda engine, _: _report(upgrade_index(engine, args.revision)))
 
 
 def _db_downgrade_command(args: argparse.Namespace) -> int:
-    return _db_change(args, downgrade_index)
+    return _on_index(args, lambda engine, _: _report(downgrade_index(engine, args.revision)))
 
 
-def _db_change(args: argparse.Namespace, change_index: Callable[[Engine, str], SchemaChange]) -> int:
-    with _index_engine(args) as engine:
-        if engine is None:
-            return EXIT_CONFIG_ERROR
-        try:
-            change = change_index(engine, args.revision)
-        except (IndexNotReady, SQLAlchemyError) as error:
-            print(f"dicom-node: {error}", file=sys.stderr)
-            return EXIT_START_FAILED
-    if change.before == change.after:
-        print(f"index already at revision {change.after}")
-    else:
+def _report(change: SchemaChange) -> int:
+    if change.changed:
         print(f"index changed from revision {change.before} to {change.after}")
+    else:
+        print(f"index already at revision {change.after}")
     return 0
 
 
 def _db_current_command(args: argparse.Namespace) -> int:
-    with _index_engine(args) as engine:
-        if engine is None:
-            return EXIT_CONFIG_ERROR
+    def current(engine: Engine, _: Settings) -> int:
         print(index_revision(engine))
-    return 0
+        return 0
+
+    return _on_index(args, current)
 
 
 def _db_check_command(args: argparse.Namespace) -> int:
-    with _index_engine(args) as engine:
-        if engine is None:
-            return EXIT_CONFIG_ERROR
+    def check(engine: Engine, _: Settings) -> int:
         state = index_revision(engine)
-    if not state.at_head:
-        upgrade = f"dicom-node db upgrade --config {args.config}"
-        print(f"index at revision {state}, not the code's {state.head}: run '{upgrade}'")
+        if state.at_head:
+            print(f"index at revision {state}")
+            return 0
+        todo = f"run 'dicom-node db upgrade --config {args.config}'" if state.known else "run that version of the node"
+        print(f"index at revision {state}, not the code's {state.head}: {todo}")
         return EXIT_START_FAILED
-    print(f"index at revision {state}")
-    return 0
+
+    return _on_index(args, check)
 
 
 def _db_history_command(args: argparse.Namespace) -> int:

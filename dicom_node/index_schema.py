@@ -1,12 +1,17 @@
 """The index's schema version: where an index stands against the code's migrations (Alembic, in
 ``dicom_node/migrations``), and bringing it to a revision without losing it.
 
-- PostgreSQL: a change runs in one transaction (PostgreSQL's DDL is transactional) under an advisory lock, so
-  that processes which upgrade one index at once are serialised and a failed migration leaves it as it was.
-- SQLite: the driver commits DDL as it goes, so a copy of the database is taken before a change and restored
-  if the change fails. The copy is kept, and its name logged.
-- An index from before migrations (the node's tables, no ``alembic_version``) is completed and stamped at the
-  baseline first (:mod:`dicom_node.legacy_index`).
+A change runs in one transaction that holds the database's write lock, so that a failed migration is rolled
+back whole and nothing else writes while the schema changes:
+
+- PostgreSQL: transactional DDL, under an advisory lock that serialises processes which change one index at
+  once (the second finds the work done);
+- SQLite: ``BEGIN IMMEDIATE`` on the migration's connection (SQLite's DDL is transactional; the driver only
+  needs to be told where the transaction begins). A copy of the database is taken first, inside the lock, and
+  kept beside it with its name logged: the way back to the older version of the node by hand.
+
+An index from before migrations (the node's tables, no ``alembic_version``) is completed and stamped at the
+baseline first (:mod:`dicom_node.legacy_index`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +68,23 @@ class IndexRevision:
 
 @dataclass(frozen=True)
 class SchemaChange:
+    """What :func:`upgrade_index` or :func:`downgrade_index` did; ``before`` is read under the lock."""
+
     before: IndexRevision
     after: IndexRevision
     copy: Path | None  # SQLite: the copy taken before the change
 
+    @property
+    def changed(self) -> bool:
+        return self.before.current != self.after.current
+
+
+def head_revision(migrations: Path = MIGRATIONS) -> str:
+    return ScriptDirectory(str(migrations)).get_current_head()
+
 
 def index_revision(engine: Engine, migrations: Path = MIGRATIONS) -> IndexRevision:
+    """Where the index of ``engine`` stands against ``migrations``."""
     with engine.connect() as connection:
         return _revision(connection, ScriptDirectory(str(migrations)))
 
@@ -78,7 +94,7 @@ def history(migrations: Path = MIGRATIONS) -> list[str]:
     script = ScriptDirectory(str(migrations))
     head = script.get_current_head()
     return [
-        f"{revision.revision}{' (head)' if revision.revision == head else ''}: {revision.doc}"
+        f"{revision.revision}{' (head)' if revision.revision == head else ''}: {first_line(revision.doc)}"
         for revision in reversed(list(script.walk_revisions()))
     ]
 
@@ -97,26 +113,25 @@ def prepare_index(engine: Engine, auto_upgrade: bool | None) -> None:
     if state.at_head:
         log.info("index at revision %s", state)
         return
-    if not state.known:
-        raise IndexNotReady(f"the index is at revision {state}; start that version of the node")
+    _refuse_unknown(state)
     if not (auto_upgrade if auto_upgrade is not None else engine.dialect.name == "sqlite"):
         raise IndexNotReady(
             f"the index is at revision {state}, behind the code's {state.head}: run 'dicom-node db upgrade' with "
             "this configuration, or set database.auto_upgrade: true"
         )
     change = upgrade_index(engine)
-    if change.before == change.after:
-        log.info("index at revision %s: another process upgraded it meanwhile", change.after)
-    else:
+    if change.changed:
         log.info("index upgraded from revision %s to %s", change.before, change.after)
+    else:
+        log.info("index at revision %s: another process upgraded it meanwhile", change.after)
 
 
 def upgrade_index(engine: Engine, revision: str = "head", migrations: Path = MIGRATIONS) -> SchemaChange:
     """Bring the index to ``revision`` (or leave it, when it is there already).
 
     Raises:
-        IndexNotReady: the index is not one the migrations can upgrade (nothing was changed), or a migration
-            failed (the index is as it was).
+        IndexNotReady: the index is not one the migrations can upgrade, or a migration failed; either way the
+            index is as it was.
     """
     return _change(engine, migrations, revision, command.upgrade)
 
@@ -126,23 +141,27 @@ def downgrade_index(engine: Engine, revision: str, migrations: Path = MIGRATIONS
     return _change(engine, migrations, revision, command.downgrade)
 
 
-def _change(engine: Engine, migrations: Path, revision: str, step) -> SchemaChange:
+def first_line(text: object) -> str:
+    """The first line of a message that may have several (SQLAlchemy's errors) or none."""
+    return (str(text).splitlines() or [""])[0]
+
+
+def _change(engine: Engine, migrations: Path, revision: str, step: Callable[[Config, str], None]) -> SchemaChange:
     script = ScriptDirectory(str(migrations))
     try:
         target = script.get_revision(revision)
     except CommandError:
-        raise IndexNotReady(
-            f"no revision {revision!r} among the migrations ('dicom-node db history' lists them)"
-        ) from None
+        listed = "'dicom-node db history' lists them"
+        raise IndexNotReady(f"no revision {revision!r} among the migrations ({listed})") from None
     target_id = target.revision if target is not None else None
-    copy: Path | None = None
     with engine.connect() as connection, _foreign_keys_off(connection):
         try:
             with connection.begin():
-                _serialise(connection)
+                _lock(connection)
                 before = _revision(connection, script)
                 if before.current == target_id:
                     return SchemaChange(before, before, None)
+                _refuse_unknown(before)
                 completion = plan_completion(connection) if before.legacy else None
                 copy = _safety_copy(connection, before)
                 config = Config()
@@ -154,17 +173,21 @@ def _change(engine: Engine, migrations: Path, revision: str, step) -> SchemaChan
                 step(config, target_id or "base")
                 _check_foreign_keys(connection)
                 after = _revision(connection, script)
+        except IndexNotReady:
+            raise
         except LegacyIndexMismatch as error:
             raise IndexNotReady(f"{error}; nothing was changed") from None
         except Exception as error:
-            if copy is not None:
-                _restore(connection, copy)
-            where = f", restored from {copy}" if copy is not None else ""
             raise IndexNotReady(
-                f"the change of the index to revision {revision} failed and was undone{where}: "
-                f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                f"the change of the index to revision {revision} failed and was rolled back: "
+                f"{type(error).__name__}: {first_line(error)}"
             ) from error
     return SchemaChange(before, after, copy)
+
+
+def _refuse_unknown(state: IndexRevision) -> None:
+    if not state.known:
+        raise IndexNotReady(f"the index is at revision {state}; run that version of the node")
 
 
 def _revision(connection: Connection, script: ScriptDirectory) -> IndexRevision:
@@ -175,37 +198,43 @@ def _revision(connection: Connection, script: ScriptDirectory) -> IndexRevision:
     return IndexRevision(current, script.get_current_head(), legacy, known)
 
 
-def _serialise(connection: Connection) -> None:
-    """PostgreSQL: wait for any other process's schema change; the lock is released at commit or rollback."""
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK})")
+def _lock(connection: Connection) -> None:
+    """Take the write lock for the whole change; it is released at commit or rollback."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # waits up to the engine's busy timeout for other writers
+    elif connection.dialect.name == "postgresql":
+        taken = connection.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({UPGRADE_LOCK})").scalar()
+        if not taken:
+            log.info("waiting for another process's change of the index's schema")
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK})")
 
 
 @contextmanager
 def _foreign_keys_off(connection: Connection) -> Iterator[None]:
-    """SQLite: batch migrations copy and rename tables, which foreign key enforcement would get in the way of
-    (SQLite's own procedure for schema changes); :func:`_check_foreign_keys` checks the rows afterwards."""
+    """SQLite: batch migrations copy and rename tables, which foreign key enforcement gets in the way of
+    (SQLite's own procedure for schema changes turns it off); :func:`_check_foreign_keys` checks the rows
+    afterwards. The connection is then discarded, so that the pool never hands it out without enforcement."""
     if connection.dialect.name != "sqlite":
         yield
         return
-    driver = connection.connection.driver_connection
-    driver.execute("PRAGMA foreign_keys=OFF")
+    connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # outside a transaction
     try:
         yield
     finally:
-        driver.execute("PRAGMA foreign_keys=ON")
+        connection.invalidate()
 
 
 def _check_foreign_keys(connection: Connection) -> None:
     if connection.dialect.name == "sqlite":
         broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
         if broken is not None:
-            raise IndexNotReady(f"a row of table {broken[0]} refers to a row of {broken[2]} that is not there")
+            raise RuntimeError(f"a row of table {broken[0]} refers to a row of {broken[2]} that is not there")
 
 
 def _safety_copy(connection: Connection, before: IndexRevision) -> Path | None:
-    """SQLite with tables in a file: a consistent copy of the database beside it (the backup API, so that
-    what the write-ahead log holds is in it too)."""
+    """SQLite with tables in a file: a copy of the database beside it, by the backup API (so that what the
+    write-ahead log holds is in it too) through a connection of its own: the change's connection holds the
+    write lock, which a backup cannot read through, and a reader beside it sees the committed state."""
     database = connection.engine.url.database
     if connection.dialect.name != "sqlite" or not database or database == ":memory:":
         return None
@@ -213,17 +242,15 @@ def _safety_copy(connection: Connection, before: IndexRevision) -> Path | None:
         return None  # empty: nothing to keep
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     copy = Path(f"{database}.before-{before.current or 'migrations'}-{stamp}")
-    with sqlite3.connect(copy) as target:
-        connection.connection.driver_connection.backup(target)
+    source, target = sqlite3.connect(database), sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    except BaseException:
+        target.close()
+        copy.unlink(missing_ok=True)  # a partial copy would be mistaken for a usable one
+        raise
+    finally:
+        source.close()
     target.close()
     log.info("copied the index to %s before changing its schema; remove it once the node runs well", copy)
     return copy
-
-
-def _restore(connection: Connection, copy: Path) -> None:
-    source = sqlite3.connect(copy)
-    try:
-        source.backup(connection.connection.driver_connection)
-    finally:
-        source.close()
-    log.error("the schema change failed: the index was restored from %s", copy)

@@ -17,10 +17,10 @@ from sqlalchemy.schema import CreateTable, DefaultClause
 
 from dicom_node.migrations import baseline
 
-# What the index gained before migrations existed, each with the commit that added it: an older index lacks
-# some of these and nothing else. Tables added at start by create_all are listed too: a node of that version
-# that never started after its update has not made them.
-ADDED_TABLES = {"results": "d2d7987", "deliveries": "f0b86c2", "tracking": "9c13f8e"}
+# What the index gained before migrations existed (the commit that added each): an older index lacks some of
+# these and nothing else. The tables too, though create_all made them at start: a node that was updated but
+# never started again has not.
+ADDED_TABLES = {"results", "deliveries", "tracking"}  # d2d7987, f0b86c2, 9c13f8e
 # (table, column): the SQL literal that rows which existed before the column take (None: NULL)
 ADDED_COLUMNS: dict[tuple[str, str], str | None] = {
     ("jobs", "note"): None,  # d2d7987
@@ -41,9 +41,6 @@ class Completion:
     columns: list[tuple[str, Column]]
     indexes: list[Index]
 
-    def __bool__(self) -> bool:
-        return bool(self.tables or self.columns or self.indexes)
-
 
 def plan_completion(connection: Connection) -> Completion:
     """Compare the index on ``connection`` with the baseline; what to add to reach it.
@@ -51,25 +48,31 @@ def plan_completion(connection: Connection) -> Completion:
     Raises:
         LegacyIndexMismatch: a difference that no earlier version of the node explains.
     """
-    tables: list[Table] = []
-    columns: list[tuple[str, Column]] = []
-    indexes: list[Index] = []
     context = MigrationContext.configure(connection, opts={"compare_type": True})
-    for difference in _flattened(compare_metadata(context, baseline.metadata)):
-        kind = difference[0]
-        if kind == "add_table" and difference[1].name in ADDED_TABLES:
-            tables.append(baseline.metadata.tables[difference[1].name])  # with its indexes, unlike the diff's
-        elif kind == "add_column" and (difference[2], difference[3].name) in ADDED_COLUMNS:
-            columns.append((difference[2], difference[3]))
-        elif kind == "add_index" and _is_part_of_an_addition(difference[1].table.name, difference[1].columns):
-            indexes.append(difference[1])
-        elif kind == "add_fk" and _is_part_of_an_addition(difference[1].table.name, difference[1].columns):
-            pass  # made with its column
-        else:
+    differences = _flattened(compare_metadata(context, baseline.metadata))
+    added_tables = {d[1].name for d in differences if d[0] == "add_table"} & ADDED_TABLES
+    added_columns = {(d[2], d[3].name) for d in differences if d[0] == "add_column"} & ADDED_COLUMNS.keys()
+
+    def explained(difference: tuple) -> bool:
+        """A table or column being added, or an index or foreign key of one (made with it, or after it)."""
+        match difference[0]:
+            case "add_table":
+                return difference[1].name in added_tables
+            case "add_column":
+                return (difference[2], difference[3].name) in added_columns
+            case "add_index" | "add_fk":
+                table_name, columns = difference[1].table.name, difference[1].columns
+                return table_name in added_tables or any((table_name, c.name) in added_columns for c in columns)
+        return False
+
+    for difference in differences:
+        if not explained(difference):
             raise LegacyIndexMismatch(f"the index differs from every schema of the node: {_describe(difference)}")
-    new_tables = {table.name for table in tables}
-    indexes = [index for index in indexes if index.table.name not in new_tables]  # made with their table
-    return Completion(tables, columns, indexes)
+    return Completion(
+        tables=[baseline.metadata.tables[name] for name in sorted(added_tables)],  # with their indexes
+        columns=[(d[2], d[3]) for d in differences if d[0] == "add_column"],
+        indexes=[d[1] for d in differences if d[0] == "add_index" and d[1].table.name not in added_tables],
+    )
 
 
 def complete(connection: Connection, completion: Completion) -> None:
@@ -126,10 +129,6 @@ def _rebuild_sqlite_table(connection: Connection, table: Table) -> None:
         index.create(connection)
 
 
-def _is_part_of_an_addition(table_name: str, columns) -> bool:
-    return table_name in ADDED_TABLES or any((table_name, column.name) in ADDED_COLUMNS for column in columns)
-
-
 def _flattened(differences: list) -> list[tuple]:
     """Alembic lists a column's modifications as a nested list; one tuple per difference."""
     flat: list[tuple] = []
@@ -160,4 +159,5 @@ def _describe(difference: tuple) -> str:
     table = item.table.name if getattr(item, "table", None) is not None else "?"
     what = "foreign key" if isinstance(item, ForeignKeyConstraint) else type(item).__name__.lower()
     state = "is missing" if kind.startswith("add") else "is not one of the node's"
-    return f"{what} {item.name or ''} on table {table} ({', '.join(c.name for c in item.columns)}) {state}"
+    named = f"{what} {item.name}" if item.name else what
+    return f"{named} on table {table} ({', '.join(c.name for c in item.columns)}) {state}"

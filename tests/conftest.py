@@ -12,6 +12,7 @@ from dicom_node.config import Settings
 from dicom_node.models import Instance, Job
 from dicom_node.node import Node
 from tests.dicom_peers import free_port
+from tests.postgres import postgres_bin, temporary_postgres
 from tests.serve_process import onnx_graphs  # noqa: F401  (a fixture for the served-node tests)
 
 if TYPE_CHECKING:
@@ -55,6 +56,15 @@ def started_nodes(settings_for: Callable[..., Settings]) -> Iterator[NodeFactory
     finally:
         for node in started:
             node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the session's tests, each of which makes its own database on it."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed")
+    with temporary_postgres() as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import psycopg
 from sqlalchemy import Engine, MetaData, inspect, select
 from sqlalchemy.engine import make_url
 
+from tests.postgres import psycopg_url
+
 LEGACY_INDEXES = Path(__file__).with_name("legacy_indexes")
 # Schemas the node made before migrations: the first one; one before jobs.generation and the deliveries
 # table; the baseline's (the last commit before migrations).
@@ -79,7 +81,7 @@ def run_script(url: str, sql: str) -> None:
             connection.executescript(sql)
         connection.close()
     else:
-        with psycopg.connect(parsed.set(drivername="postgresql").render_as_string(hide_password=False)) as connection:
+        with psycopg.connect(psycopg_url(url)) as connection:
             connection.execute(sql)
 
 

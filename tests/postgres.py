@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+from sqlalchemy.engine import make_url
+
 from dicom_node.database import create_index_engine
 from dicom_node.index_schema import upgrade_index
 from tests.dicom_peers import free_port
@@ -46,12 +49,14 @@ def temporary_postgres() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def psycopg_url(url: str) -> str:
+    """The SQLAlchemy URL ``url`` as psycopg takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def create_database(admin_url: str, name: str) -> str:
     """A new empty database on the server of ``admin_url``; its URL."""
-    import psycopg
-
-    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(plain, autocommit=True) as connection:
+    with psycopg.connect(psycopg_url(admin_url), autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 

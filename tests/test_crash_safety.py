@@ -43,7 +43,7 @@ from dicom_node.status import StoreStatus
 from dicom_node.synthetic import synthetic_dx
 from tests.dicom_peers import NODE_AE, free_port
 from tests.orthanc import Orthanc, orthanc, orthanc_binary
-from tests.postgres import migrated_database, postgres_bin, temporary_postgres
+from tests.postgres import migrated_database
 from tests.serve_process import DEMO_CARDS, ServeProcess, with_onnx_graphs
 
 IMAGES = 100
@@ -123,14 +123,6 @@ def in_threads(target: Callable[..., None], argument_lists: Sequence[tuple]) -> 
     for thread in threads:
         thread.start()
     return threads
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[str]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed")
-    with temporary_postgres() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

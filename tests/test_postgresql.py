@@ -15,7 +15,7 @@ import pytest
 from dicom_node.config import Settings
 from dicom_node.node import Node
 from tests.conftest import NodeFactory, node_settings, started_nodes
-from tests.postgres import migrated_database, postgres_bin, temporary_postgres
+from tests.postgres import migrated_database, postgres_bin
 from tests.test_ingest_failures import (  # noqa: F401  (collected here against PostgreSQL)
     test_a_study_sent_again_under_another_patient_is_refused,
     test_commit_that_lands_but_reports_an_error_loses_no_image,
@@ -30,12 +30,6 @@ from tests.test_scp import (  # noqa: F401  (collected here against PostgreSQL)
 
 pytestmark = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")
 _numbers = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[str]:
-    with temporary_postgres() as url:
-        yield url
 
 
 @pytest.fixture
