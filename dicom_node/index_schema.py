@@ -213,15 +213,16 @@ def _lock(connection: Connection) -> None:
 def _foreign_keys_off(connection: Connection) -> Iterator[None]:
     """SQLite: batch migrations copy and rename tables, which foreign key enforcement gets in the way of
     (SQLite's own procedure for schema changes turns it off); :func:`_check_foreign_keys` checks the rows
-    afterwards. The connection is then discarded, so that the pool never hands it out without enforcement."""
+    afterwards. Enforcement is back on before the pool hands the connection out again."""
     if connection.dialect.name != "sqlite":
         yield
         return
-    connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # outside a transaction
+    driver = connection.connection.driver_connection
+    driver.execute("PRAGMA foreign_keys=OFF")  # both outside the change's transaction: within one, a no-op
     try:
         yield
     finally:
-        connection.invalidate()
+        driver.execute("PRAGMA foreign_keys=ON")
 
 
 def _check_foreign_keys(connection: Connection) -> None:

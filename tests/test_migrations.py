@@ -108,6 +108,9 @@ def test_the_migrations_at_head_build_what_the_models_describe(engine: Engine) -
     upgrade_index(engine)
     assert differences_from_the_models(engine) == []
     assert index_revision(engine).at_head
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1, "enforced again afterwards"
 
 
 def test_upgrade_downgrade_to_the_baseline_and_upgrade_again_gives_the_same_schema(
