@@ -1,5 +1,8 @@
 """The index: what the node received, keyed Patient > Study > Series > Instance (PS3.3 section A.1.2),
-and the job queue that carries each received instance to the workers."""
+and the job queue that carries each received instance to the workers.
+
+A change to these tables comes with an Alembic revision in ``dicom_node/migrations/versions`` (see
+``alembic.ini``); ``tests/test_migrations.py`` fails while the models and the migrations disagree."""
 
 from __future__ import annotations
 
