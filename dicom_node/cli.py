@@ -22,9 +22,9 @@ from dicom_node.index_schema import (
     IndexNotReady,
     SchemaChange,
     downgrade_index,
-    first_line,
     history,
     index_revision,
+    one_line,
     upgrade_index,
 )
 from dicom_node.inference_jobs import InferenceModels
@@ -175,15 +175,19 @@ def _on_index(args: argparse.Namespace, command: Callable[[Engine, Settings], in
     if settings is None:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
-    engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
+    engine: Engine | None = None
     try:
+        engine = create_index_engine(settings.database.url, settings.database.busy_timeout)
         return command(engine, settings)
-    except (IndexNotReady, SQLAlchemyError) as error:
-        reason = str(error) if isinstance(error, IndexNotReady) else f"{type(error).__name__}: {first_line(error)}"
-        print(f"dicom-node: {reason}", file=sys.stderr)
+    except IndexNotReady as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except (SQLAlchemyError, ImportError, OSError) as error:  # no such database or driver, not a database file
+        print(f"dicom-node: cannot use the index: {one_line(error)}", file=sys.stderr)
         return EXIT_START_FAILED
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 
 
 def _db_upgrade_command(args: argparse.Namespace) -> int:
@@ -350,7 +354,7 @@ def serve(settings: Settings) -> int:
         print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
         return EXIT_START_FAILED
     except (SQLAlchemyError, ImportError) as error:
-        print(f"dicom-node: cannot open the database ({type(error).__name__}: {error})", file=sys.stderr)
+        print(f"dicom-node: cannot open the database ({one_line(error)})", file=sys.stderr)
         return EXIT_START_FAILED
     except IndexNotReady as error:
         print(f"dicom-node: {error}", file=sys.stderr)

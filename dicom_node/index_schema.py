@@ -142,8 +142,14 @@ def downgrade_index(engine: Engine, revision: str, migrations: Path = MIGRATIONS
 
 
 def first_line(text: object) -> str:
-    """The first line of a message that may have several (SQLAlchemy's errors) or none."""
+    """The first line of a text that may have several (SQLAlchemy's error messages) or none."""
     return (str(text).splitlines() or [""])[0]
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its type, and the first line of its message if it has one."""
+    message = first_line(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _change(engine: Engine, migrations: Path, revision: str, step: Callable[[Config, str], None]) -> SchemaChange:
@@ -179,8 +185,7 @@ def _change(engine: Engine, migrations: Path, revision: str, step: Callable[[Con
             raise IndexNotReady(f"{error}; nothing was changed") from None
         except Exception as error:
             raise IndexNotReady(
-                f"the change of the index to revision {revision} failed and was rolled back: "
-                f"{type(error).__name__}: {first_line(error)}"
+                f"the change of the index to revision {revision} failed and was rolled back: {one_line(error)}"
             ) from error
     return SchemaChange(before, after, copy)
 
@@ -222,6 +227,8 @@ def _foreign_keys_off(connection: Connection) -> Iterator[None]:
     try:
         yield
     finally:
+        if driver.in_transaction:  # a COMMIT that failed (busy) leaves SQLite's transaction open
+            driver.rollback()
         driver.execute("PRAGMA foreign_keys=ON")
 
 
@@ -241,7 +248,7 @@ def _safety_copy(connection: Connection, before: IndexRevision) -> Path | None:
         return None
     if before.current is None and not before.legacy:
         return None  # empty: nothing to keep
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     copy = Path(f"{database}.before-{before.current or 'migrations'}-{stamp}")
     source, target = sqlite3.connect(database), sqlite3.connect(copy)
     try:

@@ -21,6 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
 from dicom_node.cli import main
 from dicom_node.config import DatabaseSettings, Settings
@@ -82,6 +83,13 @@ def engine(index_url: str) -> Iterator[Engine]:
         yield engine
 
 
+def assert_foreign_keys_enforced(engine: Engine) -> None:
+    """On the connection the migration used, the only one in the pool, as the node gets it next."""
+    assert engine.pool.checkedin() == 1
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1, "enforced again afterwards"
+
+
 def differences_from_the_models(engine: Engine) -> list:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
@@ -109,8 +117,7 @@ def test_the_migrations_at_head_build_what_the_models_describe(engine: Engine) -
     assert differences_from_the_models(engine) == []
     assert index_revision(engine).at_head
     if engine.dialect.name == "sqlite":
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1, "enforced again afterwards"
+        assert_foreign_keys_enforced(engine)
 
 
 def test_upgrade_downgrade_to_the_baseline_and_upgrade_again_gives_the_same_schema(
@@ -255,10 +262,24 @@ def test_a_migration_that_fails_midway_leaves_the_index_as_it_was(
     )
     assert (schema(engine), all_rows(engine), index_revision(engine)) == before
     if engine.dialect.name == "sqlite":
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1, "enforced again afterwards"
+        assert_foreign_keys_enforced(engine)
         copies = list(tmp_path.glob("index.sqlite3.before-*"))
         assert len(copies) == (start != "empty") and all(f"copied the index to {c}" in caplog.text for c in copies)
+        for copy in copies:  # the state before, with what the write-ahead log held
+            with engine_of(f"sqlite:///{copy}") as copied:
+                assert (schema(copied), all_rows(copied), index_revision(copied)) == before
+
+
+def test_a_migration_that_leaves_rows_pointing_nowhere_is_rolled_back(engine: Engine, tmp_path: Path) -> None:
+    """SQLite migrates with foreign key enforcement off (its procedure for schema changes); the rows are
+    checked before the commit."""
+    upgrade_index(engine)
+    fill(engine)
+    before = (schema(engine), all_rows(engine))
+    orphans = "def upgrade():\n    op.execute('DELETE FROM patients')\n\ndef downgrade():\n    pass\n"
+    with pytest.raises(IndexNotReady, match="failed and was rolled back"):
+        upgrade_index(engine, "head", migrations_with(tmp_path, "9003", orphans))
+    assert (schema(engine), all_rows(engine)) == before
 
 
 def test_while_the_schema_of_an_sqlite_index_changes_no_other_connection_writes(tmp_path: Path) -> None:
@@ -362,6 +383,13 @@ def test_the_db_commands(index_url: str, tmp_path: Path, capsys: pytest.CaptureF
     history = db("history")[1].splitlines()
     assert history[0].startswith(BASELINE) and "Baseline: the index as the node created it" in history[0]
     assert history[-1].startswith(f"{head} (head): ")
+
+    if make_url(index_url).get_backend_name() == "sqlite":
+        not_a_database = tmp_path / "not-a-database"
+        not_a_database.write_text("patients: many\n" * 100)
+        config.write_text(f"storage:\n  root: {tmp_path / 'storage'}\ndatabase:\n  url: 'sqlite:///{not_a_database}'\n")
+        unusable = "dicom-node: cannot use the index: DatabaseError: (sqlite3.DatabaseError) file is not a database"
+        assert db("current") == (1, "", unusable)
 
 
 # --- served, as an administrator starts the node -------------------------------------------------------------
