@@ -94,7 +94,7 @@ def history(migrations: Path = MIGRATIONS) -> list[str]:
     script = ScriptDirectory(str(migrations))
     head = script.get_current_head()
     return [
-        f"{revision.revision}{' (head)' if revision.revision == head else ''}: {first_line(revision.doc)}"
+        f"{revision.revision}{' (head)' if revision.revision == head else ''}: {_first_line(revision.doc)}"
         for revision in reversed(list(script.walk_revisions()))
     ]
 
@@ -141,14 +141,14 @@ def downgrade_index(engine: Engine, revision: str, migrations: Path = MIGRATIONS
     return _change(engine, migrations, revision, command.downgrade)
 
 
-def first_line(text: object) -> str:
+def _first_line(text: object) -> str:
     """The first line of a text that may have several (SQLAlchemy's error messages) or none."""
     return (str(text).splitlines() or [""])[0]
 
 
 def one_line(error: BaseException) -> str:
     """An error as one line: its type, and the first line of its message if it has one."""
-    message = first_line(error)
+    message = _first_line(error)
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
