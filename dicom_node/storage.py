@@ -6,7 +6,10 @@ neither leave the root nor collide with another patient's, and UIDs must have th
 gives them (digits and dots), which cannot name another directory.
 
 Files are written atomically: a temporary file under ``incoming/`` is written and fsynced, then renamed into
-place, and the directory entries are fsynced, so a file under ``patients/`` is always complete.
+place, and the directory entries are fsynced, so a file under ``patients/`` is always complete. Each process
+writes its temporary files in a directory of its own, ``incoming/<pid>.<token>.<host>``, so that processes that
+share the root (a cluster's roles, on a shared file system) can tell the leftovers of a dead one from the files
+another is writing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
+import socket
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +28,8 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MAX_UID_LENGTH = 64
 _NOT_PORTABLE = re.compile(r"[^A-Za-z0-9]+")
 _READABLE_PREFIX_LENGTH = 32
+_HOST = socket.gethostname()
+_PROCESS_STARTED = time.time()
 
 
 class InvalidIdentifier(ValueError):
@@ -55,7 +63,7 @@ class InstanceStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.incoming = self.root / "incoming"
+        self.incoming = self.root / "incoming" / f"{os.getpid()}.{secrets.token_hex(4)}.{_HOST}"
         self.incoming.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -121,11 +129,41 @@ class InstanceStore:
         path.unlink(missing_ok=True)
 
     def sweep_incoming(self) -> int:
-        """Remove temporary files left by an interrupted write; none of them was acknowledged."""
-        leftovers = list(self.incoming.glob("*.part"))
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        return len(leftovers)
+        """At start: remove the temporary files of interrupted writes (none of them was acknowledged), those of the
+        processes of this host that are gone, and any a node of an older layout left directly under ``incoming/``.
+        Returns how many."""
+        removed = 0
+        for entry in self.incoming.parent.iterdir():
+            if entry.is_file() and entry.suffix == ".part":
+                entry.unlink(missing_ok=True)
+                removed += 1
+            elif entry.is_dir() and entry != self.incoming and _abandoned(entry):
+                for leftover in entry.glob("*.part"):
+                    leftover.unlink(missing_ok=True)
+                    removed += 1
+                try:
+                    entry.rmdir()
+                except OSError:  # not empty: not only ours
+                    pass
+        return removed
+
+
+def _abandoned(directory: Path) -> bool:
+    """Whether the temporary directory of a process is left over: a process of this host that is gone, or of an
+    earlier process with this one's number (a restarted container's first process), untouched since it started."""
+    parts = directory.name.split(".", 2)  # <pid>.<token>.<host>, and a host name may hold dots
+    if len(parts) != 3 or parts[2] != _HOST or not parts[0].isdigit():
+        return False
+    pid = int(parts[0])
+    if pid == os.getpid():
+        return directory.stat().st_mtime < _PROCESS_STARTED
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _make_directories_durably(directory: Path, stop_at: Path) -> None:
