@@ -28,11 +28,12 @@ from dicom_node.index_schema import (
     upgrade_index,
 )
 from dicom_node.inference_jobs import InferenceModels
-from dicom_node.node import Node
+from dicom_node.node import ROLES, Node, Role
 from dicom_node.storage import InstanceStore
+from dicom_node.task_engine import TASKS, models_of_queues
 from inference.model_card import ModelLoadError
 from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
-from web.app import create_app
+from web.app import create_app, create_health_app
 from web.dependencies import WebContext
 
 log = logging.getLogger("dicom_node")
@@ -49,7 +50,25 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_parser = commands.add_parser("serve", help="run the DICOM listener, the workers and the web server")
     serve_parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
+    serve_parser.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="what this process runs: all of it (the default; the only role on SQLite), or on PostgreSQL only the "
+        "DICOM listener (ingest), the jobs (worker) or the viewer and HTTP API (web)",
+    )
     serve_parser.set_defaults(run=_serve_command)
+
+    worker = commands.add_parser("worker", help="run jobs of the named queues (PostgreSQL): a worker process")
+    worker.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
+    worker.add_argument(
+        "--queues",
+        type=_names,
+        help="comma-separated: infer.hallux_valgus, infer.bone_age, infer.hallux_valgus+bone_age, infer.none, "
+        "outputs, deliver, track (default: all that the models found allow); only their models are loaded",
+    )
+    worker.add_argument("--concurrency", type=_positive, help="jobs at once (default: inference.batch_size)")
+    worker.set_defaults(run=_worker_command)
 
     resend = commands.add_parser("resend", help="queue failed deliveries again (a running node sends them)")
     resend.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
@@ -127,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one")
+    return names
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -148,7 +174,15 @@ def _serve_command(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
-    return serve(settings)
+    return serve(settings, args.role)
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    settings = _settings_or_none(args.config)
+    if settings is None:
+        return EXIT_CONFIG_ERROR
+    configure_logging(settings.logging.level)
+    return serve(settings, "worker", args.queues, args.concurrency or settings.inference.batch_size)
 
 
 def _resend_command(args: argparse.Namespace) -> int:
@@ -323,8 +357,10 @@ def configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then stop listening, finish jobs in hand and exit 0."""
+def serve(
+    settings: Settings, role: Role = "all", queues: list[str] | None = None, concurrency: int | None = None
+) -> int:
+    """Run ``role`` until SIGTERM or SIGINT, then stop listening, finish jobs in hand and exit 0."""
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -340,16 +376,22 @@ def serve(settings: Settings) -> int:
     except OSError as error:
         print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
         return EXIT_START_FAILED
+    models = None
+    if role in ("all", "worker"):
+        tasks = TASKS if queues is None else models_of_queues(queues)
+        try:
+            models = InferenceModels.load(settings.inference, store.root / "cache" / "onnx", tasks)
+        except ModelLoadError as error:
+            print(f"dicom-node: {error}", file=sys.stderr)
+            return EXIT_START_FAILED
+        for task, reason in models.missing.items():
+            log.warning("started without the %s model (inference.on_missing_model: degraded): %s", task, reason)
+        log.info("models loaded: %s", "; ".join(model.card.label for model in models.loaded().values()) or "none")
     try:
-        models = InferenceModels.load(settings.inference, store.root / "cache" / "onnx")
-    except ModelLoadError as error:
+        node = Node(settings, models=models, role=role, queues=queues, concurrency=concurrency)
+    except ConfigError as error:
         print(f"dicom-node: {error}", file=sys.stderr)
-        return EXIT_START_FAILED
-    for task, reason in models.missing.items():
-        log.warning("started without the %s model (inference.on_missing_model: degraded): %s", task, reason)
-    log.info("models loaded: %s", "; ".join(model.card.label for model in models.loaded().values()) or "none")
-    try:
-        node = Node(settings, models=models)
+        return EXIT_CONFIG_ERROR
     except OSError as error:
         print(f"dicom-node: cannot use storage root {settings.storage.root}: {error.strerror}", file=sys.stderr)
         return EXIT_START_FAILED
@@ -369,7 +411,8 @@ def serve(settings: Settings) -> int:
         node.stop()
         return EXIT_START_FAILED
 
-    app = create_app(WebContext(settings, node.sessions, lambda: node.scp.listening, node=node))
+    context = WebContext(settings, node.sessions, lambda: node.scp.listening, node=node)
+    app = create_app(context) if role in ("all", "web") else create_health_app(context)
     # no access log: request paths carry PatientIDs (/api/patients/<id>) and search terms
     config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning", access_log=False)
     web = uvicorn.Server(config)

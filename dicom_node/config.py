@@ -154,6 +154,14 @@ class WorkerSettings(Section):
     poll_interval: Seconds = 0.5
     max_attempts: int = Field(3, ge=1)
     retry_backoff: Seconds = 5.0
+    heartbeat_interval: Seconds = 5.0
+    stalled_after: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _heartbeats_come_before_a_worker_counts_as_dead(self) -> WorkerSettings:
+        if self.stalled_after < 2 * self.heartbeat_interval:
+            raise ValueError("stalled_after must be at least twice heartbeat_interval, or live workers count as dead")
+        return self
 
 
 TaskName = Literal["hallux_valgus", "bone_age"]

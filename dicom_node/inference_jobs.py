@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import get_args
 
 import pydicom
 from prometheus_client import Histogram
@@ -35,6 +34,7 @@ from dicom_node.models import InferenceResult, Instance, heatmap_name
 from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
+from dicom_node.task_engine import OUTPUTS_QUEUE, TASKS
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
 from inference.model_card import ModelMissingError
 from inference.pixels import UnsupportedImage, radiograph_pixels
@@ -53,7 +53,6 @@ from inference.preprocess import as_picture
 log = logging.getLogger(__name__)
 
 DEFERRED_PIXEL_DATA = 1 << 16  # bytes: larger values are read when used
-TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,17 @@ class InferenceModels:
     missing: Mapping[TaskName, str] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, settings: InferenceSettings, cache_dir: Path | None = None) -> InferenceModels:
-        """Load both cards; raises :class:`inference.model_card.ModelLoadError` naming the card and problem, but
-        for a missing card or weights file under ``on_missing_model: degraded``. ``cache_dir`` keeps the graphs the
-        onnxruntime runtime exports."""
-        models: dict[TaskName, Model | None] = {}
+    def load(
+        cls, settings: InferenceSettings, cache_dir: Path | None = None, tasks: Collection[TaskName] = TASKS
+    ) -> InferenceModels:
+        """Load the cards of ``tasks`` (a worker loads those of its queues only); raises
+        :class:`inference.model_card.ModelLoadError` naming the card and problem, but for a missing card or weights
+        file under ``on_missing_model: degraded``. ``cache_dir`` keeps the graphs the onnxruntime runtime exports."""
+        models: dict[TaskName, Model | None] = {"hallux_valgus": None, "bone_age": None}
         missing: dict[TaskName, str] = {}
         for task, card in (("hallux_valgus", settings.hallux_valgus_card), ("bone_age", settings.bone_age_card)):
+            if task not in tasks:
+                continue
             try:
                 models[task] = Model.load(card, settings.runtime, cache_dir, settings.threads)
             except ModelMissingError as error:
@@ -90,7 +93,8 @@ class InferenceModels:
         """The model of ``task``; raises :class:`JobMustWait` when it was missing at start."""
         model = self.loaded().get(task)
         if model is None:
-            raise JobMustWait(f"waiting for the {task} model: {self.missing[task]}")
+            reason = self.missing.get(task, "not among the models this worker serves")
+            raise JobMustWait(f"waiting for the {task} model: {reason}")
         return model
 
 
@@ -356,7 +360,7 @@ class InferenceJobs:
         session.execute(delete(InferenceResult).where(InferenceResult.instance_pk == work.job.instance_pk))
         if work.rows:  # one bulk INSERT, without the ORM's unit of work
             session.execute(insert(InferenceResult), [row | {"timings_ms": dict(work.timings_ms)} for row in work.rows])
-            enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB)
+            enqueue(session, session.get_one(Instance, work.job.instance_pk), OUTPUTS_JOB, OUTPUTS_QUEUE)
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)
         return True

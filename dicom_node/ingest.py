@@ -35,11 +35,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import InferenceSettings
 from dicom_node.jobs import enqueue
 from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.part10 import dataset_offset
+from dicom_node.routing import route
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
+from dicom_node.task_engine import TASKS, inference_queue
 from inference.pixels import ImageTooLarge, UnsupportedImage, check_pixel_count
 
 log = logging.getLogger(__name__)
@@ -148,9 +151,12 @@ class Ingestor:
         max_inflated_bytes: int = 256 * 2**20,
         max_image_pixels: int = 100_000_000,
         on_queued: Callable[[], None] = lambda: None,
+        routing: InferenceSettings | None = None,
     ) -> None:
-        """``on_queued`` is called after an instance and its job were committed, to wake the workers."""
+        """``on_queued`` is called after an instance and its job were committed, to wake the workers; ``routing``
+        decides which models an instance's inference job needs, and so its queue (see :mod:`dicom_node.routing`)."""
         self.store = store
+        self.routing = routing or InferenceSettings()
         self.on_queued = on_queued
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
@@ -197,13 +203,22 @@ class Ingestor:
     ) -> IngestResult:
         temporary = self.store.write_temporary([_PREAMBLE, _encode_file_meta(file_meta), *dataset])
         try:
-            header = _read_header(
+            header, ds = _read_header(
                 temporary, file_meta.TransferSyntaxUID, self.max_inflated_bytes, self.max_image_pixels
             )
             relative = self._check(header, file_meta, expected_sop_class_uid)
-            return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID)
+            queue = self._inference_queue(ds)
+            return self._index_and_publish(header, relative, temporary, calling_ae, file_meta.TransferSyntaxUID, queue)
         finally:
             self.store.discard(temporary)  # a no-op once published
+
+    def _inference_queue(self, ds: Dataset) -> str:
+        """Where the instance's inference job waits on PostgreSQL: the queue of the models it is routed to. A header
+        routing cannot read goes to the queue of all models, whose worker records why."""
+        try:
+            return inference_queue(route(ds, self.routing).tasks)
+        except Exception:
+            return inference_queue(TASKS)
 
     def _check(
         self, header: InstanceHeader, file_meta: FileMetaDataset, expected_sop_class_uid: str | None
@@ -240,12 +255,13 @@ class Ingestor:
         temporary: Path,
         calling_ae: str | None,
         transfer_syntax_uid: str,
+        queue: str,
     ) -> IngestResult:
         size = temporary.stat().st_size
         for attempt in range(1, _INTEGRITY_RETRIES + 1):
             try:
                 with self._lock:
-                    return self._transaction(header, relative, temporary, size, calling_ae, transfer_syntax_uid)
+                    return self._transaction(header, relative, temporary, size, calling_ae, transfer_syntax_uid, queue)
             except IntegrityError:  # another process inserted the same patient/study/series first
                 if attempt == _INTEGRITY_RETRIES:
                     raise Rejected(StoreStatus.OUT_OF_RESOURCES, "index conflict, try again") from None
@@ -259,6 +275,7 @@ class Ingestor:
         size: int,
         calling_ae: str | None,
         transfer_syntax_uid: str,
+        queue: str,
     ) -> IngestResult:
         with self.sessions() as session:
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
@@ -279,7 +296,7 @@ class Ingestor:
             instance.size_bytes = size
             instance.calling_ae = calling_ae
             instance.received_at = dt.datetime.now(dt.UTC)
-            enqueue(session, instance, INFERENCE_JOB)
+            enqueue(session, instance, INFERENCE_JOB, queue)
             session.flush()
 
             set_aside = self.store.set_aside(previous) if previous is not None else None
@@ -352,9 +369,12 @@ def _encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, max_pixels: int) -> InstanceHeader:
+def _read_header(
+    path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, max_pixels: int
+) -> tuple[InstanceHeader, Dataset]:
     """Parse the whole dataset, leaving large values on disk, and refuse it if it was cut short or claims more
-    than ``max_pixels`` pixels (nothing is decoded here; the workers would decode it)."""
+    than ``max_pixels`` pixels (nothing is decoded here; the workers would decode it). Returns what the index
+    keeps and the parsed dataset."""
     deflated = transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian
     if deflated:
         _check_inflated_size(path, max_inflated_bytes)
@@ -371,7 +391,7 @@ def _read_header(path: Path, transfer_syntax_uid: str, max_inflated_bytes: int, 
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded ({type(error).__name__})") from None
     if truncated:
         raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "dataset is truncated")
-    return header
+    return header, ds
 
 
 def _check_pixel_count(ds: Dataset, max_pixels: int) -> None:

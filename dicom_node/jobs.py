@@ -1,8 +1,11 @@
-"""The job queue: rows in the index that workers claim, finish, or fail with a bounded number of retries.
+"""The node's jobs: what handlers call to queue a job and to record what it did, on either backend.
 
-Claiming is a conditional UPDATE (``state = pending`` in the WHERE clause) that returns the rows it took, so two
-workers, in one process or several, never run the same job; it works the same on SQLite (3.35 or later) and
-PostgreSQL.
+On SQLite (the one-process node) a job is a row of ``jobs`` that :class:`JobQueue` hands to the worker threads
+of :mod:`dicom_node.workers`. Claiming is a conditional UPDATE (``state = pending`` in the WHERE clause) that
+returns the rows it took, so two workers never run the same job. On PostgreSQL a job is a Procrastinate job
+(:mod:`dicom_node.task_engine`), run by :mod:`dicom_node.task_worker` in any number of processes; ``jobs`` is a
+view of them there. The handlers (:mod:`dicom_node.inference_jobs`, :mod:`dicom_node.output_jobs`) are the same
+on both: they call :func:`enqueue`, :func:`still_claimed`, :func:`finish` and :func:`record_note`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import task_engine
 from dicom_node.models import Instance, Job, JobState
 
 _MAX_ERROR_LENGTH = 2000
@@ -133,9 +137,13 @@ class JobQueue:
             ).rowcount
 
 
-def enqueue(session: Session, instance: Instance, kind: str) -> None:
+def enqueue(session: Session, instance: Instance, kind: str, queue: str) -> None:
     """One job of ``kind`` per instance: a new one, or the existing one queued again (the instance was replaced,
-    or its results are new)."""
+    or its results are new). ``queue`` is where it waits on PostgreSQL (see :mod:`dicom_node.task_engine`)."""
+    if on_postgresql(session):
+        session.flush()  # the instance's id
+        task_engine.defer(session, kind, instance.id, queue)
+        return
     job = None
     if instance.id is not None:
         job = session.scalar(select(Job).where(Job.instance_pk == instance.id, Job.kind == kind))
@@ -154,6 +162,8 @@ def still_claimed(session: Session, job: ClaimedJob) -> bool:
     The check is a no-op UPDATE, not a SELECT ... FOR UPDATE: it takes the row's lock on PostgreSQL and, on
     SQLite, where pysqlite begins a transaction only at its first write, the database's write lock, so that no
     enqueue can slip in between the check and :func:`finish`."""
+    if on_postgresql(session):
+        return task_engine.still_claimed(session, job)
     claimed = session.execute(
         update(Job)
         .where(*_still_claimed(job))
@@ -167,6 +177,9 @@ def finish(session: Session, job: ClaimedJob, note: str) -> None:
     """Mark a still claimed ``job`` done, with what it did, in the handler's transaction that records its
     effects: they commit together, so a process killed after the commit does not run the job again (and a run
     again would give its outputs new identities)."""
+    if on_postgresql(session):
+        task_engine.finish(session, job, note)
+        return
     session.execute(
         update(Job)
         .where(*_still_claimed(job))
@@ -175,12 +188,53 @@ def finish(session: Session, job: ClaimedJob, note: str) -> None:
     )
 
 
+def record_note(session: Session, job: ClaimedJob, note: str) -> None:
+    """Say what a job that finishes without effects did (e.g. why it ran no task)."""
+    if on_postgresql(session):
+        task_engine.record_note(session, job, note)
+        return
+    session.execute(update(Job).where(*_claim(job)).values(note=note).execution_options(synchronize_session=False))
+
+
+def on_postgresql(session: Session) -> bool:
+    """Whether the index is on PostgreSQL, where jobs are the task engine's."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def _claim(job: ClaimedJob) -> tuple:
     return Job.id == job.id, Job.generation == job.generation
 
 
 def _still_claimed(job: ClaimedJob) -> tuple:
     return *_claim(job), Job.state == JobState.RUNNING
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    waiting: int  # jobs due or scheduled, not yet taken
+    oldest_seconds: float  # since the oldest of them was queued
+
+
+def waiting_by_queue(session: Session) -> dict[str, QueueDepth]:
+    """The jobs waiting in each queue: on PostgreSQL the engine's queues; on SQLite each kind of job is a queue."""
+    if on_postgresql(session):
+        rows = session.execute(task_engine.WAITING_BY_QUEUE).all()
+    else:
+        rows = session.execute(
+            select(Job.kind, func.count(), func.min(Job.created_at))
+            .where(Job.state.in_((JobState.PENDING, JobState.WAITING)))
+            .group_by(Job.kind)
+        ).all()
+    now = _now()
+    return {
+        queue: QueueDepth(count, max((now - _utc(oldest)).total_seconds(), 0.0) if oldest is not None else 0.0)
+        for queue, count, oldest in rows
+    }
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands times back without their zone (UTC); PostgreSQL with it."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

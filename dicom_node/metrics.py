@@ -1,8 +1,9 @@
 """The node's Prometheus metrics (served by ``GET /metrics``).
 
 Two kinds: what the index already records is counted from it at each scrape (instances received, jobs and
-deliveries by state), so the figures survive restarts and agree with the API; what happens in the process
-and leaves no row is counted as it happens (inference latency per task, refused C-STORE requests).
+deliveries by state, the waiting jobs of each queue and the age of the oldest), so the figures survive
+restarts and agree with the API; what happens in the process and leaves no row is counted as it happens
+(inference latency per task, refused C-STORE requests).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.jobs import waiting_by_queue
 from dicom_node.models import Delivery, Instance, Job
 
 # Seconds from a job's claim to its results recorded, per image: the p95 target is 0.2 s.
@@ -38,6 +40,7 @@ class IndexCollector(Collector):
             jobs = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
             by_destination = (Delivery.destination, Delivery.state)
             deliveries = session.execute(select(*by_destination, func.count()).group_by(*by_destination)).all()
+            queues = waiting_by_queue(session)
         yield CounterMetricFamily(
             "dicom_node_instances_received", "Instances received (C-STORE or upload) and kept", value=received
         )
@@ -52,6 +55,15 @@ class IndexCollector(Collector):
         for destination, state, count in deliveries:
             delivery_states.add_metric([destination, str(state)], count)
         yield delivery_states
+        depth = GaugeMetricFamily("dicom_node_queue_waiting", "Jobs waiting in each queue", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "dicom_node_queue_oldest_seconds", "Age of the oldest waiting job of each queue", labels=["queue"]
+        )
+        for queue, waiting in sorted(queues.items()):
+            depth.add_metric([queue], waiting.waiting)
+            oldest.add_metric([queue], waiting.oldest_seconds)
+        yield depth
+        yield oldest
 
 
 class NodeMetrics:

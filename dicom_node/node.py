@@ -1,12 +1,22 @@
-"""The node: storage, index, DICOM listener, workers, delivery sender and MLflow tracker, started and stopped
-together."""
+"""The node: storage, index, DICOM listener, job workers, delivery sender and MLflow tracker, started and stopped
+together, or the part of them that one role runs.
+
+Roles (``dicom-node serve --role``): ``all`` runs everything in one process, the default and the only role on
+SQLite. On PostgreSQL the parts scale out as separate processes on one index and one shared storage root:
+``ingest`` receives (the DICOM listener), ``worker`` runs the jobs of its queues (:mod:`dicom_node.task_worker`;
+``deliver`` and ``track`` among its queues run the delivery sender and the MLflow tracker), ``web`` serves the
+viewer and the HTTP API.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
-from dicom_node.config import Settings
+from sqlalchemy.engine import make_url
+
+from dicom_node.config import ConfigError, Settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.delivery import DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
@@ -16,23 +26,41 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
 from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
+from dicom_node.task_engine import OUTPUTS_QUEUE, all_queues, models_of_queues
+from dicom_node.task_worker import TaskWorker, WorkerOptions
 from dicom_node.tracking import InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
 
 log = logging.getLogger(__name__)
 
+Role = Literal["all", "ingest", "worker", "web"]
+ROLES: tuple[Role, ...] = ("all", "ingest", "worker", "web")
+# Work that is not (yet) a task of the engine: the loops a worker runs when these names are among its queues.
+DELIVER_QUEUE = "deliver"
+TRACK_QUEUE = "track"
+
 
 class Node:
-    """``models``: run inference jobs with them; ``job_handlers``: other handlers by job kind (tests)."""
+    """``models``: run inference jobs with them; ``job_handlers``: other handlers by job kind (tests).
+
+    ``role`` and, for a worker, ``queues`` (default: those of its models, outputs, deliver and track) and
+    ``concurrency`` (jobs at once; default ``workers.count`` x ``inference.batch_size``) pick what runs here."""
 
     def __init__(
         self,
         settings: Settings,
         job_handlers: Mapping[str, JobHandler] | None = None,
         models: InferenceModels | None = None,
+        role: Role = "all",
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
+        self.role = role
+        self.distributed = make_url(settings.database.url).get_backend_name() == "postgresql"
+        if role != "all" and not self.distributed:
+            raise ConfigError(f"role {role!r} needs the index on PostgreSQL (database.url); SQLite runs role 'all'")
         self.store = InstanceStore(settings.storage.root)
         self.engine = open_index(settings.database)
         self.sessions = session_factory(self.engine)
@@ -42,7 +70,8 @@ class Node:
             settings.dicom.duplicate_policy,
             settings.dicom.max_inflated_mb * 2**20,
             settings.dicom.max_image_pixels,
-            on_queued=lambda: self.workers.wake(),
+            on_queued=self.wake_workers,
+            routing=settings.inference,
         )
         self.metrics = NodeMetrics(self.sessions)
         self.scp = StorageSCP(
@@ -57,9 +86,11 @@ class Node:
             self.sessions, delivery.max_attempts, delivery.retry_backoff, delivery.max_backoff
         )
         self.sender = DeliverySender(settings, self.deliveries, self.store)
-        handlers = {OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)}
+        self.handlers: dict[str, JobHandler] = {
+            OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)
+        }
         if models is not None:
-            handlers[INFERENCE_JOB] = InferenceJobs(
+            self.handlers[INFERENCE_JOB] = InferenceJobs(
                 settings.inference,
                 models,
                 self.store,
@@ -67,21 +98,27 @@ class Node:
                 self.metrics.inference_seconds,
                 settings.dicom.max_image_pixels,
             )
-        handlers |= job_handlers or {}
-        self.workers = WorkerPool(
-            self.queue,
-            handlers,
-            settings.workers.count,
-            settings.workers.poll_interval,
-            settings.inference.batch_size,
-        )
+        self.handlers |= job_handlers or {}
+        self.queues = list(queues) if queues is not None else self._default_queues()
+        self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
         self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models)
+
+    @property
+    def receives(self) -> bool:
+        return self.role in ("all", "ingest")
+
+    @property
+    def works(self) -> bool:
+        return self.role in ("all", "worker")
 
     def start(self) -> None:
         """Resume where a previous run stopped, then listen and work."""
         swept = self.store.sweep_incoming()
-        resumed = self.queue.recover_interrupted() + self.queue.release_waiting()
-        resent = self.deliveries.recover_interrupted()
+        resumed = resent = 0
+        if not self.distributed:  # on PostgreSQL, the workers put back the jobs of a worker that died
+            resumed = self.queue.recover_interrupted() + self.queue.release_waiting()
+        if self.works and DELIVER_QUEUE in self.queues:
+            resent = self.deliveries.recover_interrupted()
         if swept or resumed or resent:
             log.info(
                 "recovered after restart: %d partial writes removed, %d jobs resumed, %d deliveries queued again",
@@ -89,15 +126,60 @@ class Node:
                 resumed,
                 resent,
             )
-        self.scp.start()
-        self.workers.start()
-        self.sender.start()
-        self.tracker.start()
+        if self.receives:
+            self.scp.start()
+        if self.workers is not None:
+            self.workers.start()
+        if self.works and DELIVER_QUEUE in self.queues:
+            self.sender.start()
+        if self.works and TRACK_QUEUE in self.queues:
+            self.tracker.start()
 
     def stop(self) -> None:
         """Stop listening first, so nothing new arrives, then finish the jobs in hand."""
         self.scp.stop()
-        self.workers.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.sender.stop()
         self.tracker.stop()
         self.engine.dispose()
+
+    def _default_queues(self) -> list[str]:
+        served = self.models.loaded() if self.models is not None else {}
+        queues = all_queues(list(served)) if INFERENCE_JOB in self.handlers else [OUTPUTS_QUEUE]
+        return [*queues, DELIVER_QUEUE, TRACK_QUEUE]
+
+    def _workers(self, concurrency: int | None) -> WorkerPool | TaskWorker | None:
+        settings = self.settings
+        if not self.works:
+            return None
+        if not self.distributed:
+            return WorkerPool(
+                self.queue,
+                self.handlers,
+                settings.workers.count,
+                settings.workers.poll_interval,
+                settings.inference.batch_size,
+            )
+        lacking = models_of_queues(self.queues) - set(self.models.loaded() if self.models is not None else ())
+        if lacking:
+            raise ConfigError(f"queues {', '.join(self.queues)} need the models of {', '.join(sorted(lacking))}")
+        options = WorkerOptions(
+            queues=[queue for queue in self.queues if queue not in (DELIVER_QUEUE, TRACK_QUEUE)],
+            concurrency=concurrency or settings.workers.count * settings.inference.batch_size,
+            batch_size=settings.inference.batch_size,
+            max_attempts=settings.workers.max_attempts,
+            retry_backoff=settings.workers.retry_backoff,
+            poll_interval=settings.workers.poll_interval,
+            heartbeat_interval=settings.workers.heartbeat_interval,
+            stalled_after=settings.workers.stalled_after,
+            stalled_check=settings.workers.heartbeat_interval,
+        )
+        if not options.queues:
+            return None
+        return TaskWorker(settings.database.url, self.sessions, self.handlers, options)
+
+    def wake_workers(self) -> None:
+        """Look for due jobs now (the one-process node; PostgreSQL notifies its workers itself)."""
+        if isinstance(self.workers, WorkerPool):
+            self.workers.wake()

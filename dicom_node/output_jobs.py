@@ -19,14 +19,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for
 from dicom_node.ingest import InstanceHeader, index_series
-from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, still_claimed
-from dicom_node.models import Delivery, InferenceResult, Instance, Job
+from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, record_note, still_claimed
+from dicom_node.models import Delivery, InferenceResult, Instance
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
@@ -181,7 +181,7 @@ class OutputJobs:
 
     def _note(self, job: ClaimedJob, note: str) -> None:
         with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job.id, Job.generation == job.generation).values(note=note))
+            record_note(session, job, note)
 
 
 def _derived_uid(*parts: object) -> str:

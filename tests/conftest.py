@@ -12,6 +12,7 @@ from dicom_node.config import Settings
 from dicom_node.models import Instance, Job
 from dicom_node.node import Node
 from tests.dicom_peers import free_port
+from tests.orthanc import Orthanc, orthanc, orthanc_binary
 from tests.postgres import postgres_bin, temporary_postgres
 from tests.serve_process import onnx_graphs  # noqa: F401  (a fixture for the served-node tests)
 
@@ -65,6 +66,15 @@ def postgres_server() -> Iterator[str]:
         pytest.skip("PostgreSQL is not installed")
     with temporary_postgres() as url:
         yield url
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    """A real Orthanc on free loopback ports: the PACS the node sends its results to."""
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed")
+    with orthanc(tmp_path / "orthanc") as server:
+        yield server
 
 
 @pytest.fixture

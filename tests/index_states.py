@@ -103,12 +103,16 @@ def fill(engine: Engine) -> None:
 
 
 def all_rows(engine: Engine) -> dict[str, list[dict]]:
-    """Every row of every table (but Alembic's), by table, in key order."""
+    """Every row of every table and view (but Alembic's), by table, in key order (a view's: its ``id``; on
+    PostgreSQL ``jobs`` is a view of the task engine's jobs)."""
     metadata = MetaData()
-    metadata.reflect(engine)
+    metadata.reflect(engine, views=True)
     with engine.connect() as connection:
         return {
-            name: [dict(row._mapping) for row in connection.execute(select(table).order_by(*table.primary_key))]
+            name: [
+                dict(row._mapping)
+                for row in connection.execute(select(table).order_by(*(table.primary_key or [table.c.id])))
+            ]
             for name, table in sorted(metadata.tables.items())
             if name != "alembic_version"
         }

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,9 @@ def with_onnx_graphs(storage: Path, graphs: Path) -> Path:
 
 
 class ServeProcess:
-    """A started ``dicom-node serve`` with the committed config.yaml and demo model cards; ``environment``
-    overrides settings. Its output goes to an anonymous file, so that a long, talkative run never blocks on a
-    full pipe."""
+    """A started ``dicom-node serve`` (or ``command``: ``serve --role web``, ``worker --queues ...``) with the
+    committed config.yaml and demo model cards; ``environment`` overrides settings. Its output goes to an
+    anonymous file, so that a long, talkative run never blocks on a full pipe."""
 
     def __init__(
         self,
@@ -54,9 +55,11 @@ class ServeProcess:
         dicom_port: int | None = None,
         cwd: Path | None = None,
         environment: dict[str, str] | None = None,
+        command: Sequence[str] = ("serve",),
+        web_port: int | None = None,
     ) -> None:
         self.dicom_port = dicom_port or free_port()
-        self.web_port = free_port()
+        self.web_port = web_port or free_port()
         self.storage = storage
         environment = (
             os.environ
@@ -71,7 +74,7 @@ class ServeProcess:
         )
         self._output = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [DICOM_NODE, "serve", "--config", REPO / "config.yaml"],
+            [DICOM_NODE, *command, "--config", REPO / "config.yaml"],
             env=environment,
             cwd=cwd or storage.parent,
             stdout=self._output,

@@ -42,7 +42,7 @@ from dicom_node.part10 import encoded_dataset
 from dicom_node.status import StoreStatus
 from dicom_node.synthetic import synthetic_dx
 from tests.dicom_peers import NODE_AE, free_port
-from tests.orthanc import Orthanc, orthanc, orthanc_binary
+from tests.orthanc import Orthanc
 from tests.postgres import migrated_database
 from tests.serve_process import DEMO_CARDS, ServeProcess, with_onnx_graphs
 
@@ -139,14 +139,6 @@ def recorder() -> Iterator[RecordingPeer]:
     peer = RecordingPeer()
     yield peer
     peer.server.shutdown()
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    if orthanc_binary() is None:
-        pytest.skip("Orthanc is not installed")
-    with orthanc(tmp_path / "orthanc") as server:
-        yield server
 
 
 def node_environment(database_url: str, pacs: Orthanc, recorder: RecordingPeer) -> dict[str, str]:

@@ -36,6 +36,7 @@ from dicom_node.index_schema import (
     index_revision,
     upgrade_index,
 )
+from dicom_node.migrations.task_engine import comparison_options
 from dicom_node.models import Base
 from tests.index_states import (
     LEGACY_COMMITS,
@@ -92,7 +93,8 @@ def assert_foreign_keys_enforced(engine: Engine) -> None:
 
 def differences_from_the_models(engine: Engine) -> list:
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+        options = {"compare_type": True, "compare_server_default": True} | comparison_options(engine.dialect.name)
+        context = MigrationContext.configure(connection, opts=options)
         return compare_metadata(context, Base.metadata)
 
 
@@ -130,10 +132,10 @@ def test_upgrade_downgrade_to_the_baseline_and_upgrade_again_gives_the_same_sche
         "def upgrade():\n"
         "    op.create_table('annotations', sa.Column('id', sa.Integer, primary_key=True),\n"
         "                    sa.Column('instance_pk', sa.Integer, sa.ForeignKey('instances.id'), nullable=False))\n"
-        "    with op.batch_alter_table('jobs') as batch:\n"
+        "    with op.batch_alter_table('deliveries') as batch:\n"
         "        batch.add_column(sa.Column('priority', sa.Integer, nullable=True))\n\n"
         "def downgrade():\n"
-        "    with op.batch_alter_table('jobs') as batch:\n"
+        "    with op.batch_alter_table('deliveries') as batch:\n"
         "        batch.drop_column('priority')\n"
         "    op.drop_table('annotations')\n",
     )
@@ -141,7 +143,7 @@ def test_upgrade_downgrade_to_the_baseline_and_upgrade_again_gives_the_same_sche
     at_baseline = schema(engine)
     upgrade_index(engine, "head", migrations)
     at_head = schema(engine)
-    assert "annotations" in at_head and "priority" in str(at_head["jobs"]["columns"])
+    assert "annotations" in at_head and "priority" in str(at_head["deliveries"]["columns"])
 
     change = downgrade_index(engine, BASELINE, migrations)
     assert (change.before.current, change.after.current) == ("9000", BASELINE)
@@ -236,9 +238,9 @@ def test_an_index_that_differs_otherwise_is_refused_and_left_as_it_was(
 FAILING_REVISION = (
     "def upgrade():\n"
     "    op.create_table('annotations', sa.Column('id', sa.Integer, primary_key=True))\n"
-    "    with op.batch_alter_table('jobs') as batch:\n"
+    "    with op.batch_alter_table('deliveries') as batch:\n"
     "        batch.add_column(sa.Column('priority', sa.Integer, nullable=True))\n"
-    "    op.execute(\"UPDATE jobs SET priority = 1, state = 'pending'\")\n"
+    "    op.execute(\"UPDATE deliveries SET priority = 1, state = 'pending'\")\n"
     "    op.execute('DELETE FROM tracking')\n"
     "    raise RuntimeError('a bug in revision 9001')\n\n"
     "def downgrade():\n    pass\n"

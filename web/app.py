@@ -48,6 +48,15 @@ def create_app(context: WebContext) -> FastAPI:
     return app
 
 
+def create_health_app(context: WebContext) -> FastAPI:
+    """The HTTP side of a process that serves no viewer (an ingest node, a worker): ``/health`` and ``/metrics``."""
+    app = FastAPI(title="DICOM AI node", summary="Health and metrics of one process of the DICOM AI node.")
+    app.state.context = context
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    return app
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

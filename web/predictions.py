@@ -1,12 +1,12 @@
 """Inference for an HTTP upload, in the request, and its results in the seed projects' shape.
 
-An upload is ingested like an image the SCP received, which queues its inference job. The request then gets
-that job done before it answers (:func:`infer_now`): it claims the job itself with the queue's conditional
-update (``pending`` -> ``running``, as a worker claims one) and runs the node's inference handler on it, then
-completes or fails it through the queue as a worker would. If a worker of the node was quicker, the request
-waits for that worker to finish instead. Either way the job runs once, the results are recorded as for any
-received image (the outputs job, the MLflow run follow in the background), and the request needs no worker, so
-it also answers on a node started with ``workers.count: 0``.
+An upload is ingested like an image the SCP received, which queues its inference job. The request then waits
+for that job before it answers (:func:`infer_now`). On PostgreSQL the workers run it, as any other job: the web
+role loads no model. On SQLite, the one-process node, the request gets the job done itself when no worker was
+quicker: it claims it with the queue's conditional update (``pending`` -> ``running``, as a worker claims one),
+runs the node's inference handler on it, then completes or fails it through the queue as a worker would, so it
+also answers on a node started with ``workers.count: 0``. Either way the job runs once and the results are
+recorded as for any received image (the outputs job, the MLflow run follow in the background).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ _POLL_S = 0.05
 
 def infer_now(node: Node, instance_pk: int, timeout: float = INFERENCE_WAIT_S) -> None:
     """Return once the instance's inference job is done; raise the reason as an HTTP error otherwise."""
-    handler = node.workers.handlers.get(INFERENCE_JOB)
-    if handler is None:
+    handler = None if node.distributed else node.handlers.get(INFERENCE_JOB)
+    if handler is None and not node.distributed:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "this node runs no models")
     deadline = time.monotonic() + timeout
     while True:
@@ -58,7 +58,7 @@ def infer_now(node: Node, instance_pk: int, timeout: float = INFERENCE_WAIT_S) -
                 f"inference failed and is retried later ({job.last_error}); its results will be listed under "
                 "/results/{patient_id}",
             )
-        if job.state == JobState.PENDING:
+        if job.state == JobState.PENDING and handler is not None:
             claimed = _claim(node, job)
             if claimed is not None:
                 _run(node, handler, claimed)
@@ -100,7 +100,7 @@ def _run(node: Node, handler, claimed: ClaimedJob) -> None:
     else:
         permanent = isinstance(error, PermanentJobError)
         node.queue.fail(claimed, str(error) if permanent else f"{type(error).__name__}: {error}", permanent)
-    node.workers.wake()  # the outputs job the results queued
+    node.wake_workers()  # the outputs job the results queued
 
 
 # --- results in the seeds' shape ----------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def _refusal(rejected: Rejected) -> HTTPException:
 
 def _cards(context: WebContext) -> dict[TaskName, ModelCard]:
     """The cards of the loaded models; without a node (a read-only API), the configured card files."""
-    handler = context.node.workers.handlers.get(INFERENCE_JOB) if context.node is not None else None
+    handler = context.node.handlers.get(INFERENCE_JOB) if context.node is not None else None
     models = getattr(handler, "models", None)
     if models is not None:
         if models.missing:  # started without a model (inference.on_missing_model: degraded)

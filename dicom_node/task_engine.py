@@ -1,0 +1,121 @@
+"""The node's jobs on PostgreSQL: Procrastinate jobs, deferred in the transaction that makes them due.
+
+A job is deferred on the session's own connection, so it commits or rolls back with the rows that need it (an
+image acknowledged has its job; one refused has none): no broker and no relay between the two. Its state and
+attempts are Procrastinate's; ``job_outcomes`` keeps what Procrastinate does not: the note of what it did, why
+its last attempt failed, and whether its effects were committed (:mod:`dicom_node.migrations.task_engine`).
+
+Queues: an inference job waits in the queue of the models its image is routed to (``infer.bone_age``,
+``infer.hallux_valgus``, ``infer.hallux_valgus+bone_age``, or ``infer.none`` when no model reads it), so that
+a worker takes only jobs it has the models for; outputs jobs wait in ``outputs``.
+
+Exactly-once effects: a job's handler records its effects and :func:`finish` in one transaction that first
+takes the job's lock (:func:`still_claimed`); a job run again after that commit (its worker died before
+Procrastinate marked it done) finds it finished and does nothing, and a job that a newer one of the same kind
+and instance replaced (the image was received again) records nothing.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Iterable
+from itertools import combinations
+from typing import TYPE_CHECKING, get_args
+
+from procrastinate import App, SyncPsycopgConnector
+from sqlalchemy import Integer, cast, func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from dicom_node.config import TaskName
+from dicom_node.migrations.task_engine import job_outcomes
+
+if TYPE_CHECKING:
+    from dicom_node.jobs import ClaimedJob
+
+TASKS: tuple[TaskName, ...] = get_args(TaskName)
+OUTPUTS_QUEUE = "outputs"
+NO_MODEL_QUEUE = "infer.none"
+_MAX_ERROR_LENGTH = 2000
+_NEWEST_JOB = text(
+    "SELECT max(id) FROM procrastinate_jobs WHERE task_name = :kind AND (args->>'instance_pk')::bigint = :instance_pk"
+)
+
+WAITING_BY_QUEUE = text(
+    "SELECT j.queue_name, count(*), min(e.at) FROM procrastinate_jobs AS j "
+    "LEFT JOIN procrastinate_events AS e ON e.job_id = j.id AND e.type = 'deferred' "
+    "WHERE j.status = 'todo' GROUP BY j.queue_name"
+)
+
+# Deferring needs no pool of its own: every job is deferred on the connection of the transaction that needs it.
+_deferrer = App(connector=SyncPsycopgConnector())
+
+
+def inference_queue(tasks: Iterable[TaskName]) -> str:
+    """The queue of an inference job whose image is routed to ``tasks``."""
+    wanted = set(tasks)
+    return "infer." + "+".join(task for task in TASKS if task in wanted) if wanted else NO_MODEL_QUEUE
+
+
+def inference_queues(models: Collection[TaskName]) -> list[str]:
+    """The inference queues a worker with ``models`` can take: those of every route they cover."""
+    covered = [combination for size in range(1, len(TASKS) + 1) for combination in combinations(TASKS, size)]
+    return [NO_MODEL_QUEUE] + [inference_queue(route) for route in covered if set(route) <= set(models)]
+
+
+def models_of_queues(queues: Iterable[str]) -> set[TaskName]:
+    """The models a worker needs for the inference queues among ``queues``."""
+    needed: set[TaskName] = set()
+    for queue in queues:
+        if queue.startswith("infer.") and queue != NO_MODEL_QUEUE:
+            needed |= {task for task in TASKS if task in queue.removeprefix("infer.").split("+")}
+    return needed
+
+
+def all_queues(models: Collection[TaskName] = TASKS) -> list[str]:
+    return [*inference_queues(models), OUTPUTS_QUEUE]
+
+
+def defer(session: Session, kind: str, instance_pk: int, queue: str) -> None:
+    """Defer a job of ``kind`` on the instance in ``session``'s transaction; it runs once that commits."""
+    _lock(session, kind, instance_pk)
+    connection = session.connection().connection.driver_connection
+    _deferrer.configure_task(name=kind, queue=queue, connection=connection).defer(instance_pk=instance_pk)
+
+
+def still_claimed(session: Session, job: ClaimedJob) -> bool:
+    """Whether ``job`` may record its effects in ``session``'s transaction: it is the newest job of its kind and
+    instance, and not finished. Holds the job's lock until the transaction ends, so that no newer job can be
+    deferred in between."""
+    _lock(session, job.kind, job.instance_pk)
+    newest = session.execute(_NEWEST_JOB, {"kind": job.kind, "instance_pk": job.instance_pk}).scalar()
+    return newest == job.id and not is_finished(session, job)
+
+
+def is_finished(session: Session, job: ClaimedJob) -> bool:
+    """Whether ``job`` committed its effects already (an earlier run of it, cut short after the commit)."""
+    return bool(session.scalar(select(job_outcomes.c.finished).where(job_outcomes.c.job_id == job.id)))
+
+
+def finish(session: Session, job: ClaimedJob, note: str) -> None:
+    """Mark ``job`` finished with what it did, in the transaction that records its effects."""
+    _record(session, job, finished=True, note=note, last_error=None)
+
+
+def record_note(session: Session, job: ClaimedJob, note: str) -> None:
+    _record(session, job, note=note)
+
+
+def record_error(session: Session, job: ClaimedJob, error: str) -> None:
+    _record(session, job, last_error=error[:_MAX_ERROR_LENGTH])
+
+
+def _record(session: Session, job: ClaimedJob, **values: object) -> None:
+    statement = insert(job_outcomes).values(job_id=job.id, **values)
+    session.execute(statement.on_conflict_do_update(index_elements=[job_outcomes.c.job_id], set_=values))
+
+
+def _lock(session: Session, kind: str, instance_pk: int) -> None:
+    """The transaction's lock on the jobs of ``kind`` of one instance (both keys fit PostgreSQL's int4 pair)."""
+    keys = (zlib.crc32(kind.encode()) & 0x7FFFFFFF, instance_pk)
+    session.execute(select(func.pg_advisory_xact_lock(*(cast(key, Integer) for key in keys))))

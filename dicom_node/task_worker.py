@@ -1,0 +1,218 @@
+"""Procrastinate's worker running the node's job handlers on PostgreSQL, in any number of processes.
+
+The handlers are those the one-process node runs on SQLite (:mod:`dicom_node.workers`): each task here only
+turns a Procrastinate job into a :class:`~dicom_node.jobs.ClaimedJob` and hands it over. What the worker adds:
+
+- batches: the jobs of one kind that the worker runs at the same moment (``concurrency`` of them) go to their
+  handler together, up to ``inference.batch_size``, so that a model runs once on several images (:class:`Batch`);
+- retries: a failed attempt is retried after ``workers.retry_backoff`` seconds, doubling, up to
+  ``workers.max_attempts``; a permanent error (an image no decoder reads) fails at once (:class:`NodeRetry`);
+- a dead worker's jobs: every worker sends heartbeats, and looks every ``stalled_check`` seconds for jobs held by
+  workers whose heartbeat stopped; those go back to their queue, their attempt counted, or fail after the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision
+from procrastinate.jobs import Job as EngineJob
+from procrastinate.jobs import Status
+from procrastinate.worker import Worker
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import task_engine
+from dicom_node.jobs import ClaimedJob, PermanentJobError
+from dicom_node.workers import JobHandler
+
+log = logging.getLogger(__name__)
+
+BATCH_WINDOW_S = 0.05  # how long the first job of a batch waits for others the worker fetched at once
+
+
+class AttemptFailed(Exception):
+    """What the worker hands Procrastinate for a failed attempt: the error's type only, for Procrastinate logs it
+    and messages of storage and database errors can carry patient data (the whole message is in
+    ``job_outcomes``)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.permanent = isinstance(error, PermanentJobError)
+
+
+class NodeRetry(BaseRetryStrategy):
+    """The node's retries: exponential backoff and a bounded number of attempts; permanent errors fail at once."""
+
+    def __init__(self, max_attempts: int, backoff: float) -> None:
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+
+    def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> RetryDecision | None:
+        attempt = job.attempts + 1  # Procrastinate counts the retries before this attempt
+        if getattr(exception, "permanent", False) or attempt >= self.max_attempts:
+            return None
+        return RetryDecision(retry_in={"seconds": self.backoff * 2 ** (attempt - 1)})
+
+
+@dataclass
+class _Waiting:
+    job: ClaimedJob
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+class Batch:
+    """Gathers the jobs of one handler that arrive together into one call. The first job to arrive waits up to
+    ``window`` seconds for ``size`` jobs, runs the handler on what came, and hands each job its outcome; jobs
+    arriving meanwhile gather for the next call."""
+
+    def __init__(self, handler: JobHandler, size: int, window: float = BATCH_WINDOW_S) -> None:
+        self.handler = handler
+        self.size = size
+        self.window = window
+        self._lock = threading.Lock()
+        self._gathering: list[_Waiting] = []
+        self._full = threading.Event()
+
+    def run(self, job: ClaimedJob) -> Exception | None:
+        """Run ``job`` with the others gathered with it; its error, or None."""
+        waiting = _Waiting(job)
+        with self._lock:
+            self._gathering.append(waiting)
+            first = len(self._gathering) == 1
+            if len(self._gathering) >= self.size:
+                self._full.set()
+        if first:
+            self._full.wait(self.window)
+            with self._lock:
+                batch, self._gathering = self._gathering, []
+                self._full.clear()
+            self._run(batch)
+        waiting.done.wait()
+        return waiting.error
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        try:
+            try:
+                failures = self.handler([waiting.job for waiting in batch])
+            except Exception as error:
+                failures = {waiting.job.id: error for waiting in batch}
+            for waiting in batch:
+                waiting.error = failures.get(waiting.job.id)
+        finally:
+            for waiting in batch:
+                waiting.done.set()
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    queues: Sequence[str]
+    concurrency: int
+    batch_size: int
+    max_attempts: int
+    retry_backoff: float
+    poll_interval: float
+    heartbeat_interval: float
+    stalled_after: float  # seconds without a heartbeat after which a worker counts as dead
+    stalled_check: float
+
+
+class TaskWorker:
+    """A Procrastinate worker for ``handlers`` (by job kind) on the queues of ``options``, on a thread of its
+    own with its own event loop; :meth:`stop` lets the jobs in hand finish."""
+
+    def __init__(
+        self,
+        database_url: str,
+        sessions: sessionmaker[Session],
+        handlers: Mapping[str, JobHandler],
+        options: WorkerOptions,
+    ) -> None:
+        self.sessions = sessions
+        self.options = options
+        conninfo = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.app = App(connector=PsycopgConnector(conninfo=conninfo))
+        retry = NodeRetry(options.max_attempts, options.retry_backoff)
+        for kind, handler in handlers.items():
+            batch = Batch(handler, options.batch_size if kind == "inference" else 1)
+            self.app.task(name=kind, pass_context=True, retry=retry)(self._task(kind, batch))
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: Worker | None = None
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="task-worker", daemon=True)
+        self._thread.start()
+        self._started.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and self._worker is not None:
+            self._loop.call_soon_threadsafe(self._worker.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _task(self, kind: str, batch: Batch):
+        def run(context: JobContext, instance_pk: int) -> None:
+            assert context.job.id is not None
+            job = ClaimedJob(context.job.id, kind, instance_pk, context.job.attempts + 1)
+            with self.sessions() as session:
+                if task_engine.is_finished(session, job):  # its effects committed; its worker died after
+                    return
+            error = batch.run(job)
+            if error is None:
+                return
+            permanent = isinstance(error, PermanentJobError)
+            with self.sessions.begin() as session:
+                task_engine.record_error(session, job, str(error) if permanent else f"{type(error).__name__}: {error}")
+            raise AttemptFailed(error)
+
+        run.__name__ = f"run_{kind}"
+        return run
+
+    async def _serve(self) -> None:
+        options = self.options
+        self._loop = asyncio.get_running_loop()
+        # the tasks are functions that block: one thread for each job the worker may run at once
+        self._loop.set_default_executor(ThreadPoolExecutor(options.concurrency, "job"))
+        async with self.app.open_async():
+            self._worker = Worker(
+                self.app,
+                queues=list(options.queues),
+                concurrency=options.concurrency,
+                install_signal_handlers=False,
+                fetch_job_polling_interval=options.poll_interval,
+                update_heartbeat_interval=options.heartbeat_interval,
+                stalled_worker_timeout=options.stalled_after,
+            )
+            rescue = asyncio.create_task(self._rescue_stalled_jobs())
+            self._started.set()
+            try:
+                await self._worker.run()
+            finally:
+                rescue.cancel()
+
+    async def _rescue_stalled_jobs(self) -> None:
+        """Put the jobs of workers that stopped sending heartbeats back in their queue, their attempt counted; one
+        that has used all its attempts (it may be what killed the worker) fails."""
+        manager = self.app.job_manager
+        while True:
+            await asyncio.sleep(self.options.stalled_check)
+            try:
+                stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=self.options.stalled_after)
+                for job in stalled:
+                    if job.attempts + 1 >= self.options.max_attempts:
+                        await manager.finish_job(job, Status.FAILED, delete_job=False)
+                        log.warning("job %s (%s) failed: its worker died on every attempt", job.id, job.task_name)
+                    else:
+                        await manager.retry_job(job)
+                        log.warning("job %s (%s): its worker died; queued again", job.id, job.task_name)
+            except Exception as error:  # another worker took it first, or the database is away: next time
+                log.debug("stalled jobs not rescued now (%s)", type(error).__name__)
