@@ -1,4 +1,6 @@
 # The README's two set-up commands are `make run` and `make test`; `.ci/run` calls `make test`.
+# The tests run in two processes (pytest-xdist), a module to each: many wait on servers and nodes they start.
+# The OpenAPI fuzzing runs on its own: under xdist schemathesis generates far fewer cases.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PIP    := $(PYTHON) -m pip -q --disable-pip-version-check
@@ -38,7 +40,8 @@ mlflow-ui: install
 test: install-test system-packages
 	$(VENV)/bin/ruff check dicom_node inference web tests benchmarks
 	$(VENV)/bin/ruff format --check dicom_node inference web tests benchmarks
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2 --dist loadfile --ignore tests/test_openapi_fuzz.py
+	$(PYTHON) -m pytest tests/test_openapi_fuzz.py
 
 bench: install-test system-packages
 	$(PYTHON) benchmarks/ingest.py
