@@ -14,6 +14,12 @@ sends them in one association, and records each outcome:
 ``dicom-node resend`` puts failed rows back in the queue. A row is marked ``sending`` while it is in flight; a
 node stopped then finds it there at the next start and sends it again (the destination may have it twice, as
 with any C-STORE retry after a lost response).
+
+On PostgreSQL no sender thread polls: sending to a destination is a ``deliver`` job of the task engine, deferred
+with the rows that need it (:func:`schedule_sending`), at most one waiting and one running per destination
+(Procrastinate's queueing lock and lock), so a destination gets one association at a time from the whole
+cluster. The job sends everything due (:meth:`DeliverySender.send_to`), first putting back the rows a job that
+died left ``sending``, and defers the next one for when the earliest backoff ends.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import task_engine
 from dicom_node.background import PollingThread
 from dicom_node.config import Destination, OutputKind, Settings
 from dicom_node.models import Delivery, DeliveryState, Instance
@@ -38,6 +45,7 @@ from dicom_node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
 
+DELIVER_TASK = "deliver"
 _MAX_ERROR_LENGTH = 2000
 # PS3.4 Table B.2-1 and PS3.7 C.4.2: the failure statuses a later attempt may not get
 _TRANSIENT_STATUSES = range(0xA700, 0xA800)  # Refused: Out of Resources
@@ -146,19 +154,62 @@ class DeliveryQueue:
         if destination is not None:
             conditions.append(Delivery.destination == destination)
         with self.sessions.begin() as session:
-            return session.execute(
+            destinations = session.scalars(select(Delivery.destination).where(*conditions).distinct()).all()
+            queued = session.execute(
                 update(Delivery)
                 .where(*conditions)
                 .values(state=DeliveryState.PENDING, attempts=0, available_at=_now())
                 .execution_options(synchronize_session=False)
             ).rowcount
+            schedule_sending(session, destinations)
+            return queued
 
-    def recover_interrupted(self) -> int:
-        """At start-up: rows left in flight by a stopped process go back to pending."""
+    def recover_interrupted(self, destination: str | None = None) -> int:
+        """Rows left in flight by a stopped sender go back to pending: at start-up, or those of ``destination``
+        when the one job that sends to it starts."""
+        conditions = [Delivery.state == DeliveryState.SENDING]
+        if destination is not None:
+            conditions.append(Delivery.destination == destination)
         with self.sessions.begin() as session:
-            return session.execute(
-                update(Delivery).where(Delivery.state == DeliveryState.SENDING).values(state=DeliveryState.PENDING)
-            ).rowcount
+            return session.execute(update(Delivery).where(*conditions).values(state=DeliveryState.PENDING)).rowcount
+
+    def schedule_waiting(self) -> None:
+        """On PostgreSQL: a ``deliver`` job for each destination with rows waiting, for when the first is due (a
+        catch-up: the jobs that would send them may have failed with the index away)."""
+        with self.sessions.begin() as session:
+            waiting = session.execute(
+                select(Delivery.destination, func.min(Delivery.available_at))
+                .where(Delivery.state == DeliveryState.PENDING)
+                .group_by(Delivery.destination)
+            ).all()
+            for destination, due in waiting:
+                schedule_sending(session, [destination], at=due)
+
+    def next_due(self, destination: str) -> dt.datetime | None:
+        """When the earliest row of ``destination`` that waits out a backoff is due; None when none waits."""
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.min(Delivery.available_at)).where(
+                    Delivery.state == DeliveryState.PENDING, Delivery.destination == destination
+                )
+            )
+
+
+def schedule_sending(session: Session, destinations: Collection[str], at: dt.datetime | None = None) -> None:
+    """On PostgreSQL, in ``session``'s transaction: a ``deliver`` job for each destination, unless one waits already;
+    on SQLite the sender thread finds the rows itself."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for destination in destinations:
+        task_engine.defer_unique(
+            session,
+            DELIVER_TASK,
+            task_engine.DELIVER_QUEUE,
+            queueing_lock=f"deliver:{destination}",
+            lock=f"deliver:{destination}",
+            schedule_at=at,
+            destination=destination,
+        )
 
 
 def count_by_state(session: Session) -> dict[DeliveryState, int]:
@@ -192,6 +243,24 @@ class DeliverySender(PollingThread):
 
     def run_pass(self) -> bool:
         return self.run_once()
+
+    def send_to(self, destination: str) -> None:
+        """The ``deliver`` job on PostgreSQL: send everything due to ``destination``, then schedule the next job
+        for the rows that wait out a backoff. The engine runs one such job at a time per destination, so rows
+        found ``sending`` were left by a job that died."""
+        if destination not in self.destinations:
+            log.warning("deliveries to %r wait: it is not a configured destination", destination)
+            return
+        if self.queue.recover_interrupted(destination):
+            log.info("deliveries to %s interrupted by a stopped worker are sent again", destination)
+        while (claimed := self.queue.claim([destination], self.settings.delivery.objects_per_association)) and claimed[
+            1
+        ]:
+            self._send(self.destinations[destination], claimed[1])
+        next_due = self.queue.next_due(destination)
+        if next_due is not None:
+            with self.queue.sessions.begin() as session:
+                schedule_sending(session, [destination], at=next_due)
 
     def _send(self, destination: Destination, deliveries: list[ClaimedDelivery]) -> None:
         ae = AE(ae_title=self.settings.dicom.ae_title)

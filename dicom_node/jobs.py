@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import task_engine
 from dicom_node.models import Instance, Job, JobState
 
+OUTPUTS_JOB = "outputs"  # the kind of the job that writes an instance's DICOM outputs (dicom_node.output_jobs)
 _MAX_ERROR_LENGTH = 2000
 
 

@@ -2,10 +2,10 @@
 together, or the part of them that one role runs.
 
 Roles (``dicom-node serve --role``): ``all`` runs everything in one process, the default and the only role on
-SQLite. On PostgreSQL the parts scale out as separate processes on one index and one shared storage root:
-``ingest`` receives (the DICOM listener), ``worker`` runs the jobs of its queues (:mod:`dicom_node.task_worker`;
-``deliver`` and ``track`` among its queues run the delivery sender and the MLflow tracker), ``web`` serves the
-viewer and the HTTP API.
+SQLite, where worker threads, the delivery sender and the MLflow tracker poll the index. On PostgreSQL the parts
+scale out as separate processes on one index and one shared storage root, and all work is the task engine's
+(:mod:`dicom_node.task_engine`): ``ingest`` receives (the DICOM listener), ``worker`` runs the jobs of its queues
+(:mod:`dicom_node.task_worker`), ``web`` serves the viewer and the HTTP API.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from dicom_node.config import ConfigError, Settings
 from dicom_node.database import open_index, session_factory
-from dicom_node.delivery import DeliveryQueue, DeliverySender
+from dicom_node.delivery import DELIVER_TASK, DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import JobQueue
@@ -26,18 +26,15 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
 from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
-from dicom_node.task_engine import OUTPUTS_QUEUE, all_queues, models_of_queues
-from dicom_node.task_worker import TaskWorker, WorkerOptions
-from dicom_node.tracking import InferenceTracker
+from dicom_node.task_engine import DELIVER_QUEUE, OUTPUTS_QUEUE, TRACK_QUEUE, all_queues, models_of_queues
+from dicom_node.task_worker import EngineTask, TaskWorker, WorkerOptions
+from dicom_node.tracking import TRACK_TASK, InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
 
 log = logging.getLogger(__name__)
 
 Role = Literal["all", "ingest", "worker", "web"]
 ROLES: tuple[Role, ...] = ("all", "ingest", "worker", "web")
-# Work that is not (yet) a task of the engine: the loops a worker runs when these names are among its queues.
-DELIVER_QUEUE = "deliver"
-TRACK_QUEUE = "track"
 
 
 class Node:
@@ -100,8 +97,8 @@ class Node:
             )
         self.handlers |= job_handlers or {}
         self.queues = list(queues) if queues is not None else self._default_queues()
-        self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
         self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models)
+        self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
 
     @property
     def receives(self) -> bool:
@@ -115,9 +112,8 @@ class Node:
         """Resume where a previous run stopped, then listen and work."""
         swept = self.store.sweep_incoming()
         resumed = resent = 0
-        if not self.distributed:  # on PostgreSQL, the workers put back the jobs of a worker that died
+        if not self.distributed:  # on PostgreSQL the engine's workers put back what a worker that died held
             resumed = self.queue.recover_interrupted() + self.queue.release_waiting()
-        if self.works and DELIVER_QUEUE in self.queues:
             resent = self.deliveries.recover_interrupted()
         if swept or resumed or resent:
             log.info(
@@ -130,9 +126,8 @@ class Node:
             self.scp.start()
         if self.workers is not None:
             self.workers.start()
-        if self.works and DELIVER_QUEUE in self.queues:
+        if self.works and not self.distributed:
             self.sender.start()
-        if self.works and TRACK_QUEUE in self.queues:
             self.tracker.start()
 
     def stop(self) -> None:
@@ -146,8 +141,9 @@ class Node:
 
     def _default_queues(self) -> list[str]:
         served = self.models.loaded() if self.models is not None else {}
-        queues = all_queues(list(served)) if INFERENCE_JOB in self.handlers else [OUTPUTS_QUEUE]
-        return [*queues, DELIVER_QUEUE, TRACK_QUEUE]
+        if INFERENCE_JOB in self.handlers:
+            return all_queues(list(served))
+        return [OUTPUTS_QUEUE, DELIVER_QUEUE, TRACK_QUEUE]
 
     def _workers(self, concurrency: int | None) -> WorkerPool | TaskWorker | None:
         settings = self.settings
@@ -165,7 +161,7 @@ class Node:
         if lacking:
             raise ConfigError(f"queues {', '.join(self.queues)} need the models of {', '.join(sorted(lacking))}")
         options = WorkerOptions(
-            queues=[queue for queue in self.queues if queue not in (DELIVER_QUEUE, TRACK_QUEUE)],
+            queues=self.queues,
             concurrency=concurrency or settings.workers.count * settings.inference.batch_size,
             batch_size=settings.inference.batch_size,
             max_attempts=settings.workers.max_attempts,
@@ -175,9 +171,11 @@ class Node:
             stalled_after=settings.workers.stalled_after,
             stalled_check=settings.workers.heartbeat_interval,
         )
-        if not options.queues:
-            return None
-        return TaskWorker(settings.database.url, self.sessions, self.handlers, options)
+        tasks = [
+            EngineTask(DELIVER_TASK, self.sender.send_to, self.deliveries.schedule_waiting),
+            EngineTask(TRACK_TASK, self.tracker.track, self.tracker.schedule_waiting),
+        ]
+        return TaskWorker(settings.database.url, self.sessions, self.handlers, options, tasks)
 
     def wake_workers(self) -> None:
         """Look for due jobs now (the one-process node; PostgreSQL notifies its workers itself)."""

@@ -23,19 +23,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import OutputKind, Settings
-from dicom_node.delivery import destinations_for
+from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
-from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, record_note, still_claimed
+from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, PermanentJobError, finish, record_note, still_claimed
 from dicom_node.models import Delivery, InferenceResult, Instance
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
 from dicom_node.storage import InstanceStore
+from dicom_node.tracking import schedule_tracking
 from inference.predict import heatmap_from_bytes
 
 log = logging.getLogger(__name__)
-
-OUTPUTS_JOB = "outputs"
 
 # Series numbers of the node's series in a study: high, so that PACS viewers list them after the acquisitions.
 SERIES_NUMBERS = {("hallux_valgus", "foot"): 9001, ("bone_age", "male"): 9002, ("bone_age", "female"): 9003}
@@ -94,11 +93,14 @@ class OutputJobs:
             if not still_claimed(session, job):
                 log.info("job %d was queued again while it ran; its objects are not indexed", job.id)
                 return
-            queued = 0
+            queued: list[str] = []
             for output, relative, size in written:
                 instance = self._index(session, output.dataset, relative, size, job.instance_pk)
                 queued += self._queue_deliveries(session, instance, calling_ae, output.kind)
-            note = f"wrote {len(written)} objects; {queued} deliveries queued"
+            schedule_sending(session, set(queued))
+            if self.settings.mlflow.enabled:
+                schedule_tracking(session)
+            note = f"wrote {len(written)} objects; {len(queued)} deliveries queued"
             if not queued:
                 note += " (no destination: see delivery.default_destination)"
             finish(session, job, note)
@@ -168,15 +170,18 @@ class OutputJobs:
         session.flush()
         return instance
 
-    def _queue_deliveries(self, session: Session, instance: Instance, calling_ae: str | None, kind: OutputKind) -> int:
-        queued = 0
+    def _queue_deliveries(
+        self, session: Session, instance: Instance, calling_ae: str | None, kind: OutputKind
+    ) -> list[str]:
+        """An outbox row for each destination of the object that has none yet; the destinations queued."""
+        queued = []
         for destination in destinations_for(self.settings, calling_ae, kind):
             exists = session.scalar(
                 select(Delivery.id).where(Delivery.instance_pk == instance.id, Delivery.destination == destination)
             )
             if exists is None:
                 session.add(Delivery(instance_pk=instance.id, destination=destination))
-                queued += 1
+                queued.append(destination)
         return queued
 
     def _note(self, job: ClaimedJob, note: str) -> None:

@@ -7,7 +7,9 @@ its last attempt failed, and whether its effects were committed (:mod:`dicom_nod
 
 Queues: an inference job waits in the queue of the models its image is routed to (``infer.bone_age``,
 ``infer.hallux_valgus``, ``infer.hallux_valgus+bone_age``, or ``infer.none`` when no model reads it), so that
-a worker takes only jobs it has the models for; outputs jobs wait in ``outputs``.
+a worker takes only jobs it has the models for; outputs jobs wait in ``outputs``; ``deliver`` holds one job per
+destination with objects due (:mod:`dicom_node.delivery`), ``track`` one per instance whose run MLflow lacks
+(:mod:`dicom_node.tracking`).
 
 Exactly-once effects: a job's handler records its effects and :func:`finish` in one transaction that first
 takes the job's lock (:func:`still_claimed`); a job run again after that commit (its worker died before
@@ -17,12 +19,14 @@ and instance replaced (the image was received again) records nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import zlib
 from collections.abc import Collection, Iterable
 from itertools import combinations
 from typing import TYPE_CHECKING, get_args
 
 from procrastinate import App, SyncPsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import Integer, cast, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -35,12 +39,18 @@ if TYPE_CHECKING:
 
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 OUTPUTS_QUEUE = "outputs"
+DELIVER_QUEUE = "deliver"
+TRACK_QUEUE = "track"
 NO_MODEL_QUEUE = "infer.none"
 _MAX_ERROR_LENGTH = 2000
 _NEWEST_JOB = text(
     "SELECT max(id) FROM procrastinate_jobs WHERE task_name = :kind AND (args->>'instance_pk')::bigint = :instance_pk"
 )
 
+_BRING_FORWARD = text(
+    "UPDATE procrastinate_jobs SET scheduled_at = CAST(:at AS timestamptz) WHERE queueing_lock = :queueing_lock "
+    "AND status = 'todo' AND scheduled_at IS NOT NULL AND (CAST(:at AS timestamptz) IS NULL OR scheduled_at > :at)"
+)
 WAITING_BY_QUEUE = text(
     "SELECT j.queue_name, count(*), min(e.at) FROM procrastinate_jobs AS j "
     "LEFT JOIN procrastinate_events AS e ON e.job_id = j.id AND e.type = 'deferred' "
@@ -73,7 +83,7 @@ def models_of_queues(queues: Iterable[str]) -> set[TaskName]:
 
 
 def all_queues(models: Collection[TaskName] = TASKS) -> list[str]:
-    return [*inference_queues(models), OUTPUTS_QUEUE]
+    return [*inference_queues(models), OUTPUTS_QUEUE, DELIVER_QUEUE, TRACK_QUEUE]
 
 
 def defer(session: Session, kind: str, instance_pk: int, queue: str) -> None:
@@ -81,6 +91,30 @@ def defer(session: Session, kind: str, instance_pk: int, queue: str) -> None:
     _lock(session, kind, instance_pk)
     connection = session.connection().connection.driver_connection
     _deferrer.configure_task(name=kind, queue=queue, connection=connection).defer(instance_pk=instance_pk)
+
+
+def defer_unique(
+    session: Session,
+    task: str,
+    queue: str,
+    queueing_lock: str,
+    lock: str | None = None,
+    schedule_at: dt.datetime | None = None,
+    **arguments: object,
+) -> None:
+    """Defer a job of ``task`` in ``session``'s transaction unless one with ``queueing_lock`` waits already: that
+    one does the same work, brought forward to ``schedule_at`` (None: now) if it was scheduled later."""
+    connection = session.connection().connection.driver_connection
+    options: dict = {"queue": queue, "queueing_lock": queueing_lock, "lock": lock, "connection": connection}
+    if schedule_at is not None:
+        options["schedule_at"] = schedule_at
+    session.execute(text("SAVEPOINT defer_unique"))  # a refused insert rolls back to it, not the whole transaction
+    try:
+        _deferrer.configure_task(name=task, **options).defer(**arguments)
+    except AlreadyEnqueued:
+        session.execute(text("ROLLBACK TO SAVEPOINT defer_unique"))
+        session.execute(_BRING_FORWARD, {"queueing_lock": queueing_lock, "at": schedule_at})
+    session.execute(text("RELEASE SAVEPOINT defer_unique"))
 
 
 def still_claimed(session: Session, job: ClaimedJob) -> bool:

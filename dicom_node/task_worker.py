@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision
+from procrastinate.exceptions import UniqueViolation
 from procrastinate.jobs import Job as EngineJob
 from procrastinate.jobs import Status
 from procrastinate.worker import Worker
@@ -44,6 +45,17 @@ class AttemptFailed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(type(error).__name__)
         self.permanent = isinstance(error, PermanentJobError)
+
+
+def _reporting_only_the_type(function: Callable[..., None]) -> Callable[..., None]:
+    def run(**arguments: object) -> None:
+        try:
+            function(**arguments)
+        except Exception as error:
+            raise AttemptFailed(error) from None
+
+    run.__name__ = getattr(function, "__name__", "task")
+    return run
 
 
 class NodeRetry(BaseRetryStrategy):
@@ -111,6 +123,19 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class EngineTask:
+    """A task that is not a job handler of an instance (sending to a destination, logging to MLflow):
+    ``function`` takes the job's arguments. Such a task is not retried by the engine: it records its failures
+    where they belong (a delivery's row, a run's) and defers its own next job; ``catch_up``, which every worker
+    calls every ``stalled_check`` seconds, defers one where work waits and no job would do it (the one that
+    would have failed with the index away)."""
+
+    name: str
+    function: Callable[..., None]
+    catch_up: Callable[[], None]
+
+
+@dataclass(frozen=True)
 class WorkerOptions:
     queues: Sequence[str]
     concurrency: int
@@ -124,8 +149,8 @@ class WorkerOptions:
 
 
 class TaskWorker:
-    """A Procrastinate worker for ``handlers`` (by job kind) on the queues of ``options``, on a thread of its
-    own with its own event loop; :meth:`stop` lets the jobs in hand finish."""
+    """A Procrastinate worker for ``handlers`` (by job kind) and ``tasks`` on the queues of ``options``, on a
+    thread of its own with its own event loop; :meth:`stop` lets the jobs in hand finish."""
 
     def __init__(
         self,
@@ -133,6 +158,7 @@ class TaskWorker:
         sessions: sessionmaker[Session],
         handlers: Mapping[str, JobHandler],
         options: WorkerOptions,
+        tasks: Sequence[EngineTask] = (),
     ) -> None:
         self.sessions = sessions
         self.options = options
@@ -142,6 +168,9 @@ class TaskWorker:
         for kind, handler in handlers.items():
             batch = Batch(handler, options.batch_size if kind == "inference" else 1)
             self.app.task(name=kind, pass_context=True, retry=retry)(self._task(kind, batch))
+        for task in tasks:
+            self.app.task(name=task.name)(_reporting_only_the_type(task.function))
+        self.tasks = list(tasks)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: Worker | None = None
@@ -192,27 +221,48 @@ class TaskWorker:
                 update_heartbeat_interval=options.heartbeat_interval,
                 stalled_worker_timeout=options.stalled_after,
             )
-            rescue = asyncio.create_task(self._rescue_stalled_jobs())
+            keeper = asyncio.create_task(self._keep())
             self._started.set()
             try:
                 await self._worker.run()
             finally:
-                rescue.cancel()
+                keeper.cancel()
 
-    async def _rescue_stalled_jobs(self) -> None:
-        """Put the jobs of workers that stopped sending heartbeats back in their queue, their attempt counted; one
-        that has used all its attempts (it may be what killed the worker) fails."""
-        manager = self.app.job_manager
+    async def _keep(self) -> None:
+        """Every ``stalled_check`` seconds: rescue the jobs of dead workers, and let the tasks catch up."""
         while True:
             await asyncio.sleep(self.options.stalled_check)
             try:
-                stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=self.options.stalled_after)
-                for job in stalled:
-                    if job.attempts + 1 >= self.options.max_attempts:
-                        await manager.finish_job(job, Status.FAILED, delete_job=False)
-                        log.warning("job %s (%s) failed: its worker died on every attempt", job.id, job.task_name)
-                    else:
-                        await manager.retry_job(job)
-                        log.warning("job %s (%s): its worker died; queued again", job.id, job.task_name)
-            except Exception as error:  # another worker took it first, or the database is away: next time
-                log.debug("stalled jobs not rescued now (%s)", type(error).__name__)
+                stalled = await self.app.job_manager.get_stalled_jobs(
+                    seconds_since_heartbeat=self.options.stalled_after
+                )
+            except Exception as error:  # the database is away: next time
+                log.debug("stalled jobs not looked for now (%s)", type(error).__name__)
+                stalled = []
+            for job in stalled:
+                try:
+                    await self._rescue(job)
+                except Exception as error:  # another worker rescued it first: nothing to do
+                    log.debug("job %s not rescued now (%s)", job.id, type(error).__name__)
+            for task in self.tasks:
+                try:
+                    await asyncio.to_thread(task.catch_up)
+                except Exception as error:
+                    log.debug("%s did not catch up now (%s)", task.name, type(error).__name__)
+
+    async def _rescue(self, job: EngineJob) -> None:
+        """Put a job of a worker that stopped sending heartbeats back in its queue, its attempt counted; one that
+        has used all its attempts (it may be what killed the worker) fails, and so does one whose work a job
+        waiting with the same queueing lock does."""
+        manager = self.app.job_manager
+        if job.attempts + 1 >= self.options.max_attempts:
+            await manager.finish_job(job, Status.FAILED, delete_job=False)
+            log.warning("job %s (%s) failed: its worker died on every attempt", job.id, job.task_name)
+            return
+        try:
+            await manager.retry_job(job)
+        except UniqueViolation:
+            await manager.finish_job(job, Status.FAILED, delete_job=False)
+            log.info("job %s (%s): its worker died; a job waiting does its work", job.id, job.task_name)
+            return
+        log.warning("job %s (%s): its worker died; queued again", job.id, job.task_name)

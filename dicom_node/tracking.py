@@ -12,6 +12,11 @@ heatmaps, and the structured report as JSON). A run that cannot be logged (the s
 again with exponential backoff, forever: inference and delivery never wait for MLflow, and a claim is a lease
 (``available_at`` moved forward), so a node stopped mid-run needs no recovery step.
 
+On PostgreSQL no thread polls: logging is a ``track`` job of the task engine, one at a time in the cluster,
+deferred when an outputs job finishes (:func:`schedule_tracking`) and by the workers' catch-up
+(:meth:`InferenceTracker.schedule_waiting`: results recorded while tracking was off, a job that failed); it logs
+what is due, as a pass of the thread does, and defers the next one for when the earliest backoff ends.
+
 Each run is tagged with a key of the instance's results; a row found again after a crash between creating the
 run and recording it adopts the finished run with that key, and deletes an unfinished one before logging anew.
 
@@ -43,10 +48,11 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import task_engine
 from dicom_node.background import PollingThread
 from dicom_node.config import MlflowSettings
+from dicom_node.jobs import OUTPUTS_JOB
 from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
-from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.storage import InstanceStore
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TRACK_TASK = "track"
 RUN_KEY_TAG = "dicom_node.run_key"
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 _MAX_ERROR_LENGTH = 2000
@@ -235,6 +242,15 @@ def _name(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
 
 
+def schedule_tracking(session: Session, at: dt.datetime | None = None) -> None:
+    """On PostgreSQL, in ``session``'s transaction: a ``track`` job, unless one waits already; on SQLite the tracker
+    thread finds the due runs itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        task_engine.defer_unique(
+            session, TRACK_TASK, task_engine.TRACK_QUEUE, queueing_lock=TRACK_TASK, lock=TRACK_TASK, schedule_at=at
+        )
+
+
 class TrackingQueue:
     """The ``tracking`` rows: queue instances with new results, claim due rows, record what became of them."""
 
@@ -318,6 +334,13 @@ class TrackingQueue:
                 report_path,
             )
 
+    def next_due(self) -> dt.datetime | None:
+        """When the earliest run that waits out a backoff is due; None when none waits."""
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.min(TrackedRun.available_at)).where(TrackedRun.state == TrackingState.PENDING)
+            )
+
     def logged(self, claimed: ClaimedRun, experiment_id: str, run_id: str) -> None:
         with self.sessions.begin() as session:
             session.execute(
@@ -378,6 +401,26 @@ class InferenceTracker(PollingThread):
 
     def run_pass(self) -> bool:
         return self.run_once() == self.settings.batch_size
+
+    def schedule_waiting(self) -> None:
+        """On PostgreSQL: a ``track`` job for when the first run is due, if any waits (a catch-up: the job that would
+        log it may have failed with the index away, or results were recorded while tracking was off)."""
+        if not self.settings.enabled:
+            return
+        self.queue.add_new()
+        next_due = self.queue.next_due()
+        if next_due is not None:
+            with self.queue.sessions.begin() as session:
+                schedule_tracking(session, at=next_due)
+
+    def track(self) -> None:
+        """The ``track`` job on PostgreSQL: log every due run, then schedule the next job for the runs that wait
+        out a backoff."""
+        if not self.settings.enabled:
+            return
+        while self.run_pass():
+            pass
+        self.schedule_waiting()
 
     def _log(self, claimed: ClaimedRun) -> bool:
         """Log one claimed run; False when MLflow failed (recorded on the row)."""

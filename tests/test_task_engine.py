@@ -3,6 +3,7 @@ that take only the queues of the models they have, gathered into batches, and re
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from sqlalchemy import select
 
 from dicom_node.config import Settings
 from dicom_node.database import open_index, session_factory
+from dicom_node.delivery import schedule_sending
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue
@@ -88,6 +90,33 @@ def test_a_job_deferred_in_a_session_commits_and_rolls_back_with_the_rows(databa
             # the view the API and the viewer read shows it as the SQLite table would
             job = session.scalars(select(Job)).one()
             assert (job.instance_pk, job.kind, job.state, job.attempts) == (instance.id, "inference", "pending", 0)
+    finally:
+        engine.dispose()
+
+
+def test_one_sending_job_waits_per_destination_and_new_work_brings_a_later_one_forward(database_url: str) -> None:
+    """Outputs jobs defer a deliver job with their outbox rows: one waits per destination, and a job scheduled
+    for after a backoff is brought forward when new objects arrive; a refused insert spoils no transaction."""
+    engine = open_index(Settings(database={"url": database_url}).database)
+    sessions = session_factory(engine)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    try:
+        with sessions() as session:
+            schedule_sending(session, ["pacs"])
+            session.rollback()
+        assert engine_jobs(database_url) == []
+        with sessions.begin() as session:
+            schedule_sending(session, ["pacs", "archive"], at=later)
+            schedule_sending(session, ["pacs"], at=later)
+            session.execute(select(1))  # the transaction is usable after the refused second insert
+        with sessions.begin() as session:
+            schedule_sending(session, ["pacs"])
+        with psycopg.connect(psycopg_url(database_url)) as connection:
+            waiting = connection.execute(
+                "SELECT args->>'destination', scheduled_at IS NULL OR scheduled_at <= now(), lock "
+                "FROM procrastinate_jobs WHERE status = 'todo' ORDER BY id"
+            ).fetchall()
+        assert waiting == [("pacs", True, "deliver:pacs"), ("archive", False, "deliver:archive")]
     finally:
         engine.dispose()
 

@@ -4,6 +4,7 @@ tracking server down, inference and outputs go on and the runs appear once the s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from dicom_node.phantoms.generator import render_phantom
 from dicom_node.tracking import InferenceRun, run_contents, run_url, tracked_run_url, without_identifiers
 from tests.conftest import running_node
 from tests.dicom_peers import free_port, send_datasets
+from tests.postgres import migrated_database
 from web.app import create_app
 from web.dependencies import WebContext
 
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.slow
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 T = TypeVar("T")
+
+_databases = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +88,15 @@ def wait_for(condition: Callable[[], T], timeout: float = 120, what: str = "cond
 
 
 @contextmanager
-def tracked_node(storage: Path, models: InferenceModels, **mlflow: object) -> Iterator[Node]:
+def tracked_node(
+    storage: Path, models: InferenceModels, database_url: str | None = None, **mlflow: object
+) -> Iterator[Node]:
+    """A node that logs to MLflow; on PostgreSQL (``database_url``) logging is a job of the task engine."""
     settings = Settings(
         dicom={"host": "127.0.0.1", "port": free_port()},
         storage={"root": storage},
-        workers={"count": 1, "poll_interval": 0.05},
+        database={"url": database_url or f"sqlite:///{storage / 'index.sqlite3'}"},
+        workers={"count": 1, "poll_interval": 0.05, "heartbeat_interval": 0.5, "stalled_after": 2},
         mlflow={"poll_interval": 0.1, "retry_backoff": 0.1, "max_backoff": 0.5, **mlflow},
     )
     with running_node(settings, models) as node:
@@ -150,10 +158,19 @@ def check_runs(client: MlflowClient, node: Node, models: InferenceModels, rows: 
         assert not any(tag.startswith("0010") for tag in report), "no Patient module"
 
 
-def test_every_inference_is_a_run_without_patient_data(tmp_path: Path, models: InferenceModels) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "sqlite":
+        return None
+    return migrated_database(request.getfixturevalue("postgres_server"), f"tracking_{next(_databases)}")
+
+
+def test_every_inference_is_a_run_without_patient_data(
+    tmp_path: Path, models: InferenceModels, database_url: str | None
+) -> None:
     sent = patients(["hand", "foot", "hand", "foot"])
     storage = tmp_path / "storage"
-    with tracked_node(storage, models) as node:
+    with tracked_node(storage, models, database_url) as node:
         assert all(status.Status == 0 for status in send_datasets(node.settings.dicom.port, sent))
         rows = wait_for(lambda: all_logged(node, len(sent)), what="four logged runs")
         settings = node.settings.mlflow

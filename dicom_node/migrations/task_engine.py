@@ -42,10 +42,11 @@ SELECT DISTINCT ON (j.task_name, {INSTANCE_OF_JOB})
     j.id AS id,
     {INSTANCE_OF_JOB} AS instance_pk,
     j.task_name::varchar(32) AS kind,
-    (CASE j.status
-        WHEN 'todo' THEN 'pending'
-        WHEN 'doing' THEN 'running'
-        WHEN 'succeeded' THEN 'done'
+    (CASE
+        WHEN o.finished THEN 'done'  -- its effects are committed; Procrastinate hears of it a moment later
+        WHEN j.status = 'todo' THEN 'pending'
+        WHEN j.status = 'doing' THEN 'running'
+        WHEN j.status = 'succeeded' THEN 'done'
         ELSE 'failed'
     END)::varchar(16) AS state,
     -- Procrastinate counts the retries; the node the attempts begun
