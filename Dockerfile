@@ -18,6 +18,8 @@ RUN pip install /tmp/src && rm -rf /tmp/src
 
 WORKDIR /app
 COPY config.yaml /app/config.yaml
+# The model cards and weights config.yaml names (relative to /app): without them the node stops at start.
+COPY models /app/models
 
 RUN groupadd --system --gid 10001 dicomnode \
     && useradd --system --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin dicomnode \
@@ -29,4 +31,6 @@ ENV DICOM_NODE_WEB__HOST=0.0.0.0 \
 
 USER 10001:10001
 EXPOSE 11112 8000
-ENTRYPOINT ["dicom-node", "serve", "--config", "/app/config.yaml"]
+# `serve` runs the whole node; a cluster's services give other commands (docker-compose.cluster.yml).
+ENTRYPOINT ["dicom-node"]
+CMD ["serve", "--config", "/app/config.yaml"]

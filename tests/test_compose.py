@@ -1,4 +1,5 @@
-"""The demo stack in docker-compose.yml: valid for Compose, and consistent with the node's settings and Orthanc.
+"""The demo stack in docker-compose.yml and the cluster in docker-compose.cluster.yml: valid for Compose, and
+consistent with the node's settings, roles and Orthanc.
 
 No container engine runs on the development machines, so these tests check the files, not running containers:
 ``docker-compose config`` validates the compose file, and the node's settings are loaded from config.yaml with
@@ -18,11 +19,16 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from dicom_node.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from dicom_node.node import ROLES
+from dicom_node.task_engine import all_queues
+from inference.model_card import read_card
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+CLUSTER_FILE = REPO / "docker-compose.cluster.yml"
 DOCKERFILE = REPO / "Dockerfile"
 CONFIG_FILE = REPO / "config.yaml"
 ORTHANC_CONFIG = REPO / "docker" / "orthanc.json"
@@ -122,18 +128,28 @@ def _modality_fields(entry: Any) -> tuple[str, str, int]:
 # --- docker-compose itself ---------------------------------------------------------------------------------
 
 
-def test_docker_compose_accepts_the_file() -> None:
+@pytest.mark.parametrize(
+    ("compose_file", "services"),
+    [
+        (COMPOSE_FILE, {"node", "orthanc", "mlflow"}),
+        (
+            CLUSTER_FILE,
+            {"postgres", "migrate", "ingest-a", "ingest-b", "worker", "outputs", "web", "orthanc", "mlflow"},
+        ),
+    ],
+)
+def test_docker_compose_accepts_the_file(compose_file: Path, services: set[str]) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip(
             "the docker-compose binary is not installed (`make test` installs it: scripts/install-system-packages.sh)"
         )
     result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "config"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [binary, "-f", str(compose_file), "config"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     resolved = yaml.safe_load(result.stdout)
-    assert set(resolved["services"]) >= {"node", "orthanc", "mlflow"}
+    assert set(resolved["services"]) >= services
 
 
 def test_the_stack_has_the_node_orthanc_and_mlflow() -> None:
@@ -211,3 +227,77 @@ def test_the_node_sends_its_results_to_orthanc(monkeypatch: pytest.MonkeyPatch) 
     settings = _settings_with(monkeypatch, _node_environment())
     [pacs] = [d for d in settings.destinations if d.name == settings.delivery.default_destination]
     assert (pacs.ae_title, pacs.host, pacs.port) == (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
+
+
+# --- the image -----------------------------------------------------------------------------------------------
+
+
+def test_the_image_holds_the_model_cards_and_weights_config_yaml_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without them the container stops at start with a missing model card."""
+    instructions = [line.split() for line in DOCKERFILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    [workdir] = [Path(words[1]) for words in instructions if words[0] == "WORKDIR"]
+    copies = {Path(words[2]): REPO / words[1] for words in instructions if words[0] == "COPY"}
+    settings = _settings_with(monkeypatch, _dockerfile_environment())
+    for card in (settings.inference.hallux_valgus_card, settings.inference.bone_age_card):
+        in_image = workdir / card
+        sources = [
+            source / in_image.relative_to(target)
+            for target, source in copies.items()
+            if in_image.is_relative_to(target)
+        ]
+        assert sources and sources[0].is_file(), f"{in_image} is not copied into the image"
+        weights = sources[0].parent / str(read_card(sources[0]).weights.path)
+        assert weights.is_file(), f"the weights of {card} are not in the repository's copy"
+
+
+# --- the cluster ---------------------------------------------------------------------------------------------
+
+
+def _cluster_services() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(CLUSTER_FILE.read_text(encoding="utf-8"))["services"]
+
+
+def _node_processes() -> dict[str, list[str]]:
+    """The cluster's services that run the node's image, with their ``dicom-node`` arguments."""
+    return {name: service["command"] for name, service in _cluster_services().items() if service.get("build") == "."}
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_the_cluster_runs_every_role_and_serves_every_queue() -> None:
+    processes = _node_processes()
+    roles = sorted(_option(command, "--role") or command[0] for command in processes.values())
+    assert roles == ["db", "ingest", "ingest", "web", "worker", "worker"]
+    served = {queue for command in processes.values() for queue in (_option(command, "--queues") or "").split(",")}
+    assert set(all_queues()) <= served, f"queues no worker takes: {set(all_queues()) - served}"
+    for name, command in processes.items():
+        assert command[-2:] == ["--config", "/app/config.yaml"], name
+        if command[0] == "serve":
+            assert _option(command, "--role") in ROLES, name
+    assert _cluster_services()["worker"]["deploy"]["replicas"] >= 2, "inference scales by replicas"
+
+
+def test_the_schema_is_upgraded_once_before_any_node_process_starts() -> None:
+    services = _cluster_services()
+    assert services["migrate"]["command"][:2] == ["db", "upgrade"]
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in set(_node_processes()) - {"migrate"}:
+        assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}, name
+
+
+def test_every_node_process_uses_the_postgresql_service_and_one_storage_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = _cluster_services()
+    for name in _node_processes():
+        environment = _dockerfile_environment() | _environment(services[name])
+        settings = _settings_with(monkeypatch, {k: v for k, v in environment.items() if k.startswith(ENV_PREFIX)})
+        url = make_url(settings.database.url)
+        assert (url.get_backend_name(), url.host) == ("postgresql", "postgres"), name
+        postgres = _environment(services["postgres"])
+        assert (url.username, url.password, url.database) == (
+            postgres["POSTGRES_USER"],
+            postgres["POSTGRES_PASSWORD"],
+            postgres["POSTGRES_DB"],
+        )
+        assert _volume_targets(services[name]) == {str(settings.storage.root): "node-data"}, name
