@@ -163,7 +163,8 @@ class TaskWorker:
         self.sessions = sessions
         self.options = options
         conninfo = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        self.app = App(connector=PsycopgConnector(conninfo=conninfo))
+        # a worker that cannot reach the database for as long as a dead one is given is started again (_serve)
+        self.app = App(connector=PsycopgConnector(conninfo=conninfo, timeout=options.stalled_after))
         retry = NodeRetry(options.max_attempts, options.retry_backoff)
         for kind, handler in handlers.items():
             batch = Batch(handler, options.batch_size if kind == "inference" else 1)
@@ -175,18 +176,25 @@ class TaskWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: Worker | None = None
         self._started = threading.Event()
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="task-worker", daemon=True)
         self._thread.start()
         self._started.wait(30)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._loop is not None and self._worker is not None:
-            self._loop.call_soon_threadsafe(self._worker.stop)
+        self._stopping = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_worker)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
 
     def _task(self, kind: str, batch: Batch):
         def run(context: JobContext, instance_pk: int) -> None:
@@ -199,18 +207,35 @@ class TaskWorker:
             if error is None:
                 return
             permanent = isinstance(error, PermanentJobError)
-            with self.sessions.begin() as session:
-                task_engine.record_error(session, job, str(error) if permanent else f"{type(error).__name__}: {error}")
+            try:
+                with self.sessions.begin() as session:
+                    reason = str(error) if permanent else f"{type(error).__name__}: {error}"
+                    task_engine.record_error(session, job, reason)
+            except Exception as unrecorded:  # the index away: the attempt still counts, without its reason
+                log.error("job %d: the error of its attempt was not recorded (%s)", job.id, type(unrecorded).__name__)
             raise AttemptFailed(error)
 
         run.__name__ = f"run_{kind}"
         return run
 
     async def _serve(self) -> None:
+        """Run the worker until :meth:`stop`; a worker that stops on its own (its database connection lost) is
+        started again, as a new worker: the jobs it held go back to their queues as a dead worker's do."""
         options = self.options
         self._loop = asyncio.get_running_loop()
-        # the tasks are functions that block: one thread for each job the worker may run at once
-        self._loop.set_default_executor(ThreadPoolExecutor(options.concurrency, "job"))
+        # the tasks are functions that block: one thread for each job the worker may run at once, and the keeper's
+        self._loop.set_default_executor(ThreadPoolExecutor(options.concurrency + 1, "job"))
+        self._started.set()
+        while not self._stopping:
+            try:
+                await self._work()
+            except Exception as error:  # messages of database errors can name hosts and users: the type only
+                log.error("the task worker stopped (%s); starting again", type(error).__name__)
+            if not self._stopping:
+                await asyncio.sleep(options.heartbeat_interval)
+
+    async def _work(self) -> None:
+        options = self.options
         async with self.app.open_async():
             self._worker = Worker(
                 self.app,
@@ -221,12 +246,14 @@ class TaskWorker:
                 update_heartbeat_interval=options.heartbeat_interval,
                 stalled_worker_timeout=options.stalled_after,
             )
+            if self._stopping:
+                return
             keeper = asyncio.create_task(self._keep())
-            self._started.set()
             try:
                 await self._worker.run()
             finally:
                 keeper.cancel()
+                self._worker = None
 
     async def _keep(self) -> None:
         """Every ``stalled_check`` seconds: rescue the jobs of dead workers, and let the tasks catch up."""

@@ -24,29 +24,55 @@ def postgres_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+class PostgresServer:
+    """A cluster (trust authentication, loopback only) in a temporary directory; :meth:`stop` and :meth:`start`
+    take it away and bring it back on the same port, as an outage would."""
+
+    def __init__(self) -> None:
+        binaries = postgres_bin()
+        assert binaries is not None, "PostgreSQL is not installed (make system-packages)"
+        self.binaries = binaries
+        self.base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.base, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        self.data, self.port = self.base / "data", free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._run(self.binaries / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            self.binaries / "pg_ctl", "-D", self.data, "-o", options, "-l", self.base / "server.log", "-w", "start"
+        )
+
+    def stop(self) -> None:
+        self._run(self.binaries / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _run(self, *command: object) -> None:
+        subprocess.run([*self.as_postgres, *map(str, command)], check=True, capture_output=True, timeout=120)
+
+
 @contextmanager
 def temporary_postgres() -> Iterator[str]:
-    """Start a cluster (trust authentication, loopback only) and yield its SQLAlchemy URL; remove it after."""
-    binaries = postgres_bin()
-    assert binaries is not None, "PostgreSQL is not installed (make system-packages)"
-    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(base, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+    """Start a cluster and yield its SQLAlchemy URL; remove it after."""
+    with running_postgres() as server:
+        yield server.url
 
-    def run(*command: object) -> None:
-        subprocess.run([*as_postgres, *map(str, command)], check=True, capture_output=True, timeout=120)
 
-    run(binaries / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
-    run(binaries / "pg_ctl", "-D", data, "-o", options, "-l", base / "server.log", "-w", "start")
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        run(binaries / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
+        server.remove()
 
 
 def psycopg_url(url: str) -> str:

@@ -29,10 +29,10 @@ from dicom_node.models import InferenceResult, Instance, Job, JobState, Patient,
 from dicom_node.node import Node
 from dicom_node.part10 import encoded_dataset
 from dicom_node.synthetic import synthetic_dx
-from dicom_node.task_engine import inference_queue, inference_queues, models_of_queues
+from dicom_node.task_engine import NO_MODEL_QUEUE, defer, inference_queue, inference_queues, models_of_queues
 from dicom_node.task_worker import Batch, NodeRetry
 from tests.dicom_peers import free_port
-from tests.postgres import migrated_database, psycopg_url
+from tests.postgres import migrated_database, psycopg_url, running_postgres
 from tests.serve_process import DEMO_CARDS, DICOM_NODE
 from web.app import create_health_app
 from web.dependencies import WebContext
@@ -291,3 +291,42 @@ def test_roles_other_than_all_need_postgresql(tmp_path: Path) -> None:
         2,
         "dicom-node: role 'ingest' needs the index on PostgreSQL (database.url); SQLite runs role 'all'\n",
     )
+
+
+def test_a_worker_outlives_an_outage_of_postgresql(tmp_path: Path) -> None:
+    """Away when the worker starts, or while it runs: it works once the database is back, and takes the jobs
+    deferred then."""
+    handled: list[int] = []
+
+    def record(jobs: list[ClaimedJob]) -> dict[int, Exception]:
+        handled.extend(job.instance_pk for job in jobs)
+        return {}
+
+    def defer_one(url: str, instance_pk: int) -> None:
+        engine = open_index(Settings(database={"url": url}).database)
+        with session_factory(engine).begin() as session:
+            defer(session, INFERENCE_JOB, instance_pk, NO_MODEL_QUEUE)
+        engine.dispose()
+
+    with running_postgres() as server:
+        url = migrated_database(server.url, "outage")
+        settings = Settings(
+            storage={"root": tmp_path / "storage"},
+            database={"url": url},
+            workers={"poll_interval": 0.2, "heartbeat_interval": 0.5, "stalled_after": 2},
+        )
+        node = Node(settings, job_handlers={INFERENCE_JOB: record}, role="worker", queues=[NO_MODEL_QUEUE])
+        server.stop()
+        node.start()
+        try:
+            time.sleep(4)  # longer than stalled_after: the worker gives up waiting for a connection, starts again
+            server.start()
+            defer_one(url, 1)
+            wait_for(lambda: handled == [1])
+            server.stop()
+            time.sleep(3)  # the worker loses its connections and tries again
+            server.start()
+            defer_one(url, 2)
+            wait_for(lambda: handled == [1, 2], timeout=60)
+        finally:
+            node.stop()
