@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import task_engine
-from dicom_node.models import Instance, Job, JobState
+from dicom_node.models import Instance, Job, JobState, as_utc
 
 OUTPUTS_JOB = "outputs"  # the kind of the job that writes an instance's DICOM outputs (dicom_node.output_jobs)
 _MAX_ERROR_LENGTH = 2000
@@ -73,6 +73,19 @@ class JobQueue:
                 ).all()
                 if taken:
                     return sorted((ClaimedJob(*row) for row in taken), key=lambda job: job.id)
+
+    def claim_job(self, job_id: int) -> ClaimedJob | None:
+        """Take the job ``job_id`` if it is pending (due or not); None when it is not (a worker took it, or it
+        finished)."""
+        with self.sessions.begin() as session:
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.PENDING)
+                .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=_now())
+                .returning(Job.id, Job.kind, Job.instance_pk, Job.attempts, Job.generation)
+                .execution_options(synchronize_session=False)
+            ).first()
+        return ClaimedJob(*taken) if taken is not None else None
 
     def complete(self, job: ClaimedJob) -> bool:
         """Mark a claimed job done (its handler may have done so with its effects, by :func:`finish`); False
@@ -228,14 +241,9 @@ def waiting_by_queue(session: Session) -> dict[str, QueueDepth]:
         ).all()
     now = _now()
     return {
-        queue: QueueDepth(count, max((now - _utc(oldest)).total_seconds(), 0.0) if oldest is not None else 0.0)
+        queue: QueueDepth(count, max((now - as_utc(oldest)).total_seconds(), 0.0) if oldest is not None else 0.0)
         for queue, count, oldest in rows
     }
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands times back without their zone (UTC); PostgreSQL with it."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

@@ -21,6 +21,11 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A time read from the index, in UTC: SQLite hands times back without their zone, PostgreSQL with it."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 class Patient(Base):
     __tablename__ = "patients"
 

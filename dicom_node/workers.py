@@ -66,13 +66,26 @@ class WorkerPool:
         jobs = self.queue.claim_batch(self.handlers.keys(), self.batch_size)
         if not jobs:
             return False
+        self._run(jobs)
+        return True
+
+    def run_now(self, job_id: int) -> bool:
+        """Claim and run the job ``job_id`` in the caller's thread (a request that waits for it); False when it
+        was not pending (a worker took it first, or it finished)."""
+        job = self.queue.claim_job(job_id)
+        if job is None:
+            return False
+        self._run([job])
+        self.wake()  # for the jobs it queued
+        return True
+
+    def _run(self, jobs: list[ClaimedJob]) -> None:
         try:
             failures = self.handlers[jobs[0].kind](jobs)
         except Exception as error:
             failures = {job.id: error for job in jobs}
         for job in jobs:
             self._finish_when_possible(job, failures.get(job.id))
-        return True
 
     def _finish_when_possible(self, job: ClaimedJob, error: Exception | None) -> None:
         """Record the outcome of ``job``; while the index is unavailable (busy, or its server away), try again

@@ -4,6 +4,7 @@ that take only the queues of the models they have, gathered into batches, and re
 from __future__ import annotations
 
 import datetime as dt
+import io
 import itertools
 import subprocess
 import threading
@@ -28,13 +29,14 @@ from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue
 from dicom_node.models import InferenceResult, Instance, Job, JobState, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.part10 import encoded_dataset
+from dicom_node.phantoms.generator import render_phantom
 from dicom_node.synthetic import synthetic_dx
 from dicom_node.task_engine import NO_MODEL_QUEUE, defer, inference_queue, inference_queues, models_of_queues
 from dicom_node.task_worker import Batch, NodeRetry
 from tests.dicom_peers import free_port
 from tests.postgres import migrated_database, psycopg_url, running_postgres
 from tests.serve_process import DEMO_CARDS, DICOM_NODE
-from web.app import create_health_app
+from web.app import create_app, create_health_app
 from web.dependencies import WebContext
 
 _numbers = itertools.count()
@@ -330,3 +332,23 @@ def test_a_worker_outlives_an_outage_of_postgresql(tmp_path: Path) -> None:
             wait_for(lambda: handled == [1, 2], timeout=60)
         finally:
             node.stop()
+
+
+def test_predict_on_the_web_role_defers_its_job_and_a_worker_runs_it(
+    cluster_settings: Settings, tmp_path: Path, onnx_graphs: Path
+) -> None:
+    """The web role loads no model: its request waits for the job like any other client of the workers."""
+    foot, _ = render_phantom(12, 1, "foot")
+    upload = io.BytesIO()
+    foot.save_as(upload, enforce_file_format=True)
+    web = Node(cluster_settings, role="web")
+    try:
+        assert web.models is None and web.workers is None
+        client = TestClient(create_app(WebContext(cluster_settings, web.sessions, lambda: False, node=web)))
+        with worker(cluster_settings, onnx_graphs):
+            response = client.post("/predict", files={"image": ("foot.dcm", upload.getvalue())})
+        assert response.status_code == 200, response.text
+        assert response.json()["prediction"] in ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
+        assert engine_jobs(cluster_settings.database.url)[0][1:3] == ("infer.hallux_valgus", "succeeded")
+    finally:
+        web.stop()

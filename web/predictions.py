@@ -1,29 +1,27 @@
 """Inference for an HTTP upload, in the request, and its results in the seed projects' shape.
 
 An upload is ingested like an image the SCP received, which queues its inference job. The request then waits
-for that job before it answers (:func:`infer_now`). On PostgreSQL the workers run it, as any other job: the web
-role loads no model. On SQLite, the one-process node, the request gets the job done itself when no worker was
-quicker: it claims it with the queue's conditional update (``pending`` -> ``running``, as a worker claims one),
-runs the node's inference handler on it, then completes or fails it through the queue as a worker would, so it
-also answers on a node started with ``workers.count: 0``. Either way the job runs once and the results are
-recorded as for any received image (the outputs job, the MLflow run follow in the background).
+for that job before it answers (:func:`infer_now`), as any client of the node's jobs: on PostgreSQL the
+workers run it. On SQLite, the one-process node, the request runs it itself through the worker pool when no
+worker was quicker (:meth:`dicom_node.workers.WorkerPool.run_now`: the queue's claim, the pool's handlers and
+outcomes), so it also answers on a node started with ``workers.count: 0``. Either way the job runs once and the
+results are recorded as for any received image (the outputs job, the MLflow run follow in the background).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Iterable, Sequence
 
 from fastapi import HTTPException, status
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import TaskName
 from dicom_node.ingest import INFERENCE_JOB
-from dicom_node.jobs import ClaimedJob, PermanentJobError
-from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
+from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState, as_utc
 from dicom_node.node import Node
+from dicom_node.workers import WorkerPool
 from inference.model_card import DEMO_DISCLAIMER
 from web.predict_schemas import BoneAgePrediction, ModelBrief, PatientPrediction, PredictionOut
 
@@ -33,8 +31,8 @@ _POLL_S = 0.05
 
 def infer_now(node: Node, instance_pk: int, timeout: float = INFERENCE_WAIT_S) -> None:
     """Return once the instance's inference job is done; raise the reason as an HTTP error otherwise."""
-    handler = None if node.distributed else node.handlers.get(INFERENCE_JOB)
-    if handler is None and not node.distributed:
+    runs_here = isinstance(node.workers, WorkerPool) and INFERENCE_JOB in node.workers.handlers
+    if not runs_here and not node.distributed:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "this node runs no models")
     deadline = time.monotonic() + timeout
     while True:
@@ -58,11 +56,8 @@ def infer_now(node: Node, instance_pk: int, timeout: float = INFERENCE_WAIT_S) -
                 f"inference failed and is retried later ({job.last_error}); its results will be listed under "
                 "/results/{patient_id}",
             )
-        if job.state == JobState.PENDING and handler is not None:
-            claimed = _claim(node, job)
-            if claimed is not None:
-                _run(node, handler, claimed)
-                continue
+        if job.state == JobState.PENDING and runs_here and node.workers.run_now(job.id):
+            continue
         if time.monotonic() > deadline:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -70,37 +65,6 @@ def infer_now(node: Node, instance_pk: int, timeout: float = INFERENCE_WAIT_S) -
                 "/results/{patient_id}",
             )
         time.sleep(_POLL_S)
-
-
-def _claim(node: Node, job: Job) -> ClaimedJob | None:
-    """Take the pending job as a worker does, unless a worker (or another request) took it since it was read."""
-    with node.sessions.begin() as session:
-        taken = session.execute(
-            update(Job)
-            .where(
-                Job.id == job.id,
-                Job.state == JobState.PENDING,
-                Job.generation == job.generation,
-                Job.attempts == job.attempts,
-            )
-            .values(state=JobState.RUNNING, attempts=Job.attempts + 1, updated_at=dt.datetime.now(dt.UTC))
-            .execution_options(synchronize_session=False)
-        ).rowcount
-    return ClaimedJob(job.id, job.kind, job.instance_pk, job.attempts + 1, job.generation) if taken else None
-
-
-def _run(node: Node, handler, claimed: ClaimedJob) -> None:
-    """Run the handler on the claimed job and finish it through the queue, as :class:`WorkerPool` does."""
-    try:
-        error = handler([claimed]).get(claimed.id)
-    except Exception as raised:
-        error = raised
-    if error is None:
-        node.queue.complete(claimed)
-    else:
-        permanent = isinstance(error, PermanentJobError)
-        node.queue.fail(claimed, str(error) if permanent else f"{type(error).__name__}: {error}", permanent)
-    node.wake_workers()  # the outputs job the results queued
 
 
 # --- results in the seeds' shape ----------------------------------------------------------------------------
@@ -187,7 +151,7 @@ def newest_first(instances: Iterable[Instance]) -> list[Instance]:
     with_results = [instance for instance in instances if instance.results]
     return sorted(
         with_results,
-        key=lambda instance: (max(_utc(result.created_at) for result in instance.results), instance.id),
+        key=lambda instance: (max(as_utc(result.created_at) for result in instance.results), instance.id),
         reverse=True,
     )
 
@@ -200,11 +164,6 @@ def _model_brief(result: InferenceResult) -> ModelBrief:
         demo=result.demo_model,
         disclaimer=DEMO_DISCLAIMER if result.demo_model else None,
     )
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands times back without their zone (UTC); PostgreSQL with it."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def _heatmap_url(result: InferenceResult) -> str:

@@ -12,14 +12,9 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from dicom_node.models import DeliveryState, JobState
+from dicom_node.models import DeliveryState, JobState, as_utc
 
-
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[dt.datetime, AfterValidator(as_utc)]
 
 T = TypeVar("T")
 
