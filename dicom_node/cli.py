@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: infer.hallux_valgus, infer.bone_age, infer.hallux_valgus+bone_age, infer.none, "
         "outputs, deliver, track (default: all that the models found allow); only their models are loaded",
     )
-    worker.add_argument("--concurrency", type=_positive, help="jobs at once (default: inference.batch_size)")
+    worker.add_argument(
+        "--concurrency", type=_positive, help="jobs at once (default: workers.count x inference.batch_size)"
+    )
     worker.set_defaults(run=_worker_command)
 
     resend = commands.add_parser("resend", help="queue failed deliveries again (a running node sends them)")
@@ -182,7 +184,7 @@ def _worker_command(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
-    return serve(settings, "worker", args.queues, args.concurrency or settings.inference.batch_size)
+    return serve(settings, "worker", args.queues, args.concurrency)
 
 
 def _resend_command(args: argparse.Namespace) -> int:

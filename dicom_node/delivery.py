@@ -173,13 +173,13 @@ class DeliveryQueue:
         with self.sessions.begin() as session:
             return session.execute(update(Delivery).where(*conditions).values(state=DeliveryState.PENDING)).rowcount
 
-    def schedule_waiting(self) -> None:
-        """On PostgreSQL: a ``deliver`` job for each destination with rows waiting, for when the first is due (a
-        catch-up: the jobs that would send them may have failed with the index away)."""
+    def schedule_waiting(self, configured: Collection[str]) -> None:
+        """On PostgreSQL: a ``deliver`` job for each of the ``configured`` destinations with rows waiting, for when
+        the first is due (a catch-up: the jobs that would send them may have failed with the index away)."""
         with self.sessions.begin() as session:
             waiting = session.execute(
                 select(Delivery.destination, func.min(Delivery.available_at))
-                .where(Delivery.state == DeliveryState.PENDING)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.destination.in_(configured))
                 .group_by(Delivery.destination)
             ).all()
             for destination, due in waiting:
@@ -244,6 +244,10 @@ class DeliverySender(PollingThread):
     def run_pass(self) -> bool:
         return self.run_once()
 
+    def schedule_waiting(self) -> None:
+        """The ``deliver`` jobs' catch-up on PostgreSQL (see :meth:`DeliveryQueue.schedule_waiting`)."""
+        self.queue.schedule_waiting(self.destinations)
+
     def send_to(self, destination: str) -> None:
         """The ``deliver`` job on PostgreSQL: send everything due to ``destination``, then schedule the next job
         for the rows that wait out a backoff. The engine runs one such job at a time per destination, so rows
@@ -253,9 +257,10 @@ class DeliverySender(PollingThread):
             return
         if self.queue.recover_interrupted(destination):
             log.info("deliveries to %s interrupted by a stopped worker are sent again", destination)
-        while (claimed := self.queue.claim([destination], self.settings.delivery.objects_per_association)) and claimed[
-            1
-        ]:
+        while True:
+            claimed = self.queue.claim([destination], self.settings.delivery.objects_per_association)
+            if claimed is None or not claimed[1]:
+                break
             self._send(self.destinations[destination], claimed[1])
         next_due = self.queue.next_due(destination)
         if next_due is not None:

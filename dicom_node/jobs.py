@@ -152,8 +152,9 @@ class JobQueue:
 
 
 def enqueue(session: Session, instance: Instance, kind: str, queue: str) -> None:
-    """One job of ``kind`` per instance: a new one, or the existing one queued again (the instance was replaced,
-    or its results are new). ``queue`` is where it waits on PostgreSQL (see :mod:`dicom_node.task_engine`)."""
+    """A job of ``kind`` for the instance, in ``session``'s transaction. On SQLite one per instance: a new one, or
+    the existing one queued again (the instance was replaced, or its results are new). On PostgreSQL a new job in
+    ``queue`` (see :mod:`dicom_node.task_engine`), which makes an older one of the instance stale."""
     if on_postgresql(session):
         session.flush()  # the instance's id
         task_engine.defer(session, kind, instance.id, queue)
@@ -173,9 +174,9 @@ def still_claimed(session: Session, job: ClaimedJob) -> bool:
     """Whether ``job`` is still the claim of the running job (not queued again since), for a handler that
     records results in its own transaction; the claim then holds until that transaction ends.
 
-    The check is a no-op UPDATE, not a SELECT ... FOR UPDATE: it takes the row's lock on PostgreSQL and, on
-    SQLite, where pysqlite begins a transaction only at its first write, the database's write lock, so that no
-    enqueue can slip in between the check and :func:`finish`."""
+    On SQLite the check is a no-op UPDATE, not a SELECT ... FOR UPDATE: where pysqlite begins a transaction only
+    at its first write, it takes the database's write lock, so that no enqueue can slip in between the check and
+    :func:`finish`. On PostgreSQL see :func:`dicom_node.task_engine.still_claimed`."""
     if on_postgresql(session):
         return task_engine.still_claimed(session, job)
     claimed = session.execute(

@@ -157,6 +157,9 @@ class Node:
                 settings.workers.poll_interval,
                 settings.inference.batch_size,
             )
+        unknown = sorted(set(self.queues) - set(all_queues()))
+        if unknown:
+            raise ConfigError(f"no such queue: {', '.join(unknown)} (the queues: {', '.join(all_queues())})")
         lacking = models_of_queues(self.queues) - set(self.models.loaded() if self.models is not None else ())
         if lacking:
             raise ConfigError(f"queues {', '.join(self.queues)} need the models of {', '.join(sorted(lacking))}")
@@ -172,8 +175,8 @@ class Node:
             stalled_check=settings.workers.heartbeat_interval,
         )
         tasks = [
-            EngineTask(DELIVER_TASK, self.sender.send_to, self.deliveries.schedule_waiting),
-            EngineTask(TRACK_TASK, self.tracker.track, self.tracker.schedule_waiting),
+            EngineTask(DELIVER_TASK, DELIVER_QUEUE, self.sender.send_to, self.sender.schedule_waiting),
+            EngineTask(TRACK_TASK, TRACK_QUEUE, self.tracker.track, self.tracker.schedule_waiting),
         ]
         return TaskWorker(settings.database.url, self.sessions, self.handlers, options, tasks)
 

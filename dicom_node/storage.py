@@ -6,21 +6,23 @@ neither leave the root nor collide with another patient's, and UIDs must have th
 gives them (digits and dots), which cannot name another directory.
 
 Files are written atomically: a temporary file under ``incoming/`` is written and fsynced, then renamed into
-place, and the directory entries are fsynced, so a file under ``patients/`` is always complete. Each process
-writes its temporary files in a directory of its own, ``incoming/<pid>.<token>.<host>``, so that processes that
-share the root (a cluster's roles, on a shared file system) can tell the leftovers of a dead one from the files
-another is writing.
+place, and the directory entries are fsynced, so a file under ``patients/`` is always complete.
+
+Each store writes its temporary files in a directory of its own, ``incoming/<host>.<pid>.<token>``, and holds an
+exclusive lock on ``incoming/<host>.<pid>.<token>.lock`` while it lives. Processes that share the root (a
+cluster's roles, on a shared file system) so tell the leftovers of a dead one, whose lock the system released,
+from the files another writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import secrets
 import socket
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -28,8 +30,7 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MAX_UID_LENGTH = 64
 _NOT_PORTABLE = re.compile(r"[^A-Za-z0-9]+")
 _READABLE_PREFIX_LENGTH = 32
-_HOST = socket.gethostname()
-_PROCESS_STARTED = time.time()
+_LOCK_SUFFIX = ".lock"
 
 
 class InvalidIdentifier(ValueError):
@@ -63,8 +64,11 @@ class InstanceStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.incoming = self.root / "incoming" / f"{os.getpid()}.{secrets.token_hex(4)}.{_HOST}"
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / "incoming" / f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self.incoming.mkdir(parents=True)
+        # held, and so locked, while the store lives; the system releases it when the process ends
+        self._lock = open(self.incoming.with_name(self.incoming.name + _LOCK_SUFFIX), "wb")  # noqa: SIM115
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     @staticmethod
     def relative_path(patient_id: str, study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
@@ -129,41 +133,40 @@ class InstanceStore:
         path.unlink(missing_ok=True)
 
     def sweep_incoming(self) -> int:
-        """At start: remove the temporary files of interrupted writes (none of them was acknowledged), those of the
-        processes of this host that are gone, and any a node of an older layout left directly under ``incoming/``.
-        Returns how many."""
+        """At start: remove the temporary files of interrupted writes (none of them was acknowledged): those of the
+        stores whose lock nobody holds (their processes are gone, on any host), and any that a node of an older
+        layout left directly under ``incoming/``. Returns how many."""
         removed = 0
         for entry in self.incoming.parent.iterdir():
             if entry.is_file() and entry.suffix == ".part":
                 entry.unlink(missing_ok=True)
                 removed += 1
-            elif entry.is_dir() and entry != self.incoming and _abandoned(entry):
-                for leftover in entry.glob("*.part"):
-                    leftover.unlink(missing_ok=True)
-                    removed += 1
-                try:
-                    entry.rmdir()
-                except OSError:  # not empty: not only ours
-                    pass
+            elif entry.is_file() and entry.suffix == _LOCK_SUFFIX:
+                removed += _remove_if_abandoned(entry)
         return removed
 
 
-def _abandoned(directory: Path) -> bool:
-    """Whether the temporary directory of a process is left over: a process of this host that is gone, or of an
-    earlier process with this one's number (a restarted container's first process), untouched since it started."""
-    parts = directory.name.split(".", 2)  # <pid>.<token>.<host>, and a host name may hold dots
-    if len(parts) != 3 or parts[2] != _HOST or not parts[0].isdigit():
-        return False
-    pid = int(parts[0])
-    if pid == os.getpid():
-        return directory.stat().st_mtime < _PROCESS_STARTED
+def _remove_if_abandoned(lock_file: Path) -> int:
+    """Remove the temporary directory of a store whose lock nobody holds, and the lock; the files it held."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+        lock = open(lock_file, "rb")  # noqa: SIM115
+    except FileNotFoundError:  # removed by another sweep meanwhile
+        return 0
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its store is alive
+            return 0
+        directory = lock_file.with_suffix("")
+        leftovers = list(directory.glob("*.part"))
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        lock_file.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def _make_directories_durably(directory: Path, stop_at: Path) -> None:

@@ -47,9 +47,20 @@ _NEWEST_JOB = text(
     "SELECT max(id) FROM procrastinate_jobs WHERE task_name = :kind AND (args->>'instance_pk')::bigint = :instance_pk"
 )
 
+# Locks the waiting job till the caller commits (a worker's fetch skips locked rows, so it cannot start before
+# the rows it is to handle exist) and brings it forward to :at if it was scheduled later.
 _BRING_FORWARD = text(
-    "UPDATE procrastinate_jobs SET scheduled_at = CAST(:at AS timestamptz) WHERE queueing_lock = :queueing_lock "
-    "AND status = 'todo' AND scheduled_at IS NOT NULL AND (CAST(:at AS timestamptz) IS NULL OR scheduled_at > :at)"
+    "UPDATE procrastinate_jobs SET scheduled_at = CASE "
+    "WHEN scheduled_at IS NULL OR CAST(:at AS timestamptz) IS NULL THEN NULL "
+    "ELSE LEAST(scheduled_at, CAST(:at AS timestamptz)) END "
+    "WHERE queueing_lock = :queueing_lock AND status = 'todo'"
+)
+# The rescue of a job whose worker died: only while it is still that worker's (another keeper may have been
+# quicker, and a live worker may hold it now).
+_RESCUE = text(
+    "UPDATE procrastinate_jobs SET status = CAST(:status AS procrastinate_job_status), attempts = attempts + 1, "
+    "scheduled_at = NULL, worker_id = NULL "
+    "WHERE id = :id AND status = 'doing' AND worker_id IS NOT DISTINCT FROM :worker_id"
 )
 WAITING_BY_QUEUE = text(
     "SELECT j.queue_name, count(*), min(e.at) FROM procrastinate_jobs AS j "
@@ -108,13 +119,26 @@ def defer_unique(
     options: dict = {"queue": queue, "queueing_lock": queueing_lock, "lock": lock, "connection": connection}
     if schedule_at is not None:
         options["schedule_at"] = schedule_at
-    session.execute(text("SAVEPOINT defer_unique"))  # a refused insert rolls back to it, not the whole transaction
-    try:
-        _deferrer.configure_task(name=task, **options).defer(**arguments)
-    except AlreadyEnqueued:
-        session.execute(text("ROLLBACK TO SAVEPOINT defer_unique"))
-        session.execute(_BRING_FORWARD, {"queueing_lock": queueing_lock, "at": schedule_at})
-    session.execute(text("RELEASE SAVEPOINT defer_unique"))
+    for _ in range(2):  # a waiting job that a worker takes in between: defer again
+        session.execute(text("SAVEPOINT defer_unique"))  # a refused insert rolls back to it, not the transaction
+        try:
+            _deferrer.configure_task(name=task, **options).defer(**arguments)
+        except AlreadyEnqueued:
+            session.execute(text("ROLLBACK TO SAVEPOINT defer_unique"))
+            waiting = session.execute(_BRING_FORWARD, {"queueing_lock": queueing_lock, "at": schedule_at}).rowcount
+            session.execute(text("RELEASE SAVEPOINT defer_unique"))
+            if not waiting:
+                continue
+        else:
+            session.execute(text("RELEASE SAVEPOINT defer_unique"))
+        return
+
+
+def rescue(session: Session, job_id: int, worker_id: int | None, give_up: bool) -> bool:
+    """Put back in its queue a job that the dead worker ``worker_id`` held, its attempt counted, or fail it when
+    ``give_up``; False when it is no longer that worker's (rescued by another worker meanwhile)."""
+    status = "failed" if give_up else "todo"
+    return bool(session.execute(_RESCUE, {"id": job_id, "worker_id": worker_id, "status": status}).rowcount)
 
 
 def still_claimed(session: Session, job: ClaimedJob) -> bool:
@@ -133,19 +157,19 @@ def is_finished(session: Session, job: ClaimedJob) -> bool:
 
 def finish(session: Session, job: ClaimedJob, note: str) -> None:
     """Mark ``job`` finished with what it did, in the transaction that records its effects."""
-    _record(session, job, finished=True, note=note, last_error=None)
+    _record(session, job.id, finished=True, note=note, last_error=None)
 
 
 def record_note(session: Session, job: ClaimedJob, note: str) -> None:
-    _record(session, job, note=note)
+    _record(session, job.id, note=note)
 
 
-def record_error(session: Session, job: ClaimedJob, error: str) -> None:
-    _record(session, job, last_error=error[:_MAX_ERROR_LENGTH])
+def record_error(session: Session, job_id: int, error: str) -> None:
+    _record(session, job_id, last_error=error[:_MAX_ERROR_LENGTH])
 
 
-def _record(session: Session, job: ClaimedJob, **values: object) -> None:
-    statement = insert(job_outcomes).values(job_id=job.id, **values)
+def _record(session: Session, job_id: int, **values: object) -> None:
+    statement = insert(job_outcomes).values(job_id=job_id, **values)
     session.execute(statement.on_conflict_do_update(index_elements=[job_outcomes.c.job_id], set_=values))
 
 

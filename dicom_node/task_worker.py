@@ -21,15 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision
-from procrastinate.exceptions import UniqueViolation
 from procrastinate.jobs import Job as EngineJob
-from procrastinate.jobs import Status
 from procrastinate.worker import Worker
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import task_engine
-from dicom_node.jobs import ClaimedJob, PermanentJobError
+from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError
 from dicom_node.workers import JobHandler
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class NodeRetry(BaseRetryStrategy):
         self.backoff = backoff
 
     def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> RetryDecision | None:
-        attempt = job.attempts + 1  # Procrastinate counts the retries before this attempt
+        attempt = job.attempts + 1  # Procrastinate counts the attempts that ended before this one
         if getattr(exception, "permanent", False) or attempt >= self.max_attempts:
             return None
         return RetryDecision(retry_in={"seconds": self.backoff * 2 ** (attempt - 1)})
@@ -75,14 +74,16 @@ class NodeRetry(BaseRetryStrategy):
 @dataclass
 class _Waiting:
     job: ClaimedJob
-    done: threading.Event = field(default_factory=threading.Event)
+    woken: threading.Event = field(default_factory=threading.Event)  # its batch ran, or it leads the next
+    leads: bool = False
+    done: bool = False
     error: Exception | None = None
 
 
 class Batch:
-    """Gathers the jobs of one handler that arrive together into one call. The first job to arrive waits up to
-    ``window`` seconds for ``size`` jobs, runs the handler on what came, and hands each job its outcome; jobs
-    arriving meanwhile gather for the next call."""
+    """Gathers the jobs of one handler that arrive together into one call. The first job to arrive leads: it waits
+    up to ``window`` seconds for ``size`` jobs, runs the handler on the first ``size`` that came, and hands each
+    its outcome; the first of those left over, or of those arriving meanwhile, leads the next call."""
 
     def __init__(self, handler: JobHandler, size: int, window: float = BATCH_WINDOW_S) -> None:
         self.handler = handler
@@ -97,16 +98,24 @@ class Batch:
         waiting = _Waiting(job)
         with self._lock:
             self._gathering.append(waiting)
-            first = len(self._gathering) == 1
+            waiting.leads = len(self._gathering) == 1
             if len(self._gathering) >= self.size:
                 self._full.set()
-        if first:
-            self._full.wait(self.window)
-            with self._lock:
-                batch, self._gathering = self._gathering, []
-                self._full.clear()
-            self._run(batch)
-        waiting.done.wait()
+        while not waiting.leads:
+            waiting.woken.wait()
+            waiting.woken.clear()
+            if waiting.done:
+                return waiting.error
+        self._full.wait(self.window)
+        with self._lock:
+            batch, self._gathering = self._gathering[: self.size], self._gathering[self.size :]
+            self._full.clear()
+            if self._gathering:
+                self._gathering[0].leads = True
+                self._gathering[0].woken.set()
+                if len(self._gathering) >= self.size:
+                    self._full.set()
+        self._run(batch)
         return waiting.error
 
     def _run(self, batch: list[_Waiting]) -> None:
@@ -119,18 +128,20 @@ class Batch:
                 waiting.error = failures.get(waiting.job.id)
         finally:
             for waiting in batch:
-                waiting.done.set()
+                waiting.done = True
+                waiting.woken.set()
 
 
 @dataclass(frozen=True)
 class EngineTask:
-    """A task that is not a job handler of an instance (sending to a destination, logging to MLflow):
-    ``function`` takes the job's arguments. Such a task is not retried by the engine: it records its failures
-    where they belong (a delivery's row, a run's) and defers its own next job; ``catch_up``, which every worker
-    calls every ``stalled_check`` seconds, defers one where work waits and no job would do it (the one that
-    would have failed with the index away)."""
+    """A task that is not a job handler of an instance (sending to a destination, logging to MLflow), whose jobs
+    wait in ``queue``: ``function`` takes the job's arguments. Such a task is not retried by the engine: it
+    records its failures where they belong (a delivery's row, a run's) and defers its own next job;
+    ``catch_up``, which the workers of its queue call every ``stalled_check`` seconds, defers one where work
+    waits and no job would do it (the one that would have failed with the index away)."""
 
     name: str
+    queue: str
     function: Callable[..., None]
     catch_up: Callable[[], None]
 
@@ -171,7 +182,7 @@ class TaskWorker:
             self.app.task(name=kind, pass_context=True, retry=retry)(self._task(kind, batch))
         for task in tasks:
             self.app.task(name=task.name)(_reporting_only_the_type(task.function))
-        self.tasks = list(tasks)
+        self.tasks = [task for task in tasks if task.queue in options.queues]
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: Worker | None = None
@@ -179,18 +190,20 @@ class TaskWorker:
         self._stopping = False
 
     def start(self) -> None:
+        assert self._thread is None, "a task worker starts once"
         self._stopping = False
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="task-worker", daemon=True)
         self._thread.start()
         self._started.wait(30)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Let the jobs in hand finish (up to ``timeout`` seconds), then stop; a second call does nothing."""
+        if self._thread is None:
+            return
         self._stopping = True
-        if self._loop is not None:
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop_worker)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._thread.join(timeout)
 
     def _stop_worker(self) -> None:
         if self._worker is not None:
@@ -200,23 +213,38 @@ class TaskWorker:
         def run(context: JobContext, instance_pk: int) -> None:
             assert context.job.id is not None
             job = ClaimedJob(context.job.id, kind, instance_pk, context.job.attempts + 1)
-            with self.sessions() as session:
-                if task_engine.is_finished(session, job):  # its effects committed; its worker died after
-                    return
+            try:
+                with self.sessions() as session:
+                    if task_engine.is_finished(session, job):  # its effects committed; its worker died after
+                        return
+            except Exception as error:
+                raise AttemptFailed(error) from None
             error = batch.run(job)
             if error is None:
+                return
+            if isinstance(error, JobMustWait):
+                self._move_to_a_worker_with_every_model(job, error)
                 return
             permanent = isinstance(error, PermanentJobError)
             try:
                 with self.sessions.begin() as session:
                     reason = str(error) if permanent else f"{type(error).__name__}: {error}"
-                    task_engine.record_error(session, job, reason)
+                    task_engine.record_error(session, job.id, reason)
             except Exception as unrecorded:  # the index away: the attempt still counts, without its reason
                 log.error("job %d: the error of its attempt was not recorded (%s)", job.id, type(unrecorded).__name__)
             raise AttemptFailed(error)
 
         run.__name__ = f"run_{kind}"
         return run
+
+    def _move_to_a_worker_with_every_model(self, job: ClaimedJob, reason: JobMustWait) -> None:
+        """An image this worker lacks a model for (the ingest node routed it with other settings): a new job in
+        the queue of every model takes its place, uncounted, and this one ends with why."""
+        queue = task_engine.inference_queue(task_engine.TASKS)
+        with self.sessions.begin() as session:
+            task_engine.record_note(session, job, f"{reason}; moved to {queue}")
+            task_engine.defer(session, job.kind, job.instance_pk, queue)
+        log.warning("job %d (%s) moved to %s: this worker lacks a model it needs", job.id, job.kind, queue)
 
     async def _serve(self) -> None:
         """Run the worker until :meth:`stop`; a worker that stops on its own (its database connection lost) is
@@ -268,8 +296,8 @@ class TaskWorker:
                 stalled = []
             for job in stalled:
                 try:
-                    await self._rescue(job)
-                except Exception as error:  # another worker rescued it first: nothing to do
+                    await asyncio.to_thread(self._rescue, job)
+                except Exception as error:  # the database is away: next time
                     log.debug("job %s not rescued now (%s)", job.id, type(error).__name__)
             for task in self.tasks:
                 try:
@@ -277,19 +305,24 @@ class TaskWorker:
                 except Exception as error:
                     log.debug("%s did not catch up now (%s)", task.name, type(error).__name__)
 
-    async def _rescue(self, job: EngineJob) -> None:
+    def _rescue(self, job: EngineJob) -> None:
         """Put a job of a worker that stopped sending heartbeats back in its queue, its attempt counted; one that
         has used all its attempts (it may be what killed the worker) fails, and so does one whose work a job
-        waiting with the same queueing lock does."""
-        manager = self.app.job_manager
-        if job.attempts + 1 >= self.options.max_attempts:
-            await manager.finish_job(job, Status.FAILED, delete_job=False)
-            log.warning("job %s (%s) failed: its worker died on every attempt", job.id, job.task_name)
-            return
+        waiting with the same queueing lock does. Nothing happens to a job another worker rescued first."""
+        assert job.id is not None
+        give_up = job.attempts + 1 >= self.options.max_attempts
         try:
-            await manager.retry_job(job)
-        except UniqueViolation:
-            await manager.finish_job(job, Status.FAILED, delete_job=False)
-            log.info("job %s (%s): its worker died; a job waiting does its work", job.id, job.task_name)
+            with self.sessions.begin() as session:
+                rescued = task_engine.rescue(session, job.id, job.worker_id, give_up)
+                if rescued and give_up:
+                    task_engine.record_error(session, job.id, "its worker died on every attempt")
+        except IntegrityError:  # the queueing lock: a job waits that does the same work
+            with self.sessions.begin() as session:
+                rescued = task_engine.rescue(session, job.id, job.worker_id, give_up=True)
+            if rescued:
+                log.info("job %s (%s): its worker died; a job waiting does its work", job.id, job.task_name)
             return
-        log.warning("job %s (%s): its worker died; queued again", job.id, job.task_name)
+        if rescued and give_up:
+            log.warning("job %s (%s) failed: its worker died on every attempt", job.id, job.task_name)
+        elif rescued:
+            log.warning("job %s (%s): its worker died; queued again", job.id, job.task_name)

@@ -296,7 +296,12 @@ class Output(NamedTuple):
     sop_class_uid: str
 
 
-def check_the_index(database_url: str, storage: Path, images: Sequence[Dataset]) -> list[Output]:
+def check_the_index(
+    database_url: str,
+    storage: Path,
+    images: Sequence[Dataset],
+    destinations_by_class: dict[str, tuple[str, ...]] = DESTINATIONS_BY_CLASS,
+) -> list[Output]:
     """Each image stored, readable and indexed, with one job of each kind, one set of results and one set of
     outputs, each output with one sent delivery per destination. Returns the outputs."""
     outputs: list[Output] = []
@@ -317,7 +322,7 @@ def check_the_index(database_url: str, storage: Path, images: Sequence[Dataset])
                 deliveries = session.execute(
                     select(Delivery.destination, Delivery.state).where(Delivery.instance_pk == output.id)
                 ).all()
-                destinations = DESTINATIONS_BY_CLASS[output.sop_class_uid]
+                destinations = destinations_by_class[output.sop_class_uid]
                 assert sorted(deliveries) == [(name, DeliveryState.SENT) for name in destinations]
                 outputs.append(Output(output.sop_instance_uid, output.series.series_instance_uid, output.sop_class_uid))
     return outputs

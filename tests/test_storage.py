@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -72,29 +72,29 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
 
 
 def test_sweep_removes_what_interrupted_writes_left_and_nothing_another_process_is_writing(tmp_path: Path) -> None:
-    """Processes that share the storage root (a cluster's roles) each write under a directory of their own."""
-    store = InstanceStore(tmp_path)
-    dead_pid = _exited_process_id()
-    incoming = tmp_path / "incoming"
-    dead = incoming / f"{dead_pid}.0a0b0c0d.{socket.gethostname()}"
-    elsewhere = incoming / f"{dead_pid}.0a0b0c0d.another-host"
-    for directory in (dead, elsewhere):
-        directory.mkdir()
-        (directory / "tmp1.part").write_bytes(b"half")
+    """Processes that share the storage root (a cluster's roles) each write under a directory of their own, locked
+    while they live."""
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from dicom_node.storage import InstanceStore; s = InstanceStore({str(tmp_path)!r}); "
+            "(s.incoming / 'tmp1.part').write_bytes(b'half')",
+        ],
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert dead.returncode == 0
+    [left] = [path for path in (tmp_path / "incoming").iterdir() if path.is_dir()]
     living = InstanceStore(tmp_path)
     (living.incoming / "tmp2.part").write_bytes(b"being written")
-    (incoming / "tmp3.part").write_bytes(b"left by a node of the older layout")
+    (tmp_path / "incoming" / "tmp3.part").write_bytes(b"left by a node of the older layout")
 
+    store = InstanceStore(tmp_path)
     assert store.sweep_incoming() == 2
-    assert not dead.exists() and not (incoming / "tmp3.part").exists()
-    assert (elsewhere / "tmp1.part").exists(), "another host's process may be alive: its own start sweeps it"
-    assert (living.incoming / "tmp2.part").exists()
-
-
-def _exited_process_id() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
+    assert not left.exists() and not left.with_name(left.name + ".lock").exists()
+    assert not (tmp_path / "incoming" / "tmp3.part").exists()
+    assert (living.incoming / "tmp2.part").exists(), "a store alive, in this process or another, keeps its files"
 
 
 def test_absolute_refuses_paths_outside_the_root(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from procrastinate.jobs import Job as EngineJob
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
 
-from dicom_node.config import Settings
+from dicom_node.config import RoutingRule, Settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.delivery import schedule_sending
 from dicom_node.inference_jobs import InferenceModels
@@ -165,6 +165,28 @@ def test_jobs_that_arrive_together_run_as_one_batch_and_each_gets_its_own_outcom
     assert time.monotonic() - started < 5
     assert [sorted(call) for call in calls] == [[1, 2, 3]]
     assert outcomes[1] is None and outcomes[3] is None and str(outcomes[2]) == "image 2 is unreadable"
+
+
+def test_a_batch_takes_no_more_than_its_size_and_those_left_over_run_next() -> None:
+    calls: list[list[int]] = []
+    release = threading.Event()
+
+    def handler(jobs: list[ClaimedJob]) -> dict[int, Exception]:
+        calls.append([job.id for job in jobs])
+        release.wait(5)  # the first batch runs while the others arrive
+        return {}
+
+    batch = Batch(handler, size=2, window=0.5)
+    threads = [threading.Thread(target=batch.run, args=(ClaimedJob(n, "inference", n, 1),)) for n in range(1, 6)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert all(not thread.is_alive() for thread in threads)
+    assert sorted(job for call in calls for job in call) == [1, 2, 3, 4, 5], "each job ran once"
+    assert all(len(call) <= 2 for call in calls) and len(calls) == 3
 
 
 def test_a_batch_that_raises_fails_each_of_its_jobs() -> None:
@@ -352,3 +374,25 @@ def test_predict_on_the_web_role_defers_its_job_and_a_worker_runs_it(
         assert engine_jobs(cluster_settings.database.url)[0][1:3] == ("infer.hallux_valgus", "succeeded")
     finally:
         web.stop()
+
+
+def test_an_image_routed_elsewhere_by_the_worker_moves_to_the_queue_of_every_model(
+    cluster_settings: Settings, ingest_node: Node, tmp_path: Path, onnx_graphs: Path
+) -> None:
+    """The ingest node and the worker route with different settings: the worker lacks the model it needs, so the
+    job moves, uncounted, to where a worker with every model takes it."""
+    foot = receive(ingest_node, tmp_path, "FOOT", 1)
+    misrouting = cluster_settings.model_copy(deep=True)
+    misrouting.inference.bone_age_card = tmp_path / "absent" / "bone-age.yaml"
+    misrouting.inference.on_missing_model = "degraded"
+    misrouting.inference.rules = [RoutingRule(pattern="FOOT", tasks=["bone_age"])]
+    with worker(misrouting, onnx_graphs):
+        wait_for(lambda: len(engine_jobs(cluster_settings.database.url)) == 2)
+    first, moved = engine_jobs(cluster_settings.database.url)
+    assert first[1:3] == ("infer.hallux_valgus", "succeeded") and moved[1:4] == (
+        "infer.hallux_valgus+bone_age",
+        "todo",
+        0,
+    )
+    state, attempts = job_states(ingest_node)[foot]
+    assert (state, attempts) == (JobState.PENDING, 0), "the newest job of the image waits, nothing counted"

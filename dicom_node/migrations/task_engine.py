@@ -49,8 +49,8 @@ SELECT DISTINCT ON (j.task_name, {INSTANCE_OF_JOB})
         WHEN j.status = 'succeeded' THEN 'done'
         ELSE 'failed'
     END)::varchar(16) AS state,
-    -- Procrastinate counts the retries; the node the attempts begun
-    j.attempts + (CASE WHEN j.status = 'todo' THEN 0 ELSE 1 END) AS attempts,
+    -- Procrastinate counts the attempts that ended; the node the attempts begun
+    j.attempts + (CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END) AS attempts,
     0 AS generation,
     o.last_error AS last_error,
     o.note AS note,

@@ -63,20 +63,18 @@ def _move_jobs_into_the_engine() -> None:
     ).all()
     for row in rows:
         status = _STATUS[row.state]
-        # Procrastinate counts retries: a job waiting again has made ``attempts`` attempts, a finished one one more
-        retries = row.attempts if status == "todo" else max(row.attempts - 1, 0)
         job_id = bind.execute(
             text(
                 "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, attempts, scheduled_at) "
                 "VALUES (:queue, :kind, jsonb_build_object('instance_pk', CAST(:instance_pk AS bigint)), "
-                "CAST(:status AS procrastinate_job_status), :retries, :scheduled_at) RETURNING id"
+                "CAST(:status AS procrastinate_job_status), :attempts, :scheduled_at) RETURNING id"
             ),
             {
                 "queue": _QUEUES[row.kind],
                 "kind": row.kind,
                 "instance_pk": row.instance_pk,
                 "status": status,
-                "retries": retries,
+                "attempts": row.attempts,  # Procrastinate's count of the attempts that ended
                 "scheduled_at": row.available_at if status == "todo" else None,
             },
         ).scalar_one()
