@@ -48,6 +48,7 @@ bench: install-test system-packages
 	$(PYTHON) benchmarks/inference.py
 	$(PYTHON) benchmarks/roundtrip.py
 	$(PYTHON) benchmarks/scale.py
+	$(PYTHON) benchmarks/pipeline.py
 
 # The demo weights in models/, reproducibly: phantom training sets, both models, then the evaluation on a
 # held-out set whose seeds are disjoint from the training seeds. The foot model looks at 192 pixels with a
