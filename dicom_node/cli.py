@@ -357,6 +357,8 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
     # Alembic's INFO lines describe its context at every run; the node logs each schema change in one line.
     logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # highdicom's INFO lines name every module it copies into every object the node writes.
+    logging.getLogger("highdicom").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
 def serve(

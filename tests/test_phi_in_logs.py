@@ -67,5 +67,6 @@ def test_the_served_pipeline_logs_no_patient_data_at_info(tmp_path: Path) -> Non
     assert returncode == 0, output
 
     assert "stored" in output and "sent to pacs" in output, "the log does describe what happened:\n" + output
+    assert "highdicom" not in output, "highdicom's lines (one per module copied, per object) are for DEBUG"
     for secret in (PATIENT_ID, FAMILY_NAME, GIVEN_NAME, BIRTH_DATE, ACCESSION):
         assert secret not in output, f"{secret} in the log:\n{output}"
