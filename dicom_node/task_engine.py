@@ -8,7 +8,7 @@ its last attempt failed, and whether its effects were committed (:mod:`dicom_nod
 Queues: an inference job waits in the queue of the models its image is routed to (``infer.bone_age``,
 ``infer.hallux_valgus``, ``infer.hallux_valgus+bone_age``, or ``infer.none`` when no model reads it), so that
 a worker takes only jobs it has the models for; outputs jobs wait in ``outputs``; ``deliver`` holds one job per
-destination with objects due (:mod:`dicom_node.delivery`), ``track`` one per instance whose run MLflow lacks
+destination with objects due (:mod:`dicom_node.delivery`), ``track`` the one job that logs the runs MLflow lacks
 (:mod:`dicom_node.tracking`).
 
 Exactly-once effects: a job's handler records its effects and :func:`finish` in one transaction that first
