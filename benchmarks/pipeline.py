@@ -10,7 +10,9 @@ exported before, untimed, as after a node's first start. From t0, just before th
 - the model-bound limit, measured in this run: the networks alone on the same images, each image on the model
   it is routed to, in batches of ``inference.batch_size``, their inputs prepared beforehand (untimed);
 - where the inference jobs' time went, from the node's own timings (reading and decoding, each model, writing
-  the heatmaps and recording), and the node's peak RSS.
+  the heatmaps and recording), and the node's peak RSS;
+- then, once the node is idle again, ``POST /predict`` back to back: ``--uploads`` other phantoms as the DICOM
+  files they are, and the same as 512-pixel PNG pictures, as the seeds' clients send them; latency p50 / p95.
 
 This is a benchmark, not a test: it exits 0 and prints PASS or MISS for each target.
 
@@ -20,8 +22,10 @@ This is a benchmark, not a test: it exits 0 and prints PASS or MISS for each tar
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +33,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pydicom
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before benchmarks/, whose inference.py would shadow the package; tests importable
@@ -47,6 +54,8 @@ from tests.serve_process import DEMO_CARDS, ServeProcess, with_onnx_graphs  # no
 TARGETS = {
     "end to end, images/s": (">=", 10.0),
     "end to end / model-bound limit": (">=", 0.60),
+    "POST /predict DICOM p95, ms": ("<=", 200.0),
+    "POST /predict 512 px PNG p95, ms": ("<=", 120.0),
     "peak RSS of the node, MB": ("<=", 1536.0),
 }
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR, the node's structured report
@@ -100,9 +109,42 @@ def inference_stages(database: Path) -> dict[str, float]:
     return {stage: total / len(rows) for stage, total in totals.items()}
 
 
-def run(work: Path, count: int) -> dict[str, float]:
+def png_picture(path: Path, side: int = 512) -> bytes:
+    """The radiograph of the DICOM file at ``path`` as a PNG of at most ``side`` pixels, as a photo of it."""
+    picture = Image.fromarray(np.rint(radiograph_pixels(pydicom.dcmread(path)) * 255).astype(np.uint8))
+    picture.thumbnail((side, side))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def predict_latencies(port: int, uploads: list[tuple[str, bytes]]) -> list[float]:
+    """Milliseconds of each ``POST /predict`` of ``uploads`` (file name, content), one after the other."""
+    latencies = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        for name, content in uploads:
+            started = time.perf_counter()
+            response = client.post("/predict", files={"image": (name, content)})
+            latencies.append((time.perf_counter() - started) * 1000)
+            response.raise_for_status()
+    return latencies
+
+
+def wait_until_idle(node: ServeProcess, timeout: float = 300) -> None:
+    """Until no job waits or runs (the outputs of what came before are written)."""
+    deadline = time.monotonic() + timeout
+    while {"pending", "running"} & set(node.health()[1]["jobs"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the node did not become idle")
+        time.sleep(0.2)
+
+
+def run(work: Path, count: int, uploads: int) -> dict[str, float]:
     generate_phantoms(work / "phantoms", count, seed=6000, task="both", workers=2)
     files = sorted((work / "phantoms").glob("*.dcm"))
+    generate_phantoms(work / "uploads", uploads, seed=7000, task="both", workers=2)
+    dicom_uploads = [(path.name, path.read_bytes()) for path in sorted((work / "uploads").glob("*.dcm"))]
+    png_uploads = [(f"{path.stem}.png", png_picture(path)) for path in sorted((work / "uploads").glob("*.dcm"))]
     graphs = work / "onnx"
     limit = model_bound_limit(files, graphs)
     with orthanc(work / "orthanc") as pacs:
@@ -136,6 +178,11 @@ def run(work: Path, count: int) -> dict[str, float]:
                     raise TimeoutError(f"after 900 s: {outputs} outputs written, {reports} reports acknowledged")
                 time.sleep(0.05)
             stages = inference_stages(database)
+            wait_until_idle(node)
+            predict_latencies(node.web_port, dicom_uploads[:1])  # warm-up
+            dicom_ms = predict_latencies(node.web_port, dicom_uploads[1:])
+            wait_until_idle(node)
+            png_ms = predict_latencies(node.web_port, png_uploads[1:])
             rss = node.peak_rss_bytes() / 2**20
         finally:
             node.stop()
@@ -149,11 +196,22 @@ def run(work: Path, count: int) -> dict[str, float]:
         "   inference job stages, ms per image (the node's timings): "
         + ", ".join(f"{stage} {milliseconds:.1f}" for stage, milliseconds in sorted(stages.items()))
     )
+    size = statistics.mean(len(content) for _, content in dicom_uploads) / 2**20
+    print(
+        f"   POST /predict back to back, p50 / p95 / max ms: {len(dicom_ms)} DICOM files ({size:.1f} MB) "
+        + " / ".join(f"{value:.0f}" for value in (*np.quantile(dicom_ms, [0.5, 0.95]), max(dicom_ms)))
+    )
+    print(
+        f"   POST /predict back to back, p50 / p95 / max ms: {len(png_ms)} 512 px PNGs "
+        + " / ".join(f"{value:.0f}" for value in (*np.quantile(png_ms, [0.5, 0.95]), max(png_ms)))
+    )
     print(f"   peak RSS of the node                        {rss:8.0f} MB")
     end_to_end = count / reported_at
     return {
         "end to end, images/s": end_to_end,
         "end to end / model-bound limit": end_to_end / limit,
+        "POST /predict DICOM p95, ms": float(np.quantile(dicom_ms, 0.95)),
+        "POST /predict 512 px PNG p95, ms": float(np.quantile(png_ms, 0.95)),
         "peak RSS of the node, MB": rss,
     }
 
@@ -161,9 +219,10 @@ def run(work: Path, count: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100, help="phantom X-rays pushed")
+    parser.add_argument("--uploads", type=int, default=41, help="uploads to POST /predict of each kind (one warms up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as temporary:
-        measured = run(Path(temporary), args.count)
+        measured = run(Path(temporary), args.count, args.uploads)
     for name, value in measured.items():
         comparison, target = TARGETS[name]
         met = value >= target if comparison == ">=" else value <= target
