@@ -40,6 +40,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.verdicts import print_verdicts  # noqa: E402
+
 TARGETS = {
     "throughput ratio (b)/(a)": (">=", 5.0),
     "model compute / matmul peak": (">=", 0.70),
@@ -272,10 +274,7 @@ def main() -> int:
         "latency p95 (b), ms": ms(node["latencies"], 0.95),
         "peak RSS (b), MB": node["peak_rss_mb"],
     }
-    for name, value in measured.items():
-        comparison, target = TARGETS[name]
-        met = {">=": value >= target, "<": value < target, "<=": value <= target}[comparison]
-        print(f"{name:32} {value:10.2f}   target {comparison} {target:g}   {'PASS' if met else 'MISS'}")
+    print_verdicts(measured, TARGETS)
     return 0
 
 

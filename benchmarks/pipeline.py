@@ -41,6 +41,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before benchmarks/, whose inference.py would shadow the package; tests importable
 
+from benchmarks.verdicts import print_verdicts  # noqa: E402
 from dicom_node.config import InferenceSettings  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
 from dicom_node.phantoms import generate_phantoms  # noqa: E402
@@ -223,10 +224,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as temporary:
         measured = run(Path(temporary), args.count, args.uploads)
-    for name, value in measured.items():
-        comparison, target = TARGETS[name]
-        met = value >= target if comparison == ">=" else value <= target
-        print(f"{name:36} {value:10.2f}   target {comparison} {target:g}   {'PASS' if met else 'MISS'}")
+    print_verdicts(measured, TARGETS)
     return 0
 
 

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 # otherwise shadow the inference package; and tests.orthanc, the end-to-end tests' PACS, importable.
 sys.path.insert(0, str(REPO))
 
+from benchmarks.verdicts import print_verdicts  # noqa: E402
 from dicom_node.config import InferenceSettings, Settings  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
 from dicom_node.models import Delivery, InferenceResult, Instance  # noqa: E402
@@ -202,10 +203,7 @@ def main() -> int:
         print(f"  {plural:6}" + "".join(f"{seconds:11.2f}" for seconds in medians))
 
     measured = {"latency p95, s": float(np.quantile(latencies, 0.95))}
-    for name, value in measured.items():
-        comparison, target = TARGETS[name]
-        met = value <= target if comparison == "<=" else value >= target
-        print(f"{name:32} {value:10.2f}   target {comparison} {target:g}   {'PASS' if met else 'MISS'}")
+    print_verdicts(measured, TARGETS)
     return 0
 
 

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before benchmarks/, whose inference.py would shadow the package; tests importable
 
 from benchmarks.roundtrip import Study, node_settings, report_in, start_node, upload  # noqa: E402
+from benchmarks.verdicts import print_verdicts  # noqa: E402
 from dicom_node.config import InferenceSettings, Settings  # noqa: E402
 from dicom_node.database import open_index, session_factory  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
@@ -99,13 +100,9 @@ def dispatch_in_process(work: Path, jobs: int, threads: int) -> float:
         pks = session.scalars(select(Instance.id)).all()
         session.execute(insert(Job), [{"instance_pk": pk, "kind": INFERENCE_JOB} for pk in pks])
     pool = WorkerPool(JobQueue(sessions, 3, 1.0), {INFERENCE_JOB: nothing}, threads, poll_interval=0.01, batch_size=1)
-    started = time.perf_counter()
-    pool.start()
-    wait_until(lambda: done_jobs(sessions) == jobs)
-    elapsed = time.perf_counter() - started
-    pool.stop()
+    rate = jobs_per_second(pool, jobs, lambda: done_jobs(sessions))
     engine.dispose()
-    return jobs / elapsed
+    return rate
 
 
 def dispatch_through_the_engine(server: str, jobs: int, concurrency: int) -> float:
@@ -128,12 +125,18 @@ def dispatch_through_the_engine(server: str, jobs: int, concurrency: int) -> flo
         stalled_check=5.0,
     )
     worker = TaskWorker(url, sessions, {INFERENCE_JOB: nothing}, options)
-    started = time.perf_counter()
-    worker.start()
-    wait_until(lambda: succeeded(url) == jobs)
-    elapsed = time.perf_counter() - started
-    worker.stop()
+    rate = jobs_per_second(worker, jobs, lambda: succeeded(url))
     engine.dispose()
+    return rate
+
+
+def jobs_per_second(workers: WorkerPool | TaskWorker, jobs: int, done: Callable[[], int]) -> float:
+    """Start ``workers`` on ``jobs`` waiting jobs; jobs per second until ``done()`` counts them all."""
+    started = time.perf_counter()
+    workers.start()
+    wait_until(lambda: done() == jobs)
+    elapsed = time.perf_counter() - started
+    workers.stop()
     return jobs / elapsed
 
 
@@ -332,10 +335,7 @@ def main() -> int:
         ratio = np.quantile(cluster, 0.95) / np.quantile(single, 0.95)
         print(f"   cluster p95 / single p95                            {ratio:8.2f}")
 
-    for name, value in measured.items():
-        comparison, target = TARGETS[name]
-        met = value >= target if comparison == ">=" else value <= target
-        print(f"{name:36} {value:10.2f}   target {comparison} {target:g}   {'PASS' if met else 'MISS'}")
+    print_verdicts(measured, TARGETS)
     return 0
 
 
