@@ -12,6 +12,7 @@ fails the batch, to be retried.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pydicom
 from prometheus_client import Histogram
 from pydicom.dataset import Dataset
@@ -30,14 +32,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
-from dicom_node.models import InferenceResult, Instance, heatmap_name
+from dicom_node.models import InferenceResult, Instance, heatmap_name, preview_path
 from dicom_node.output_jobs import OUTPUTS_JOB
+from dicom_node.outputs.render import preview
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE, TASKS
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
 from inference.model_card import ModelMissingError
-from inference.pixels import UnsupportedImage, radiograph_pixels
+from inference.pixels import DEFERRED_PIXEL_DATA, UnsupportedImage, radiograph_pixels
 from inference.predict import (
     BoneAgeEstimate,
     HalluxValgusResult,
@@ -51,8 +54,6 @@ from inference.predict import (
 from inference.preprocess import as_picture
 
 log = logging.getLogger(__name__)
-
-DEFERRED_PIXEL_DATA = 1 << 16  # bytes: larger values are read when used
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class _Work:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # the columns of its InferenceResult rows
     heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by InferenceResult.heatmap_name
+    preview: np.ndarray | None = None  # the radiograph as the Secondary Captures show it
 
     @property
     def heatmap_path(self) -> PurePosixPath:
@@ -132,11 +134,15 @@ class InferenceJobs:
         sessions: sessionmaker[Session],
         latency: Histogram | None = None,
         max_image_pixels: int | None = None,
+        preview_size: int | None = None,
     ) -> None:
         """``latency`` observes each image's seconds from reading to recorded results, by task; an image of more
-        than ``max_image_pixels`` (``dicom.max_image_pixels``) fails its job without being decoded."""
+        than ``max_image_pixels`` (``dicom.max_image_pixels``) fails its job without being decoded. With
+        ``preview_size`` (``outputs.max_image_size`` when Secondary Captures are made), the radiograph is kept
+        beside the heatmaps scaled to that size, for the outputs job to draw on."""
         self.settings = settings
         self.max_image_pixels = max_image_pixels
+        self.preview_size = preview_size
         self.models = models
         self.latency = latency
         self.store = store
@@ -219,8 +225,11 @@ class InferenceJobs:
         work = _Work(job, relative, ds, route(ds, self.settings), started)
         if work.route.tasks:
             models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
-            picture = as_picture(radiograph_pixels(ds, self.max_image_pixels))
+            pixels = radiograph_pixels(ds, self.max_image_pixels)
+            picture = as_picture(pixels)
             work.inputs = {task: model.inputs([picture]) for task, model in models.items()}
+            if self.preview_size is not None:
+                work.preview = preview(pixels, self.preview_size)
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
@@ -339,12 +348,16 @@ class InferenceJobs:
         return failures
 
     def _write_heatmaps(self, work: _Work) -> Exception | None:
-        """Write and make durable the file of the instance's heatmaps (none when no task ran); the error, if any."""
+        """Write and make durable the file of the instance's heatmaps (none when no task ran) and its preview; the
+        error, if any."""
         started = time.perf_counter()
         try:
             if work.heatmaps:
                 temporary = self.store.write_temporary([heatmaps_to_bytes(work.heatmaps)])
                 self.store.publish(temporary, work.heatmap_path)
+                if work.preview is not None:
+                    temporary = self.store.write_temporary([_npy(work.preview)])
+                    self.store.publish(temporary, preview_path(work.heatmap_path))
         except Exception as error:
             return error
         work.timings_ms["record"] = (time.perf_counter() - started) * 1000
@@ -364,6 +377,12 @@ class InferenceJobs:
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)
         return True
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _peak(heatmap: Heatmap) -> list[float] | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -26,12 +27,14 @@ from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
 from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, PermanentJobError, finish, record_note, still_claimed
-from dicom_node.models import Delivery, InferenceResult, Instance
+from dicom_node.models import Delivery, InferenceResult, Instance, preview_path
 from dicom_node.outputs.identity import NodeIdentity
+from dicom_node.outputs.render import preview_shape
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
 from dicom_node.storage import InstanceStore
 from dicom_node.tracking import schedule_tracking
+from inference.pixels import DEFERRED_PIXEL_DATA
 from inference.predict import heatmap_from_bytes
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,8 @@ class OutputJobs:
         if not results:
             self._note(job, "no results to report")
             return
-        source = pydicom.dcmread(self.store.absolute(path))
+        # the Pixel Data stays in the file: the pictures are drawn from the preview the inference job kept
+        source = pydicom.dcmread(self.store.absolute(path), defer_size=DEFERRED_PIXEL_DATA)
         outputs = self._build(source, results)
         if not outputs:
             self._note(job, "outputs are switched off (outputs.secondary_captures, outputs.structured_report)")
@@ -111,6 +115,8 @@ class OutputJobs:
         settings = self.settings.outputs
         captures = {}
         if settings.secondary_captures:
+            shape = preview_shape(source.Rows, source.Columns, settings.max_image_size)
+            radiograph = self._preview(results[0].heatmap_path, shape)
             for result in results:
                 heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
                 captures[(result.task, result.output)] = build_secondary_capture(
@@ -123,6 +129,7 @@ class OutputJobs:
                     sop_instance_uid=_derived_uid(source.SOPInstanceUID, "sc", result.id),
                     instance_number=_instance_number(source),
                     max_size=settings.max_image_size,
+                    radiograph=radiograph,
                 )
         outputs = [_Output(capture, "secondary_capture") for capture in captures.values()]
         if settings.structured_report:
@@ -138,6 +145,15 @@ class OutputJobs:
             )
             outputs.append(_Output(report, "structured_report"))
         return outputs
+
+    def _preview(self, heatmap_path: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """The radiograph as the inference job kept it, when of ``shape``; None when it kept none of that shape
+        (results from before it kept one, ``outputs.max_image_size`` changed since): the source is decoded."""
+        try:
+            shown = np.load(self.store.absolute(preview_path(heatmap_path)), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return shown if shown.dtype == np.uint8 and shown.shape == shape else None
 
     def _write(self, dataset: Dataset) -> tuple[PurePosixPath, int]:
         """Store ``dataset`` as a DICOM file where a received instance with its identifiers would be."""

@@ -24,6 +24,9 @@ from pydicom.pixels import apply_modality_lut, pixel_array
 
 from inference.codestream import declared_size
 
+# ``dcmread(path, defer_size=DEFERRED_PIXEL_DATA)`` leaves values larger than this (the Pixel Data) in the file
+DEFERRED_PIXEL_DATA = 1 << 16  # bytes
+
 # Without a VOI, these percentiles of the image map to 0 and 1: collimator blades and markers do not set the range.
 STRETCH_PERCENTILES = (0.5, 99.5)
 

@@ -50,8 +50,12 @@ class Heatmap:
 
     def on_image(self) -> np.ndarray:
         """The heatmap resized onto the original image (rows x columns)."""
-        upsampled = _upsample(self.values, self.letterbox.size)
-        return np.clip(self.letterbox.to_image(upsampled), 0.0, 1.0)
+        return self.resized(self.letterbox.columns, self.letterbox.rows)
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """The heatmap over the original image, resized to ``width`` x ``height`` (a scaled copy of the image):
+        made at the size it is shown at, never at the full size of a radiograph first."""
+        return np.clip(self.letterbox.to_image(_upsample(self.values, self.letterbox.size), (width, height)), 0.0, 1.0)
 
     def peak(self) -> tuple[float, float]:
         """(x, y) in image pixels of the heatmap's maximum within the image (not the padding)."""

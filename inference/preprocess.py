@@ -41,12 +41,13 @@ class Letterbox:
         square[y0 : y0 + height, x0 : x0 + width] = resized
         return square
 
-    def to_image(self, square_map: np.ndarray) -> np.ndarray:
-        """A map over the square (any resolution) cropped to the image and resized to rows x columns."""
+    def to_image(self, square_map: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """A map over the square (any resolution) cropped to the image and resized to rows x columns, or to
+        ``size`` (width, height)."""
         factor = square_map.shape[0] / self.size
         x0, y0, width, height = (round(value * factor) for value in self.inner)
-        crop = square_map[y0 : y0 + max(height, 1), x0 : x0 + max(width, 1)].astype(np.float32)
-        return np.asarray(Image.fromarray(crop).resize((self.columns, self.rows), Image.BILINEAR))
+        crop = np.ascontiguousarray(square_map[y0 : y0 + max(height, 1), x0 : x0 + max(width, 1)], np.float32)
+        return np.asarray(Image.fromarray(crop).resize(size or (self.columns, self.rows), Image.BILINEAR))
 
     def point_to_image(self, x: float, y: float) -> tuple[float, float]:
         """A point of the square (pixel coordinates) in image pixel coordinates."""

@@ -7,16 +7,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import NodeIdentity
-from dicom_node.outputs.render import Picture
+from dicom_node.outputs.render import Picture, preview
 from dicom_node.outputs.secondary_capture import build_secondary_capture, caption, heatmap_picture
 from dicom_node.phantoms.foot import FOOT_EXTENT_MM, draw_foot
+from dicom_node.phantoms.generator import render_phantom
 from dicom_node.phantoms.hand import HAND_EXTENT_MM, draw_hand
 from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Exposure, Placement, expose
 from dicom_node.synthetic import Demographics, dx_dataset
+from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 from inference.preprocess import Letterbox
 from tests.validators import dciodvfy_errors
@@ -321,3 +324,33 @@ def test_a_result_that_does_not_say_whether_its_model_is_a_demo_is_refused() -> 
 def test_a_max_size_too_small_for_the_text_is_refused() -> None:
     with pytest.raises(ValueError, match="max_size must be at least 512"):
         build(phantom(), foot_result(), max_size=300)
+
+
+RENDERINGS = Path(__file__).parent / "renderings"
+
+
+@pytest.mark.parametrize(
+    "kind, index, result, max_size, peak",
+    [
+        ("foot", 1, foot_result(demo=True), 1024, (900, 1300)),
+        ("hand", 0, bone_age_result(demo=True, output="female"), 512, (700, 1500)),
+    ],
+    ids=["foot-1024", "hand-512"],
+)
+def test_the_picture_from_the_preview_matches_the_one_from_the_full_radiograph(
+    kind: str, index: int, result: InferenceResult, max_size: int, peak: tuple[int, int]
+) -> None:
+    """The picture drawn from the inference job's preview differs from the one drawn from the full-size radiograph
+    and full-size heatmap before (``tests/renderings/*-d856f49.png``: ``heatmap_picture`` of commit d856f49 on
+    the same phantom, heatmap and result) by less than one grey level on average, and has the same layout."""
+    ds, _ = render_phantom(6000, index, kind)
+    heatmap = heatmap_peaking_at(*peak, ds.Rows, ds.Columns)
+    picture = heatmap_picture(ds, heatmap, result, max_size, preview(radiograph_pixels(ds), max_size))
+    before = np.asarray(Image.open(RENDERINGS / f"{kind}-sc-d856f49.png"))
+    assert picture.pixels.shape == before.shape
+    difference = np.abs(picture.pixels.astype(np.int16) - before)
+    assert difference.mean() < 1.0
+    x0, y0, width, height = picture.radiograph_box
+    assert difference[y0 : y0 + height, x0 : x0 + width].mean() < 1.0
+    difference[y0 : y0 + height, x0 : x0 + width] = 0
+    assert not difference.any()  # the text and the legend as they were

@@ -42,14 +42,7 @@ def image_png(ds: Dataset, max_size: int) -> bytes:
 def heatmap_png(heatmap: Heatmap, max_size: int) -> bytes:
     """The heatmap over the image it was computed on, as RGBA at :func:`display_size`."""
     box = heatmap.letterbox
-    width, height = display_size(box.rows, box.columns, max_size)
-    # as Heatmap.on_image, but resized to the display size rather than to the full image
-    square = np.asarray(
-        Image.fromarray(np.ascontiguousarray(heatmap.values, np.float32)).resize((box.size, box.size), Image.BILINEAR)
-    )
-    x0, y0, inner_width, inner_height = box.inner
-    crop = np.ascontiguousarray(square[y0 : y0 + inner_height, x0 : x0 + inner_width])
-    heat = np.clip(np.asarray(Image.fromarray(crop).resize((width, height), Image.BILINEAR)), 0.0, 1.0)
+    heat = heatmap.resized(*display_size(box.rows, box.columns, max_size))
     alpha = np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0)
     rgba = np.concatenate([jet(heat), alpha[..., None]], axis=-1)
     return _png(Image.fromarray(np.rint(rgba * 255.0).astype(np.uint8)))

@@ -9,10 +9,13 @@ thumbnail and on a large screen alike.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from inference.predict import Heatmap
 
 MIN_SIZE = 512  # the smallest longest side of a picture that leaves most of it to the radiograph
 TRANSPARENT_BELOW = 0.2  # heatmap values up to this show the radiograph untouched
@@ -49,17 +52,21 @@ class Picture:
         return x0 + int(x * width / columns), y0 + int(y * height / rows)
 
 
-def render(radiograph: np.ndarray, heat: np.ndarray, caption: Caption, max_size: int) -> Picture:
-    """The picture of ``radiograph`` (float in [0, 1], bone bright) with ``heat`` (float in [0, 1], the same
-    shape) over it and ``caption`` around it; its longest side is at most ``max_size``.
+def render(radiograph: np.ndarray, heatmap: Heatmap, caption: Caption, max_size: int) -> Picture:
+    """The picture of ``radiograph`` with ``heatmap`` over it and ``caption`` around it; its longest side is at
+    most ``max_size``.
+
+    ``radiograph`` is the image the heatmap was computed on as :func:`preview` makes it (gray uint8, bone bright,
+    scaled down): the picture is drawn from it at the size it shows the image, and the heatmap resized to that
+    size once.
     """
-    if radiograph.shape != heat.shape:
-        raise ValueError(f"the heatmap is {heat.shape}, the radiograph {radiograph.shape}: they must agree")
+    rows, columns = heatmap.letterbox.rows, heatmap.letterbox.columns
+    _check_scaled_copy(radiograph.shape, rows, columns)
     if max_size < MIN_SIZE:
         raise ValueError(f"max_size must be at least {MIN_SIZE} pixels to hold the text, not {max_size}")
-    width, height, font = _fit(radiograph.shape, caption, max_size)
+    width, height, font = _fit((rows, columns), caption, max_size)
     canvas_width = _canvas_width(width, max_size)
-    overlay = blend(_resize(radiograph, width, height), _resize(heat, width, height))
+    overlay = blend(_resize(radiograph, width, height), heatmap.resized(width, height))
     middle = Image.new("RGB", (canvas_width, height), _BACKGROUND)
     x0 = (canvas_width - width) // 2
     middle.paste(Image.fromarray(overlay), (x0, 0))
@@ -67,6 +74,20 @@ def render(radiograph: np.ndarray, heat: np.ndarray, caption: Caption, max_size:
     bottom = _text_strip((*caption.lines, caption.legend), font, canvas_width, _TEXT_COLOUR)
     pixels = np.asarray(_stack([top, middle, bottom, _colour_bar(font, canvas_width)]))
     return Picture(pixels, (x0, top.height, width, height))
+
+
+def preview(radiograph: np.ndarray, max_size: int) -> np.ndarray:
+    """``radiograph`` (float in [0, 1]) as gray uint8, scaled down (never up) so that its longest side is at most
+    ``max_size``: what :func:`render` draws a picture of that size from, made where the full-size pixels are at
+    hand (the inference job) so that the outputs job never decodes the radiograph again."""
+    height, width = preview_shape(*radiograph.shape, max_size)
+    return np.rint(np.clip(_resize(radiograph, width, height), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def preview_shape(rows: int, columns: int, max_size: int) -> tuple[int, int]:
+    """(rows, columns) of the :func:`preview` of an image of ``rows`` x ``columns``."""
+    scale = min(1.0, max_size / max(rows, columns))
+    return max(int(rows * scale), 1), max(int(columns * scale), 1)
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -77,10 +98,21 @@ def jet(values: np.ndarray) -> np.ndarray:
 
 
 def blend(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """``gray`` as RGB (uint8) with ``heat`` over it in jet colours, transparent where the heat is low."""
-    opacity = MAX_OPACITY * np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0)[..., None]
-    rgb = gray[..., None] * (1.0 - opacity) + jet(heat) * opacity
-    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """``gray`` (uint8) as RGB with ``heat`` (float in [0, 1], the same shape) over it in jet colours, transparent
+    where the heat is low. The heat is taken in 256 steps, whose colour and opacity are looked up in tables, and
+    Pillow lays the colours over the radiograph."""
+    level = np.rint(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
+    colours, opacity = Image.fromarray(_JET_TABLE[level]), Image.fromarray(_OPACITY_TABLE[level])
+    return np.asarray(Image.composite(colours, Image.fromarray(gray).convert("RGB"), opacity))
+
+
+def _opacity(heat: np.ndarray) -> np.ndarray:
+    return MAX_OPACITY * np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0)
+
+
+_LEVELS = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+_JET_TABLE = np.rint(jet(_LEVELS) * 255.0).astype(np.uint8)
+_OPACITY_TABLE = np.rint(_opacity(_LEVELS) * 255.0).astype(np.uint8)
 
 
 def _fit(shape: tuple[int, int], caption: Caption, max_size: int) -> tuple[int, int, ImageFont.FreeTypeFont]:
@@ -88,7 +120,7 @@ def _fit(shape: tuple[int, int], caption: Caption, max_size: int) -> tuple[int, 
     fit in ``max_size``. Each try shortens the radiograph to leave room for the strips of the last; narrower, the
     strips can only need more lines, and never more than ``max_size`` holds, so the tries end."""
     rows, columns = shape
-    font = ImageFont.load_default(size=max(_MIN_FONT_PX, round(min(max_size, max(rows, columns)) * _FONT_SHARE)))
+    font = _font(max(_MIN_FONT_PX, round(min(max_size, max(rows, columns)) * _FONT_SHARE)))
     scale = min(1.0, max_size / max(rows, columns))
     while True:
         width, height = max(int(columns * scale), 1), max(int(rows * scale), 1)
@@ -110,6 +142,15 @@ def _strips_height(caption: Caption, font: ImageFont.FreeTypeFont, width: int) -
     return _strip_height(len(warnings), font) + _strip_height(len(lines), font) + _colour_bar_height(font)
 
 
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """The font of ``size`` pixels, one object per size: the layouts below are cached by font."""
+    return ImageFont.load_default(size=size)
+
+
+# Most words recur from picture to picture (the warnings, the legend, the class names), and pictures of a size
+# share their font and width: the strips and line breaks are laid out once per text, font and width.
+@functools.lru_cache(maxsize=16)
 def _text_strip(
     texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int, colour: tuple[int, int, int]
 ) -> Image.Image:
@@ -122,6 +163,7 @@ def _text_strip(
     return strip
 
 
+@functools.lru_cache(maxsize=64)
 def _colour_bar(font: ImageFont.FreeTypeFont, width: int) -> Image.Image:
     """The colour map from "low" to "high": the legend of the heatmap's colours."""
     margin, line = _margin(font), _line_height(font)
@@ -138,7 +180,8 @@ def _colour_bar(font: ImageFont.FreeTypeFont, width: int) -> Image.Image:
     return strip
 
 
-def _wrap(texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+@functools.lru_cache(maxsize=512)
+def _wrap(texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int) -> tuple[str, ...]:
     """Each text broken into lines no wider than ``width`` at spaces (a single longer word keeps its line)."""
     lines = []
     for text in texts:
@@ -150,7 +193,7 @@ def _wrap(texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int) -> l
                 candidate = word
             line = candidate
         lines.append(line)
-    return lines
+    return tuple(lines)
 
 
 def _line_height(font: ImageFont.FreeTypeFont) -> int:
@@ -170,9 +213,19 @@ def _colour_bar_height(font: ImageFont.FreeTypeFont) -> int:
     return _line_height(font) + _margin(font)
 
 
+def _check_scaled_copy(shape: tuple[int, ...], rows: int, columns: int) -> None:
+    """Raise ValueError unless ``shape`` is that of the ``rows`` x ``columns`` image, scaled (within rounding)."""
+    if len(shape) != 2 or not (
+        abs(shape[0] - rows * shape[1] / columns) <= 1.5 or abs(shape[1] - columns * shape[0] / rows) <= 1.5
+    ):
+        raise ValueError(
+            f"the radiograph is {shape}, not a scaled copy of the {rows} x {columns} image the heatmap was computed on"
+        )
+
+
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A float image resized to ``width`` x ``height`` (antialiased when shrinking)."""
-    resized = Image.fromarray(np.asarray(image, np.float32)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+    """A float32 or uint8 image resized to ``width`` x ``height`` (antialiased when shrinking)."""
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
     return np.asarray(resized)
 
 

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
-from dicom_node.outputs.render import Caption, Picture, render
+from dicom_node.outputs.render import Caption, Picture, preview, render
 from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 
@@ -54,10 +54,13 @@ def build_secondary_capture(
     sop_instance_uid: str,
     instance_number: int = 1,
     max_size: int = 1024,
+    radiograph: np.ndarray | None = None,
 ) -> SCImage:
     """The SC image of ``result``'s ``heatmap`` over the radiograph ``source``, in ``source``'s study.
 
     ``max_size`` is the longest side of the written picture, in pixels; the radiograph is never enlarged.
+    ``radiograph`` is the source's image as :func:`dicom_node.outputs.render.preview` made it for at least
+    ``max_size``, when at hand; without it the source's pixels are decoded.
     Raises ValueError when ``source`` has no pixels or lacks the UIDs to refer to it, when ``heatmap`` was
     computed on an image of another size, or when ``result`` lacks what the picture must say.
     """
@@ -65,7 +68,7 @@ def build_secondary_capture(
     _check_heatmap(heatmap, source)
     _check_result(result)
     algorithm = algorithm_identity(result)
-    picture = heatmap_picture(source, heatmap, result, max_size)
+    picture = heatmap_picture(source, heatmap, result, max_size, radiograph)
     sc = SCImage(
         pixel_array=picture.pixels,
         photometric_interpretation="RGB",
@@ -107,9 +110,17 @@ def algorithm_identity(result: InferenceResult) -> AlgorithmIdentity:
     return AlgorithmIdentity(result.model_name, result.model_version, result.weights_digest, result.demo_model)
 
 
-def heatmap_picture(source: pydicom.Dataset, heatmap: Heatmap, result: InferenceResult, max_size: int) -> Picture:
-    """The picture an SC image of ``result`` shows: ``source``'s radiograph, the heatmap and the caption."""
-    return render(radiograph_pixels(source), heatmap.on_image(), caption(result), max_size)
+def heatmap_picture(
+    source: pydicom.Dataset,
+    heatmap: Heatmap,
+    result: InferenceResult,
+    max_size: int,
+    radiograph: np.ndarray | None = None,
+) -> Picture:
+    """The picture an SC image of ``result`` shows: ``source``'s radiograph (``radiograph``, or decoded), the
+    heatmap and the caption."""
+    shown = radiograph if radiograph is not None else preview(radiograph_pixels(source), max_size)
+    return render(shown, heatmap, caption(result), max_size)
 
 
 def caption(result: InferenceResult) -> Caption:
