@@ -1,10 +1,13 @@
 """A thread that works in passes until stopped, waiting between passes when idle: the shape of the delivery
-sender and the MLflow tracker."""
+sender and the MLflow tracker; and how background work gives way to what someone waits for."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +61,50 @@ class PollingThread:
             if not busy:
                 self._wakeup.wait(self.poll_interval)
                 self._wakeup.clear()
+
+
+class GiveWay:
+    """Deference with a bound: :meth:`defers` says to wait while the other work is busy, but never longer than
+    ``max_seconds`` at a stretch, so that work that gives way is not starved by a node that is never idle."""
+
+    def __init__(self, max_seconds: float) -> None:
+        self.max_seconds = max_seconds
+        self._since: float | None = None
+
+    def defers(self, busy: bool) -> bool:
+        if not busy:
+            self._since = None
+            return False
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since < self.max_seconds:
+            return True
+        self._since = now  # this once, and then give way again
+        return False
+
+
+class Foreground:
+    """The requests someone waits for (``POST /predict``): background work gives way while one is served and for
+    ``quiet_seconds`` after the last, so that back-to-back requests each find the cores free."""
+
+    def __init__(self, quiet_seconds: float = 0.05) -> None:
+        self.quiet_seconds = quiet_seconds
+        self._lock = threading.Lock()
+        self._serving = 0
+        self._last_end = float("-inf")
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        with self._lock:
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._serving -= 1
+                self._last_end = time.monotonic()
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._serving > 0 or time.monotonic() - self._last_end < self.quiet_seconds

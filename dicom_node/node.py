@@ -16,6 +16,7 @@ from typing import Literal
 
 from sqlalchemy.engine import make_url
 
+from dicom_node.background import Foreground
 from dicom_node.config import ConfigError, Settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.delivery import DELIVER_TASK, DeliveryQueue, DeliverySender
@@ -71,6 +72,7 @@ class Node:
             routing=settings.inference,
         )
         self.metrics = NodeMetrics(self.sessions)
+        self.foreground = Foreground()
         self.scp = StorageSCP(
             settings.dicom,
             self.ingestor,
@@ -98,7 +100,7 @@ class Node:
             )
         self.handlers |= job_handlers or {}
         self.queues = list(queues) if queues is not None else self._default_queues()
-        self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models)
+        self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models, self.foreground)
         self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
 
     @property
@@ -157,6 +159,7 @@ class Node:
                 settings.workers.count,
                 settings.workers.poll_interval,
                 settings.inference.batch_size,
+                self.foreground,
             )
         unknown = sorted(set(self.queues) - set(all_queues()))
         if unknown:

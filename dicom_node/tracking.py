@@ -10,7 +10,9 @@ experiment: params (tasks, each model's name, version, weights digest and input 
 key), metrics (every numeric result value and the timings), tags (the results in words) and artifacts (the
 heatmaps, and the structured report as JSON). A run that cannot be logged (the server unreachable) is tried
 again with exponential backoff, forever: inference and delivery never wait for MLflow, and a claim is a lease
-(``available_at`` moved forward), so a node stopped mid-run needs no recovery step.
+(``available_at`` moved forward), so a node stopped mid-run needs no recovery step. The thread gives way: it logs
+while no job or delivery is due and no request is served, or after a minute of giving way. A run takes four calls
+to MLflow; in a store on the node's disk the heatmaps file is linked into the run's artifacts, not copied.
 
 On PostgreSQL no thread polls: logging is a ``track`` job of the task engine, one at a time in the cluster,
 deferred when an outputs job finishes (:func:`schedule_tracking`) and by the workers' catch-up
@@ -31,11 +33,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,10 +54,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import task_engine
-from dicom_node.background import PollingThread
+from dicom_node.background import Foreground, GiveWay, PollingThread
 from dicom_node.config import MlflowSettings
 from dicom_node.jobs import OUTPUTS_JOB
-from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
+from dicom_node.models import (
+    Delivery,
+    DeliveryState,
+    InferenceResult,
+    Instance,
+    Job,
+    JobState,
+    TrackedRun,
+    TrackingState,
+)
 from dicom_node.storage import InstanceStore
 
 if TYPE_CHECKING:
@@ -66,6 +80,8 @@ TRACK_TASK = "track"
 RUN_KEY_TAG = "dicom_node.run_key"
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 _MAX_ERROR_LENGTH = 2000
+REPORT_ARTIFACT = "structured-report.json"
+MAX_GIVE_WAY_S = 60.0  # the longest the tracker waits for a busy node to be idle before it logs anyway
 _REPORT_CLASS = Comprehensive3DSRStorage  # of the structured report dicom_node.outputs.report writes
 # Identifiers outside the Patient group (0010,xxxx) that a report copies from its source (PS3.15 Table E.1-1)
 _IDENTIFYING_KEYWORDS = frozenset(
@@ -289,6 +305,29 @@ class TrackingQueue:
                     )
                     row.last_error = row.experiment_id = row.run_id = row.logged_at = None
 
+    def pipeline_busy(self) -> bool:
+        """Whether a job or a delivery is running or due now: the work that results wait for."""
+        now = _now()
+        with self.sessions() as session:
+            return bool(
+                session.scalar(
+                    select(
+                        exists().where(
+                            or_(
+                                Job.state == JobState.RUNNING,
+                                (Job.state == JobState.PENDING) & (Job.available_at <= now),
+                            )
+                        )
+                        | exists().where(
+                            or_(
+                                Delivery.state == DeliveryState.SENDING,
+                                (Delivery.state == DeliveryState.PENDING) & (Delivery.available_at <= now),
+                            )
+                        )
+                    )
+                )
+            )
+
     def claim(self) -> ClaimedRun | None:
         """Take the oldest due row; until the claim's backoff has passed, no other claim takes it."""
         with self.sessions.begin() as session:
@@ -372,8 +411,10 @@ class InferenceTracker(PollingThread):
         sessions: sessionmaker[Session],
         store: InstanceStore,
         models: InferenceModels | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         super().__init__("tracking", settings.poll_interval)
+        self.foreground = foreground
         self.settings = settings
         self.queue = TrackingQueue(sessions, settings)
         self.store = store
@@ -382,22 +423,19 @@ class InferenceTracker(PollingThread):
         self._experiment_id: str | None = None
         self._pseudonym_key: bytes | None = None
         self._failing = False
+        self._warmed_up = False
+        self.give_way = GiveWay(MAX_GIVE_WAY_S)
 
     def start(self) -> None:
         if self.settings.enabled and self.models is not None:
             super().start()
 
     def run_once(self) -> int:
-        """Queue the instances with new results, then log up to ``batch_size`` due runs, stopping at the first
-        that fails (the rest wait for the next pass); return how many were taken."""
-        self.queue.add_new()
-        taken = 0
-        while taken < self.settings.batch_size and not self.stopping:
-            claimed = self.queue.claim()
-            if claimed is None or not self._log(claimed):
-                break
-            taken += 1
-        return taken
+        """A pass of the thread (SQLite): log the due runs, giving way to requests, jobs and deliveries (the rest
+        wait for the next pass); return how many were taken."""
+        if not self._warmed_up:
+            self._warm_up()
+        return self._log_due(give_way=True)
 
     def run_pass(self) -> bool:
         return self.run_once() == self.settings.batch_size
@@ -418,9 +456,41 @@ class InferenceTracker(PollingThread):
         out a backoff."""
         if not self.settings.enabled:
             return
-        while self.run_pass():
+        while self._log_due() == self.settings.batch_size:
             pass
         self.schedule_waiting()
+
+    def _log_due(self, give_way: bool = False) -> int:
+        """Queue the instances with new results, then log up to ``batch_size`` due runs, stopping at the first
+        that fails; with ``give_way``, none while the node has other work (:meth:`_gives_way`), and none after a
+        request came in."""
+        if give_way and self._gives_way():
+            return 0
+        self.queue.add_new()
+        taken = 0
+        while taken < self.settings.batch_size and not self.stopping:
+            if give_way and self.foreground is not None and self.foreground.busy():
+                break
+            claimed = self.queue.claim()
+            if claimed is None or not self._log(claimed):
+                break
+            taken += 1
+        return taken
+
+    def _warm_up(self) -> None:
+        """Import MLflow and open its store now, at start, rather than when the first results compete for the cores;
+        an MLflow that cannot be reached yet is left to the first run to report."""
+        self._warmed_up = True
+        try:
+            self._connect()
+        except Exception as error:
+            log.debug("MLflow not reached at start (%s)", type(error).__name__)
+
+    def _gives_way(self) -> bool:
+        """Whether this pass leaves the cores to the requests, jobs and deliveries that are due: runs are logged once
+        the node is idle, or after :data:`MAX_GIVE_WAY_S` of giving way, so that a node never idle logs them too."""
+        foreground = self.foreground is not None and self.foreground.busy()
+        return self.give_way.defers(foreground or self.queue.pipeline_busy())
 
     def _log(self, claimed: ClaimedRun) -> bool:
         """Log one claimed run; False when MLflow failed (recorded on the row)."""
@@ -429,7 +499,7 @@ class InferenceTracker(PollingThread):
             return True
         started = time.perf_counter()
         try:
-            experiment_id, run_id = self._log_run(run)
+            experiment_id, run_id = self._log_run(run, first_attempt=claimed.attempt == 1)
         except Exception as error:  # MLflow unreachable or refusing: never an error of the node
             self._experiment_id = None  # found again next time: it may have been deleted meanwhile
             self.queue.failed(claimed, f"{type(error).__name__}: {error}")
@@ -455,39 +525,55 @@ class InferenceTracker(PollingThread):
         )
         return True
 
-    def _log_run(self, run: InferenceRun) -> tuple[str, str]:
-        """Log ``run`` as one MLflow run, or adopt the finished run a previous attempt logged; return the ids."""
-        from mlflow.entities import Metric, Param, RunTag
+    def _log_run(self, run: InferenceRun, first_attempt: bool) -> tuple[str, str]:
+        """Log ``run`` as one MLflow run, or adopt the finished run an earlier attempt logged; return the ids.
+
+        Four calls to MLflow: the run with its tags, its params and metrics in one batch, the artifacts, the end.
+        A first attempt looks for no earlier run: the claim that counted the attempt came before any."""
+        from mlflow.entities import Metric, Param
 
         client, experiment_id = self._connect()
-        earlier = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run.key}'")
-        for found in earlier:
-            if found.info.status == "FINISHED":
-                return experiment_id, found.info.run_id
-        for found in earlier:  # an attempt cut short: replaced by a whole run
-            client.delete_run(found.info.run_id)
+        if not first_attempt:
+            earlier = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run.key}'")
+            for found in earlier:
+                if found.info.status == "FINISHED":
+                    return experiment_id, found.info.run_id
+            for found in earlier:  # an attempt cut short: replaced by a whole run
+                client.delete_run(found.info.run_id)
         patient_key = pseudonym(self._secret(), run.patient_id)
         contents = run_contents(run, patient_key, self.settings.log_phi, self.models)
-        run_id = client.create_run(
-            experiment_id, run_name=f"instance {run.instance_pk}", tags={RUN_KEY_TAG: run.key}
-        ).info.run_id
+        tags = {RUN_KEY_TAG: run.key, **contents.tags}
+        if run.report_path is None:
+            tags["dicom_node.report"] = "none (outputs.structured_report off, or the outputs job failed)"
+        info = client.create_run(experiment_id, run_name=f"instance {run.instance_pk}", tags=tags).info
         now_ms = int(time.time() * 1000)
         client.log_batch(
-            run_id,
+            info.run_id,
             metrics=[Metric(key, value, now_ms, 0) for key, value in contents.metrics.items()],
             params=[Param(key, value) for key, value in contents.params.items()],
-            tags=[RunTag(key, value) for key, value in contents.tags.items()],
         )
-        for heatmap_path in sorted({result.heatmap_path for result in run.results}):  # one file per instance
-            client.log_artifact(run_id, str(self.store.absolute(heatmap_path)), "heatmaps")
-        if run.report_path is not None:
-            client.log_dict(run_id, self._report_json(run.report_path), "report/structured-report.json")
-        else:
-            client.set_tag(
-                run_id, "dicom_node.report", "none (outputs.structured_report off, or the outputs job failed)"
-            )
-        client.set_terminated(run_id)
-        return experiment_id, run_id
+        self._log_artifacts(client, info.run_id, info.artifact_uri, run)
+        client.set_terminated(info.run_id)
+        return experiment_id, info.run_id
+
+    def _log_artifacts(self, client: MlflowClient, run_id: str, artifact_uri: str, run: InferenceRun) -> None:
+        """The heatmaps file (one per instance) under ``heatmaps/`` and the report as JSON under ``report/``. In an
+        artifact store on this machine's disk the heatmaps file is linked, not copied: it never changes."""
+        heatmaps = [self.store.absolute(path) for path in sorted({result.heatmap_path for result in run.results})]
+        report = self._report_json(run.report_path) if run.report_path is not None else None
+        local = _local_directory(artifact_uri)
+        if local is None:
+            for path in heatmaps:
+                client.log_artifact(run_id, str(path), "heatmaps")
+            if report is not None:
+                client.log_dict(run_id, report, f"report/{REPORT_ARTIFACT}")
+            return
+        (local / "heatmaps").mkdir(parents=True, exist_ok=True)
+        for path in heatmaps:
+            _link_or_copy(path, local / "heatmaps" / path.name)
+        if report is not None:
+            (local / "report").mkdir(exist_ok=True)
+            (local / "report" / REPORT_ARTIFACT).write_text(json.dumps(report, indent=2))
 
     def _report_json(self, relative: str) -> dict:
         """The structured report as DICOM JSON (PS3.18 F.2), without identifiers unless ``log_phi``."""
@@ -501,6 +587,8 @@ class InferenceTracker(PollingThread):
             # and the node's stop. Set in the environment, these win.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # MLflow reports usage to its vendor unless told not to: a node beside a PACS sends nothing out
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow import MlflowClient
 
             uri = self.settings.tracking_uri
@@ -530,6 +618,23 @@ class InferenceTracker(PollingThread):
         if self._pseudonym_key is None:
             self._pseudonym_key = pseudonym_key(self.store.root / PSEUDONYM_KEY_FILE)
         return self._pseudonym_key
+
+
+def _local_directory(artifact_uri: str) -> Path | None:
+    """The directory of a run's artifacts when they are kept on this machine's disk (a ``file:`` URI)."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(parsed.path))
+    return None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link at ``target`` to ``source``, or a copy where no link can be made (another file system)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _now() -> dt.datetime:

@@ -3,7 +3,8 @@
 A handler is a function registered by job kind (as pynetdicom registers handlers by event). It takes a batch
 of claimed jobs of its kind (up to ``batch_size``, so that a model runs on several images at once) and returns
 the jobs whose attempt failed, with the error; raising fails the whole batch. The queue retries a failed job
-or marks it failed, and the worker moves on.
+or marks it failed, and the worker moves on. While a request that someone waits for is served (``POST /predict``,
+:class:`dicom_node.background.Foreground`), the workers claim nothing: the request has the cores.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy.exc import OperationalError
 
+from dicom_node.background import Foreground, GiveWay
 from dicom_node.jobs import ClaimedJob, JobMustWait, JobQueue, PermanentJobError
 
 log = logging.getLogger(__name__)
+
+MAX_GIVE_WAY_S = 10.0  # under requests back to back, workers still claim a batch every 10 s
+_GIVE_WAY_POLL_S = 0.01
 
 JobHandler = Callable[[list[ClaimedJob]], Mapping[int, Exception]]
 
@@ -29,8 +34,12 @@ class WorkerPool:
         count: int,
         poll_interval: float,
         batch_size: int = 1,
+        foreground: Foreground | None = None,
     ) -> None:
+        """``foreground``: the requests that the workers give way to (for at most :data:`MAX_GIVE_WAY_S` at a
+        stretch) before they claim a batch; the request's own job runs in its thread (:meth:`run_now`)."""
         self.queue = queue
+        self.foreground = foreground
         self.handlers = dict(handlers)
         self.count = count
         self.poll_interval = poll_interval
@@ -120,7 +129,11 @@ class WorkerPool:
         )
 
     def _work(self) -> None:
+        give_way = GiveWay(MAX_GIVE_WAY_S)
         while not self._stopping.is_set():
+            if self.foreground is not None and give_way.defers(self.foreground.busy()):
+                self._stopping.wait(_GIVE_WAY_POLL_S)
+                continue
             try:
                 if not self.run_once():
                     self._wakeup.wait(self.poll_interval)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import ArgumentError
 
+from dicom_node.background import Foreground
 from dicom_node.config import DatabaseSettings, Settings
 from dicom_node.database import create_index_engine, open_index, session_factory
 from dicom_node.ingest import INFERENCE_JOB
@@ -17,6 +18,7 @@ from dicom_node.jobs import ClaimedJob, JobQueue
 from dicom_node.models import Instance, Job, JobState, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.synthetic import synthetic_dx
+from dicom_node.workers import WorkerPool
 from tests.conftest import stored_jobs
 from tests.dicom_peers import free_port, send_datasets
 
@@ -211,3 +213,31 @@ def test_an_sqlite_without_returning_is_refused_with_the_reason(tmp_path: Path, 
     with pytest.raises(ArgumentError, match=r"older than 3.35, whose UPDATE \.\.\. RETURNING"):
         create_index_engine(f"sqlite:///{tmp_path / 'index.db'}")
     assert not (tmp_path / "index.db").exists()
+
+
+def test_workers_claim_nothing_while_a_request_is_served_then_catch_up(sessions) -> None:
+    """POST /predict answers first: while a request is in the foreground the workers leave due jobs alone (for at
+    most MAX_GIVE_WAY_S), and take them once it has been answered."""
+    foreground = Foreground()
+    ran: list[int] = []
+    pool = WorkerPool(
+        JobQueue(sessions, max_attempts=3, retry_backoff=0),
+        {INFERENCE_JOB: lambda jobs: ran.extend(job.id for job in jobs) or {}},
+        count=1,
+        poll_interval=0.01,
+        foreground=foreground,
+    )
+    pool.start()
+    try:
+        with foreground.serving():
+            [queued] = add_jobs(sessions, 1)
+            pool.wake()
+            time.sleep(0.5)
+            assert ran == [] and job(sessions, queued).state == JobState.PENDING
+        deadline = time.monotonic() + 10
+        while job(sessions, queued).state != JobState.DONE:
+            assert time.monotonic() < deadline, "the job did not run once the request was answered"
+            time.sleep(0.02)
+        assert ran == [queued]
+    finally:
+        pool.stop()

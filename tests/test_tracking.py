@@ -24,12 +24,20 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy import select, update
 
+from dicom_node import tracking
 from dicom_node.config import InferenceSettings, MlflowSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState
 from dicom_node.node import Node
 from dicom_node.phantoms.generator import render_phantom
-from dicom_node.tracking import InferenceRun, run_contents, run_url, tracked_run_url, without_identifiers
+from dicom_node.tracking import (
+    InferenceRun,
+    InferenceTracker,
+    run_contents,
+    run_url,
+    tracked_run_url,
+    without_identifiers,
+)
 from tests.conftest import running_node
 from tests.dicom_peers import free_port, send_datasets
 from tests.postgres import migrated_database
@@ -188,6 +196,11 @@ def test_every_inference_is_a_run_without_patient_data(
         assert web.get(f"/api/instances/{sop_uid}").json()["mlflow_url"] == link, "the API links the run"
         assert f'href="{link}"' in web.get(f"/instances/{sop_uid}").text, "and so does the viewer"
         assert len({client.get_run(row.run_id).data.params["patient_key"] for row in rows}) == len(sent)
+        for row in rows:  # the heatmaps file is linked into the local artifact store, not copied
+            [result, *_] = results_by_instance(node)[row.instance_pk]
+            artifact = Path(client.get_run(row.run_id).info.artifact_uri.removeprefix("file://"))
+            heatmaps = storage / result.heatmap_path
+            assert (artifact / "heatmaps" / heatmaps.name).stat().st_ino == heatmaps.stat().st_ino
 
         # a crash between creating a run and recording it: the run is found by its key, not made again
         with node.sessions.begin() as session:
@@ -203,6 +216,40 @@ def test_every_inference_is_a_run_without_patient_data(
     strings = patient_strings(sent)
     assert files_holding(storage / "patients", strings), "the scan finds the patient data where it is"
     assert files_holding(storage / "mlflow", strings) == []
+
+
+def test_runs_wait_while_jobs_are_due_unless_the_node_is_never_idle(tmp_path: Path, models: InferenceModels) -> None:
+    """The tracker gives the cores to the jobs that are due: an instance's run is logged once no job waits, or once
+    the tracker has given way for MAX_GIVE_WAY_S."""
+    settings = Settings(
+        dicom={"host": "127.0.0.1", "port": free_port()},
+        storage={"root": tmp_path / "storage"},
+        workers={"count": 0},  # the test runs each job and each pass of a tracker itself
+        mlflow={"enabled": False},
+    )
+    with running_node(settings, models) as node:
+        tracker = InferenceTracker(
+            settings.mlflow.model_copy(update={"enabled": True}), node.sessions, node.store, models
+        )
+        assert all(status.Status == 0 for status in send_datasets(node.settings.dicom.port, patients(["hand", "foot"])))
+        with node.sessions() as session:
+            first, second = session.scalars(select(Job.instance_pk).order_by(Job.id)).all()
+
+        def run_jobs_of(instance_pk: int) -> None:
+            for kind in ("inference", "outputs"):
+                with node.sessions() as session:
+                    job_id = session.scalar(select(Job.id).where(Job.instance_pk == instance_pk, Job.kind == kind))
+                assert node.workers.run_now(job_id)
+
+        run_jobs_of(first)
+        assert tracker.run_once() == 0, "the second image's inference job is due"
+        assert tracking_rows(node) == []
+        tracker.give_way.max_seconds = 0.0
+        assert tracker.run_once() == 1, "given way long enough: the first image's run"
+        tracker.give_way.max_seconds = tracking.MAX_GIVE_WAY_S
+        run_jobs_of(second)
+        assert tracker.run_once() == 1, "idle: the second image's run"
+        assert all_logged(node, 2)
 
 
 def test_runs_appear_once_the_tracking_server_is_back(tmp_path: Path, models: InferenceModels) -> None:

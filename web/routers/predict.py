@@ -167,6 +167,13 @@ def _predict(
     context: WebContext, data: bytes, patient_id: str | None, sex: Sex | None, task: TaskName | None
 ) -> PredictionOut:
     node = _node(context)
+    with node.foreground.serving():  # the node's background work waits: this answer comes first
+        return _predict_in_foreground(node, context, data, patient_id, sex, task)
+
+
+def _predict_in_foreground(
+    node: Node, context: WebContext, data: bytes, patient_id: str | None, sex: Sex | None, task: TaskName | None
+) -> PredictionOut:
     settings = context.settings
     prepared = prepare(
         data, settings.inference, settings.dicom.max_inflated_mb * 2**20, check_patient_id(patient_id), sex, task
