@@ -15,14 +15,16 @@ log = logging.getLogger(__name__)
 class PollingThread:
     """Subclasses implement :meth:`run_pass`; the thread waits ``poll_interval`` seconds after a pass that left
     nothing due, or less when :meth:`wake` is called. An error in a pass is logged by its type only (messages of
-    database and network errors can carry patient data or credentials) and the next pass tries again."""
+    database and network errors can carry patient data or credentials) and the next pass tries again. With
+    ``count`` above 1, that many threads make passes side by side (their passes must claim work atomically)."""
 
-    def __init__(self, name: str, poll_interval: float) -> None:
+    def __init__(self, name: str, poll_interval: float, count: int = 1) -> None:
         self.name = name
         self.poll_interval = poll_interval
+        self.count = count
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def run_pass(self) -> bool:
         """Do one pass of work; True when more may be due at once."""
@@ -34,16 +36,19 @@ class PollingThread:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-        self._thread.start()
+        for number in range(self.count):
+            name = self.name if self.count == 1 else f"{self.name}-{number}"
+            thread = threading.Thread(target=self._work, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the pass in hand, then stop."""
+        """Finish the passes in hand, then stop."""
         self._stopping.set()
         self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
 
     def wake(self) -> None:
         """Start the next pass now rather than at the next poll."""
@@ -58,8 +63,7 @@ class PollingThread:
                     "%s pass failed (%s); retrying after %.1f s", self.name, type(error).__name__, self.poll_interval
                 )
                 busy = False
-            if not busy:
-                self._wakeup.wait(self.poll_interval)
+            if not busy and self._wakeup.wait(self.poll_interval):
                 self._wakeup.clear()
 
 

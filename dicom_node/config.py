@@ -245,6 +245,7 @@ class DeliverySettings(Section):
     retry_backoff: Seconds = 5.0
     max_backoff: Seconds = 600.0
     objects_per_association: int = Field(50, ge=1)
+    associations: int = Field(2, ge=1, le=16)
     poll_interval: Seconds = 0.5
     timeout: Seconds = 30.0
 

@@ -1,8 +1,10 @@
 """Delivery: the outbox of objects the node wrote, sent to the configured destinations by C-STORE.
 
-Each ``deliveries`` row is one object to one destination. The sender, a thread of its own so that it never
+Each ``deliveries`` row is one object to one destination. The sender, threads of its own so that it never
 holds up ingest or inference, claims the due rows of one destination (up to ``objects_per_association``),
-sends them in one association, and records each outcome:
+sends them in one association, and records each outcome. ``delivery.associations`` threads send side by side,
+each its own batch: a destination stores each object before it answers (a PACS writes it to disk), and a second
+association keeps the link busy meanwhile. Each records every outcome:
 
 - success or warning (PS3.4 B.2.3): sent;
 - a transient failure (the association cannot be made or breaks, no response, Refused: Out of Resources
@@ -218,10 +220,11 @@ def count_by_state(session: Session) -> dict[DeliveryState, int]:
 
 
 class DeliverySender(PollingThread):
-    """A thread that sends due deliveries, one association per destination and batch."""
+    """Threads (``delivery.associations``) that send due deliveries, one association per batch: while one waits
+    for a destination to store an object, another sends the next batch."""
 
     def __init__(self, settings: Settings, queue: DeliveryQueue, store: InstanceStore) -> None:
-        super().__init__("delivery", settings.delivery.poll_interval)
+        super().__init__("delivery", settings.delivery.poll_interval, settings.delivery.associations)
         self.settings = settings
         self.queue = queue
         self.store = store

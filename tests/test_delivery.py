@@ -4,6 +4,7 @@ retried with backoff, other failures fail at once, `dicom-node resend` queues th
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,13 +78,13 @@ def settings_for(tmp_path: Path, peer_port: int, tls: dict | None = None) -> Set
     )
 
 
-def queued_delivery(node: Node, tmp_path: Path) -> int:
-    """An indexed object with one delivery to the peer, as the outputs job leaves it."""
+def queued_delivery(node: Node, tmp_path: Path, patient_id: str = "OUTBOX") -> int:
+    """An indexed object (of a patient of its own) with one delivery to the peer, as the outputs job leaves it."""
     path = tmp_path / "object.dcm"
-    synthetic_dx("OUTBOX", side=64).save_as(path, enforce_file_format=True)
+    synthetic_dx(patient_id, side=64).save_as(path, enforce_file_format=True)
     node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)])
     with node.sessions.begin() as session:
-        instance = session.scalars(select(Instance)).one()
+        instance = session.scalars(select(Instance).order_by(Instance.id.desc()).limit(1)).one()
         delivery = Delivery(instance_pk=instance.id, destination="peer")
         session.add(delivery)
         session.flush()
@@ -194,3 +195,45 @@ def test_outputs_go_by_rule_then_back_to_a_known_caller_then_to_the_default() ->
     assert destinations_for(settings, "CR1", "secondary_capture") == ["modality"], "back to a known caller"
     assert destinations_for(settings, "UNKNOWN", "structured_report") == ["pacs"]
     assert destinations_for(Settings(), "CR1", "secondary_capture") == [], "no destinations: nowhere"
+
+
+class SlowPeer(AnsweringPeer):
+    """A peer that takes ``seconds`` to store each object, as a PACS writing to its disk, and counts the stores
+    in progress at once."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__([0x0000])
+        self.seconds = seconds
+        self.in_progress = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def _store(self, event) -> int:
+        with self.lock:
+            self.in_progress += 1
+            self.most_at_once = max(self.most_at_once, self.in_progress)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.in_progress -= 1
+        return super()._store(event)
+
+
+def test_the_sender_keeps_delivery_associations_busy_side_by_side(tmp_path: Path) -> None:
+    peer = SlowPeer(0.2)
+    try:
+        settings = settings_for(tmp_path, peer.port).model_copy(deep=True)
+        settings.delivery.objects_per_association = 2
+        settings.delivery.associations = 2
+        node = Node(settings)
+        ids = [queued_delivery(node, tmp_path, f"OUTBOX{number}") for number in range(6)]
+        node.sender.start()
+        try:
+            deadline = time.monotonic() + 30
+            while {delivery(node, delivery_id).state for delivery_id in ids} != {DeliveryState.SENT}:
+                assert time.monotonic() < deadline, "the six objects were not all sent"
+                time.sleep(0.05)
+        finally:
+            node.sender.stop()
+        assert len(set(peer.accepted)) == 6
+        assert peer.most_at_once == 2, "two associations stored side by side"
+    finally:
+        peer.server.shutdown()
