@@ -11,6 +11,8 @@ exported before, untimed, as after a node's first start. From t0, just before th
   it is routed to, in batches of ``inference.batch_size``, their inputs prepared beforehand (untimed);
 - where the inference jobs' time went, from the node's own timings (reading and decoding, each model, writing
   the heatmaps and recording), and the node's peak RSS;
+- the share of the node's CPU each stage took from t0 until every report was acknowledged, sampled by py-spy
+  (:mod:`benchmarks.stages`);
 - then, once the node is idle again, ``POST /predict`` back to back: ``--uploads`` other phantoms as the DICOM
   files they are, and the same as 512-pixel PNG pictures, as the seeds' clients send them; latency p50 / p95.
 
@@ -41,6 +43,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before benchmarks/, whose inference.py would shadow the package; tests importable
 
+from benchmarks.stages import StageProfile  # noqa: E402
 from benchmarks.verdicts import print_verdicts  # noqa: E402
 from dicom_node.config import InferenceSettings  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
@@ -159,6 +162,8 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
         try:
             node.wait_until_ready(300)
             database = storage / "index.sqlite3"
+            profile = StageProfile(node.process.pid, work / "profile.txt")
+            profile.start()
             started = time.perf_counter()
             subprocess.run(
                 ["storescu", "-aet", "MODALITY", "-aec", "AINODE", "127.0.0.1", str(node.dicom_port), *map(str, files)],
@@ -178,6 +183,7 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
                 if now > 900:
                     raise TimeoutError(f"after 900 s: {outputs} outputs written, {reports} reports acknowledged")
                 time.sleep(0.05)
+            profile.stop()
             stages = inference_stages(database)
             wait_until_idle(node)
             predict_latencies(node.web_port, dicom_uploads[:1])  # warm-up
@@ -207,6 +213,9 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
         + " / ".join(f"{value:.0f}" for value in (*np.quantile(png_ms, [0.5, 0.95]), max(png_ms)))
     )
     print(f"   peak RSS of the node                        {rss:8.0f} MB")
+    print("   share of the node's CPU by stage, push to every report acknowledged (py-spy samples):")
+    for stage, share in profile.shares().items():
+        print(f"      {stage:45s} {share:6.1%}")
     end_to_end = count / reported_at
     return {
         "end to end, images/s": end_to_end,
