@@ -30,6 +30,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from inference.pixels import DEFAULT_PICTURE_SIZE
+
 ENV_PREFIX = "DICOM_NODE_"
 
 
@@ -235,7 +237,7 @@ class DeliveryRule(Section):
 class OutputSettings(Section):
     secondary_captures: bool = True
     structured_report: bool = True
-    max_image_size: int = Field(1024, ge=512, le=4096)
+    max_image_size: int = Field(DEFAULT_PICTURE_SIZE, ge=512, le=4096)
 
 
 class DeliverySettings(Section):

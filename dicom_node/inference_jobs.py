@@ -1,8 +1,10 @@
 """The inference job: from a stored instance to recorded results with heatmaps.
 
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
-decoded (:mod:`inference.pixels`); each model then runs once on all the images routed to it. Per instance, one
-file of heatmaps is written under ``results/`` beside the layout of ``patients/``; then, for each instance, the
+decoded (:mod:`inference.pixels`: halved first where it is at least twice ``outputs.max_image_size``); each model
+then runs once on all the images routed to it. Per instance, one file of heatmaps is written under ``results/``
+beside the layout of ``patients/``, and, where Secondary Captures are made, the radiograph at their scale (a
+``.preview.npy`` the outputs job draws them on, then deletes); then, for each instance, the
 batch's transaction replaces its results, queues its outputs job (:mod:`dicom_node.output_jobs`) and marks its
 job done with what it did: a process killed before the commit leaves the jobs to run again, which leaves the
 same state as one run once; killed after it, they are not run again (new result ids would give new outputs).
@@ -40,7 +42,13 @@ from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE, TASKS
 from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
 from inference.model_card import ModelMissingError
-from inference.pixels import DEFERRED_PIXEL_DATA, UnsupportedImage, radiograph_pixels
+from inference.pixels import (
+    DEFAULT_PICTURE_SIZE,
+    DEFERRED_PIXEL_DATA,
+    UnsupportedImage,
+    dimensions,
+    radiograph_pixels,
+)
 from inference.predict import (
     BoneAgeEstimate,
     HalluxValgusResult,
@@ -134,15 +142,18 @@ class InferenceJobs:
         sessions: sessionmaker[Session],
         latency: Histogram | None = None,
         max_image_pixels: int | None = None,
-        preview_size: int | None = None,
+        picture_size: int = DEFAULT_PICTURE_SIZE,
+        keep_preview: bool = False,
     ) -> None:
         """``latency`` observes each image's seconds from reading to recorded results, by task; an image of more
-        than ``max_image_pixels`` (``dicom.max_image_pixels``) fails its job without being decoded. With
-        ``preview_size`` (``outputs.max_image_size`` when Secondary Captures are made), the radiograph is kept
-        beside the heatmaps scaled to that size, for the outputs job to draw on."""
+        than ``max_image_pixels`` (``dicom.max_image_pixels``) fails its job without being decoded. The radiograph is
+        reduced to no less than ``picture_size`` pixels (``outputs.max_image_size``) before its grayscale pipeline
+        and the models' letterboxes; with ``keep_preview`` (Secondary Captures are made), it is kept beside the
+        heatmaps at that size, for the outputs job to draw on."""
         self.settings = settings
         self.max_image_pixels = max_image_pixels
-        self.preview_size = preview_size
+        self.picture_size = picture_size
+        self.keep_preview = keep_preview
         self.models = models
         self.latency = latency
         self.store = store
@@ -225,11 +236,11 @@ class InferenceJobs:
         work = _Work(job, relative, ds, route(ds, self.settings), started)
         if work.route.tasks:
             models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
-            pixels = radiograph_pixels(ds, self.max_image_pixels)
-            picture = as_picture(pixels)
-            work.inputs = {task: model.inputs([picture]) for task, model in models.items()}
-            if self.preview_size is not None:
-                work.preview = preview(pixels, self.preview_size)
+            pixels = radiograph_pixels(ds, self.max_image_pixels, reduce_to=self.picture_size)
+            picture, shape = as_picture(pixels), dimensions(ds)[:2]
+            work.inputs = {task: model.inputs([picture], [shape]) for task, model in models.items()}
+            if self.keep_preview:
+                work.preview = preview(pixels, self.picture_size, shape)
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
@@ -348,20 +359,27 @@ class InferenceJobs:
         return failures
 
     def _write_heatmaps(self, work: _Work) -> Exception | None:
-        """Write and make durable the file of the instance's heatmaps (none when no task ran) and its preview; the
-        error, if any."""
+        """Write and make durable the file of the instance's heatmaps (none when no task ran), then keep its preview;
+        the error, if any."""
         started = time.perf_counter()
         try:
             if work.heatmaps:
                 temporary = self.store.write_temporary([heatmaps_to_bytes(work.heatmaps)])
                 self.store.publish(temporary, work.heatmap_path)
-                if work.preview is not None:
-                    temporary = self.store.write_temporary([_npy(work.preview)])
-                    self.store.publish(temporary, preview_path(work.heatmap_path))
         except Exception as error:
             return error
+        if work.heatmaps and work.preview is not None:
+            self._keep_preview(work)
         work.timings_ms["record"] = (time.perf_counter() - started) * 1000
         return None
+
+    def _keep_preview(self, work: _Work) -> None:
+        """Write the preview beside the heatmaps; it is a cache of the outputs job (which deletes it), so a write
+        that fails costs that job a decoding, not this job its results."""
+        try:
+            self.store.publish(self.store.write_temporary([_npy(work.preview)]), preview_path(work.heatmap_path))
+        except OSError as error:
+            log.warning("job %d: no preview kept (%s); its outputs decode the image", work.job.id, type(error).__name__)
 
     @staticmethod
     def _record_in(session: Session, work: _Work) -> bool:

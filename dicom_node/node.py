@@ -96,7 +96,8 @@ class Node:
                 self.sessions,
                 self.metrics.inference_seconds,
                 settings.dicom.max_image_pixels,
-                settings.outputs.max_image_size if settings.outputs.secondary_captures else None,
+                settings.outputs.max_image_size,
+                settings.outputs.secondary_captures,
             )
         self.handlers |= job_handlers or {}
         self.queues = list(queues) if queues is not None else self._default_queues()

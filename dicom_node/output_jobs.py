@@ -108,6 +108,7 @@ class OutputJobs:
             if not queued:
                 note += " (no destination: see delivery.default_destination)"
             finish(session, job, note)
+        self.store.absolute(preview_path(results[0].heatmap_path)).unlink(missing_ok=True)  # drawn: no longer needed
         if queued:
             self.on_queued()
 
@@ -151,7 +152,7 @@ class OutputJobs:
         (results from before it kept one, ``outputs.max_image_size`` changed since): the source is decoded."""
         try:
             shown = np.load(self.store.absolute(preview_path(heatmap_path)), allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # none, or a torn write: only a cache
             return None
         return shown if shown.dtype == np.uint8 and shown.shape == shape else None
 

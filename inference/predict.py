@@ -172,11 +172,15 @@ class Model:
             runner = TorchRunner(cam_network, threads)
         return cls(card, network, cam_network, digest, runner)
 
-    def inputs(self, images: list[np.ndarray | Image.Image]) -> ModelInputs:
-        """The inputs of [0, 1] images (float32 arrays or their :func:`inference.preprocess.as_picture`)."""
+    def inputs(
+        self, images: list[np.ndarray | Image.Image], shapes: list[tuple[int, int]] | None = None
+    ) -> ModelInputs:
+        """The inputs of [0, 1] images (float32 arrays or their :func:`inference.preprocess.as_picture`); ``shapes``:
+        (rows, columns) of the full-size images, where ``images`` are reduced copies of them."""
+        preprocessing = self.card.preprocessing
         prepared = [
-            model_input(image, self.card.input_size, self.card.preprocessing.mean, self.card.preprocessing.std)
-            for image in images
+            model_input(image, self.card.input_size, preprocessing.mean, preprocessing.std, shape)
+            for image, shape in zip(images, shapes or [None] * len(images), strict=True)
         ]
         batch = np.stack([square for square, _ in prepared])[:, None]
         batch = np.ascontiguousarray(np.repeat(batch, self.card.in_channels, axis=1))

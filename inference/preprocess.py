@@ -67,8 +67,12 @@ def as_picture(image: np.ndarray | Image.Image) -> Image.Image:
     return Image.fromarrow(pyarrow.array(pixels.reshape(-1)), "F", (columns, rows))
 
 
-def model_input(image: np.ndarray | Image.Image, size: int, mean: float, std: float) -> tuple[np.ndarray, Letterbox]:
-    """The normalised square input for a model of input ``size`` and where the image lies in it."""
-    rows, columns = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+def model_input(
+    image: np.ndarray | Image.Image, size: int, mean: float, std: float, shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """The normalised square input for a model of input ``size`` and where the image lies in it. ``shape`` is
+    (rows, columns) of the image ``image`` is a scaled-down copy of (:func:`inference.pixels.reduced`): the
+    letterbox places that image, so that heatmaps map onto its pixels."""
+    rows, columns = shape or ((image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2])
     box = Letterbox(rows, columns, size)
     return (box.to_square(image) - mean) / std, box

@@ -14,7 +14,7 @@ from pydicom.pixels import pixel_array
 
 from dicom_node.phantoms.generator import render_phantom
 from inference.cam import as_cam_network, autograd_grad_cam, class_activation_maps
-from inference.pixels import _grayscale_pipeline, _native_values_from_file, radiograph_pixels, window
+from inference.pixels import _grayscale_pipeline, _native_values_from_file, radiograph_pixels, reduced, window
 from inference.predict import Model, ModelInputs, _augmented_copies, predict_bone_age, predict_hallux_valgus
 from inference.preprocess import Letterbox
 
@@ -242,3 +242,21 @@ def test_inference_never_imports_the_node_or_the_web_app() -> None:
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(name.split(".")[0] in ("dicom_node", "web") for name in names), f"{path}: {names}"
+
+
+def test_a_reduction_averages_two_by_two_blocks_only_where_the_image_is_twice_the_size() -> None:
+    values = np.array([[0, 1, 2, 3, 9], [4, 5, 6, 7, 9], [10, 10, 20, 20, 9]], np.uint16)
+    np.testing.assert_array_equal(reduced(values, 2), np.array([[3, 5]], np.uint16))  # 10/4 rounds to 3, 18/4 to 5
+    assert reduced(values, 3) is values, "5 pixels are not twice 3"
+    signed = np.array([[-3, -4], [-4, -4]], np.int16)
+    np.testing.assert_array_equal(reduced(signed, 1), np.array([[-4]], np.int16))  # -15/4 rounds to -4
+
+
+def test_a_reduced_radiograph_gives_the_letterbox_and_the_inputs_of_the_full_one() -> None:
+    ds, _ = render_phantom(6000, 1, "foot")
+    full, half = radiograph_pixels(ds), radiograph_pixels(ds, reduce_to=1024)
+    assert half.shape == (ds.Rows // 2, ds.Columns // 2)
+    model = Model.load(Path(__file__).resolve().parents[1] / "models" / "hallux-valgus-demo.yaml")
+    from_full, from_half = model.inputs([full]), model.inputs([half], [(ds.Rows, ds.Columns)])
+    assert from_half.letterboxes == from_full.letterboxes == [Letterbox(ds.Rows, ds.Columns, model.card.input_size)]
+    assert np.abs(from_half.batch - from_full.batch).mean() < 0.01 * np.ptp(from_full.batch)

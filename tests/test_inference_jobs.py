@@ -14,12 +14,12 @@ from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import InferenceResult, Instance, Job, JobState
+from dicom_node.models import InferenceResult, Instance, Job, JobState, preview_path
 from dicom_node.node import Node
 from dicom_node.part10 import encoded_dataset
 from dicom_node.phantoms import generate_phantoms, read_labels
 from dicom_node.synthetic import synthetic_dx
-from inference.pixels import radiograph_pixels
+from inference.pixels import DEFAULT_PICTURE_SIZE, radiograph_pixels
 from inference.predict import heatmap_from_bytes, predict_bone_age, predict_hallux_valgus
 from tests.conftest import stored_jobs
 from tests.dicom_peers import dcmtk, free_port, send_datasets
@@ -93,7 +93,8 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
     for label in labels:
         ds = pydicom.dcmread(phantoms / label.file)
         rows = {row.output: row for row in results[ds.SOPInstanceUID]}
-        image = radiograph_pixels(ds)
+        image = radiograph_pixels(ds, reduce_to=DEFAULT_PICTURE_SIZE)  # as the node prepares it
+        shape = [(ds.Rows, ds.Columns)]
         assert len({row.heatmap_path for row in rows.values()}) == 1  # one heatmaps file per instance
         for row in rows.values():
             assert (row.model_name, row.demo_model) == (models.of(row.task).card.name, True)
@@ -102,7 +103,7 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
             stored = heatmap_from_bytes(node.store.absolute(row.heatmap_path).read_bytes(), row.heatmap_name)
             assert stored.letterbox.rows == ds.Rows and stored.letterbox.columns == ds.Columns
         if label.task == "foot":
-            [expected] = predict_hallux_valgus(models.hallux_valgus, [image], 0.3)
+            [expected] = predict_hallux_valgus(models.hallux_valgus, models.hallux_valgus.inputs([image], shape), 0.3)
             assert set(rows) == {"foot"}
             values = rows["foot"].values
             assert values["prediction"] == expected.prediction and rows["foot"].is_primary
@@ -113,7 +114,7 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
             )
             np.testing.assert_allclose(stored.values, expected.heatmap.values, atol=1e-3)
         else:
-            [expected] = predict_bone_age(models.bone_age, [image])
+            [expected] = predict_bone_age(models.bone_age, models.bone_age.inputs([image], shape))
             assert set(rows) == {"male", "female"}
             assert rows["male"].is_primary == (label.sex == "M") and rows["female"].is_primary == (label.sex == "F")
             for sex, word in (("M", "male"), ("F", "female")):
@@ -252,4 +253,41 @@ def test_an_index_that_cannot_be_reached_fails_the_batch_at_once(
     assert set(failures) == {job.id for job in jobs}
     assert all(isinstance(error, OperationalError) for error in failures.values())
     assert len(attempts) == 1, "no transaction per instance after the batch's"
+    node.engine.dispose()
+
+
+def test_outputs_are_drawn_on_the_kept_preview_as_on_the_decoded_image_and_the_preview_goes(
+    tmp_path: Path, models: InferenceModels, phantoms: Path
+) -> None:
+    """The inference job keeps the radiograph at the Secondary Captures' scale; the outputs job draws on it, then
+    deletes it. Without it (results from before, a failed write) the outputs job decodes the source: the same
+    pixels."""
+    settings = Settings(dicom={"host": "127.0.0.1", "port": free_port()}, storage={"root": tmp_path / "storage"})
+    settings.workers.count = 0  # the test runs each job
+    node = Node(settings, models=models)
+    foot = next(label for label in read_labels(phantoms / "labels.csv") if label.task == "foot")
+    path = phantoms / foot.file
+    node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)])
+
+    def run(kind: str) -> None:
+        with node.sessions() as session:
+            job_id = session.scalars(select(Job.id).where(Job.kind == kind).order_by(Job.id.desc())).first()
+        assert node.workers.run_now(job_id)
+
+    def secondary_capture() -> np.ndarray:
+        with node.sessions() as session:
+            [sc] = session.scalars(select(Instance).where(Instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"))
+            return pydicom.dcmread(node.store.absolute(sc.path)).pixel_array
+
+    run("inference")
+    with node.sessions() as session:
+        preview = node.store.absolute(preview_path(session.scalars(select(InferenceResult.heatmap_path)).first()))
+    assert np.load(preview).dtype == np.uint8 and max(np.load(preview).shape) == settings.outputs.max_image_size
+    run("outputs")
+    assert not preview.exists(), "drawn, then deleted"
+    from_preview = secondary_capture()
+    with node.sessions.begin() as session:  # the outputs job again, with no preview to draw on
+        session.execute(update(Job).where(Job.kind == "outputs").values(state=JobState.PENDING))
+    run("outputs")
+    np.testing.assert_array_equal(secondary_capture(), from_preview)
     node.engine.dispose()

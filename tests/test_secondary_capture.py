@@ -12,14 +12,13 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import NodeIdentity
-from dicom_node.outputs.render import Picture, preview
+from dicom_node.outputs.render import Picture
 from dicom_node.outputs.secondary_capture import build_secondary_capture, caption, heatmap_picture
 from dicom_node.phantoms.foot import FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.generator import render_phantom
 from dicom_node.phantoms.hand import HAND_EXTENT_MM, draw_hand
 from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Exposure, Placement, expose
 from dicom_node.synthetic import Demographics, dx_dataset
-from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 from inference.preprocess import Letterbox
 from tests.validators import dciodvfy_errors
@@ -340,12 +339,13 @@ RENDERINGS = Path(__file__).parent / "renderings"
 def test_the_picture_from_the_preview_matches_the_one_from_the_full_radiograph(
     kind: str, index: int, result: InferenceResult, max_size: int, peak: tuple[int, int]
 ) -> None:
-    """The picture drawn from the inference job's preview differs from the one drawn from the full-size radiograph
-    and full-size heatmap before (``tests/renderings/*-d856f49.png``: ``heatmap_picture`` of commit d856f49 on
-    the same phantom, heatmap and result) by less than one grey level on average, and has the same layout."""
+    """The picture drawn as the node now draws it (the radiograph reduced before its grayscale pipeline, a preview
+    at the picture's scale, the heatmap resized once) differs from the one drawn from the full-size radiograph and
+    full-size heatmap before (``tests/renderings/*-d856f49.png``: ``heatmap_picture`` of commit d856f49 on the same
+    phantom, heatmap and result) by less than one grey level on average, and has the same layout."""
     ds, _ = render_phantom(6000, index, kind)
     heatmap = heatmap_peaking_at(*peak, ds.Rows, ds.Columns)
-    picture = heatmap_picture(ds, heatmap, result, max_size, preview(radiograph_pixels(ds), max_size))
+    picture = heatmap_picture(ds, heatmap, result, max_size)
     before = np.asarray(Image.open(RENDERINGS / f"{kind}-sc-d856f49.png"))
     assert picture.pixels.shape == before.shape
     difference = np.abs(picture.pixels.astype(np.int16) - before)

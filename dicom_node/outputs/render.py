@@ -61,6 +61,8 @@ def render(radiograph: np.ndarray, heatmap: Heatmap, caption: Caption, max_size:
     size once.
     """
     rows, columns = heatmap.letterbox.rows, heatmap.letterbox.columns
+    if radiograph.dtype != np.uint8:
+        raise ValueError(f"the radiograph must be gray uint8 as preview() makes it, not {radiograph.dtype}")
     _check_scaled_copy(radiograph.shape, rows, columns)
     if max_size < MIN_SIZE:
         raise ValueError(f"max_size must be at least {MIN_SIZE} pixels to hold the text, not {max_size}")
@@ -76,11 +78,12 @@ def render(radiograph: np.ndarray, heatmap: Heatmap, caption: Caption, max_size:
     return Picture(pixels, (x0, top.height, width, height))
 
 
-def preview(radiograph: np.ndarray, max_size: int) -> np.ndarray:
+def preview(radiograph: np.ndarray, max_size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
     """``radiograph`` (float in [0, 1]) as gray uint8, scaled down (never up) so that its longest side is at most
-    ``max_size``: what :func:`render` draws a picture of that size from, made where the full-size pixels are at
-    hand (the inference job) so that the outputs job never decodes the radiograph again."""
-    height, width = preview_shape(*radiograph.shape, max_size)
+    ``max_size``: what :func:`render` draws a picture of that size from, made where the pixels are at hand (the
+    inference job) so that the outputs job never decodes the radiograph again. ``shape``: (rows, columns) of the
+    full-size image, where ``radiograph`` is a reduced copy of it (:func:`inference.pixels.reduced`)."""
+    height, width = preview_shape(*(shape or radiograph.shape), max_size)
     return np.rint(np.clip(_resize(radiograph, width, height), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -149,7 +152,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 # Most words recur from picture to picture (the warnings, the legend, the class names), and pictures of a size
-# share their font and width: the strips and line breaks are laid out once per text, font and width.
+# share their font and width: the strips and line breaks are laid out once per text, font and width. The cached
+# strips are shared by every picture (and thread) that pastes them: they are read, never drawn on.
 @functools.lru_cache(maxsize=16)
 def _text_strip(
     texts: tuple[str, ...], font: ImageFont.FreeTypeFont, width: int, colour: tuple[int, int, int]

@@ -119,8 +119,10 @@ def heatmap_picture(
 ) -> Picture:
     """The picture an SC image of ``result`` shows: ``source``'s radiograph (``radiograph``, or decoded), the
     heatmap and the caption."""
-    shown = radiograph if radiograph is not None else preview(radiograph_pixels(source), max_size)
-    return render(shown, heatmap, caption(result), max_size)
+    if radiograph is None:
+        shape = (int(source.Rows), int(source.Columns))
+        radiograph = preview(radiograph_pixels(source, reduce_to=max_size), max_size, shape)
+    return render(radiograph, heatmap, caption(result), max_size)
 
 
 def caption(result: InferenceResult) -> Caption:

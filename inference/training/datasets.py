@@ -116,10 +116,11 @@ def _has_columns(path: Path, columns: set[str]) -> bool:
         return columns <= set(next(csv.reader(file), []))
 
 
-def load_image(path: Path) -> np.ndarray:
-    """An image file as float32 in [0, 1], bone bright: DICOM through the pixel path, others stretched."""
+def load_image(path: Path, reduce_to: int | None = None) -> np.ndarray:
+    """An image file as float32 in [0, 1], bone bright: DICOM through the pixel path (reduced as the node
+    reduces it, with ``reduce_to``: see :func:`inference.pixels.radiograph_pixels`), others stretched."""
     if path.suffix.lower() == ".dcm" or _is_dicom(path):
-        return radiograph_pixels(pydicom.dcmread(path))
+        return radiograph_pixels(pydicom.dcmread(path), reduce_to=reduce_to)
     with Image.open(path) as image:
         gray = np.asarray(image.convert("F") if image.mode not in ("I;16", "I") else image, np.float32)
     return stretch(gray)

@@ -14,6 +14,7 @@ The report is Markdown with PNG plots; the figures are logged to MLflow with it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -23,8 +24,9 @@ import mlflow
 import numpy as np
 
 from inference.model_card import HALLUX_VALGUS_CLASSES
-from inference.predict import Heatmap, Model, predict_bone_age, predict_hallux_valgus
-from inference.training.datasets import DatasetError, Example, Format, load_image, read_examples
+from inference.pixels import DEFAULT_PICTURE_SIZE
+from inference.predict import Heatmap, Model, ModelInputs, predict_bone_age, predict_hallux_valgus
+from inference.training.datasets import DatasetError, Example, Format, image_shape, load_image, read_examples
 
 matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402  (after choosing the non-interactive backend)
@@ -70,10 +72,13 @@ def pointing_accuracy(hits: list[bool]) -> float:
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def _batches(examples: list[Example]):
+def _batches(model: Model, examples: list[Example]) -> Iterator[tuple[list[Example], ModelInputs]]:
+    """The examples in batches with their model inputs, made as the node makes them: DICOM images reduced to
+    the node's default picture size first, the letterboxes placing the full-size image."""
     for start in range(0, len(examples), BATCH):
         chunk = examples[start : start + BATCH]
-        yield chunk, [load_image(example.path) for example in chunk]
+        images = [load_image(example.path, DEFAULT_PICTURE_SIZE) for example in chunk]
+        yield chunk, model.inputs(images, [image_shape(example.path) for example in chunk])
 
 
 def _inside(heatmap: Heatmap, box: tuple[int, int, int, int]) -> bool:
@@ -83,8 +88,8 @@ def _inside(heatmap: Heatmap, box: tuple[int, int, int, int]) -> bool:
 
 def evaluate_hallux_valgus(model: Model, examples: list[Example], plots: Path, threshold: float) -> Evaluation:
     truth, predicted, detected, hits = [], [], [], []
-    for chunk, images in _batches(examples):
-        for example, result in zip(chunk, predict_hallux_valgus(model, images, threshold), strict=True):
+    for chunk, inputs in _batches(model, examples):
+        for example, result in zip(chunk, predict_hallux_valgus(model, inputs, threshold), strict=True):
             truth.append(example.foot_class)
             predicted.append(HALLUX_VALGUS_CLASSES.index(result.prediction))
             detected.append(result.hallux_valgus_detected)
@@ -104,8 +109,8 @@ def evaluate_hallux_valgus(model: Model, examples: list[Example], plots: Path, t
 
 def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Evaluation:
     sexes, truth, means, sigmas, hits = [], [], [], [], []
-    for chunk, images in _batches(examples):
-        for example, estimates in zip(chunk, predict_bone_age(model, images), strict=True):
+    for chunk, inputs in _batches(model, examples):
+        for example, estimates in zip(chunk, predict_bone_age(model, inputs), strict=True):
             own = estimates[example.sex]
             sexes.append(example.sex)
             truth.append(example.bone_age_months)
