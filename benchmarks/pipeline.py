@@ -49,7 +49,7 @@ from dicom_node.config import InferenceSettings  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
 from dicom_node.phantoms import generate_phantoms  # noqa: E402
 from dicom_node.routing import route  # noqa: E402
-from inference.pixels import radiograph_pixels  # noqa: E402
+from inference.pixels import DEFAULT_PICTURE_SIZE, radiograph_pixels  # noqa: E402
 from inference.predict import ModelInputs, predict_bone_age, predict_hallux_valgus  # noqa: E402
 from inference.preprocess import as_picture  # noqa: E402
 from tests.orthanc import orthanc  # noqa: E402
@@ -72,9 +72,9 @@ def model_bound_limit(files: list[Path], graphs: Path) -> float:
     routed: dict[str, list[ModelInputs]] = defaultdict(list)
     for path in files:
         ds = pydicom.dcmread(path)
-        picture = as_picture(radiograph_pixels(ds))
+        picture = as_picture(radiograph_pixels(ds, reduce_to=DEFAULT_PICTURE_SIZE))  # as the node prepares it
         for task in route(ds, settings).tasks:
-            routed[task].append(models.of(task).inputs([picture]))
+            routed[task].append(models.of(task).inputs([picture], [(ds.Rows, ds.Columns)]))
     predict = {
         "hallux_valgus": lambda inputs: predict_hallux_valgus(models.of("hallux_valgus"), inputs),
         "bone_age": lambda inputs: predict_bone_age(models.of("bone_age"), inputs),
@@ -216,6 +216,8 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
     print("   share of the node's CPU by stage, push to every report acknowledged (py-spy samples):")
     for stage, share in profile.shares().items():
         print(f"      {stage:45s} {share:6.1%}")
+    if profile.missing:
+        print(f"      not measured: {profile.missing}")
     end_to_end = count / reported_at
     return {
         "end to end, images/s": end_to_end,

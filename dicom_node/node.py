@@ -101,7 +101,14 @@ class Node:
             )
         self.handlers |= job_handlers or {}
         self.queues = list(queues) if queues is not None else self._default_queues()
-        self.tracker = InferenceTracker(settings.mlflow, self.sessions, self.store, models, self.foreground)
+        self.tracker = InferenceTracker(
+            settings.mlflow,
+            self.sessions,
+            self.store,
+            models,
+            self.foreground,
+            [destination.name for destination in settings.destinations],
+        )
         self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
 
     @property

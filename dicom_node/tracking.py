@@ -41,6 +41,7 @@ import secrets
 import shutil
 import time
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -305,8 +306,9 @@ class TrackingQueue:
                     )
                     row.last_error = row.experiment_id = row.run_id = row.logged_at = None
 
-    def pipeline_busy(self) -> bool:
-        """Whether a job or a delivery is running or due now: the work that results wait for."""
+    def pipeline_busy(self, destinations: Collection[str]) -> bool:
+        """Whether a job, or a delivery to one of ``destinations``, is running or due now: the work that results
+        wait for (rows of a destination no longer configured are never sent, so they do not count)."""
         now = _now()
         with self.sessions() as session:
             return bool(
@@ -319,10 +321,11 @@ class TrackingQueue:
                             )
                         )
                         | exists().where(
+                            Delivery.destination.in_(destinations),
                             or_(
                                 Delivery.state == DeliveryState.SENDING,
                                 (Delivery.state == DeliveryState.PENDING) & (Delivery.available_at <= now),
-                            )
+                            ),
                         )
                     )
                 )
@@ -412,9 +415,13 @@ class InferenceTracker(PollingThread):
         store: InstanceStore,
         models: InferenceModels | None = None,
         foreground: Foreground | None = None,
+        destinations: Collection[str] = (),
     ) -> None:
+        """``foreground`` and the deliveries to ``destinations`` (the configured ones) are what the thread gives
+        way to, besides due jobs."""
         super().__init__("tracking", settings.poll_interval)
         self.foreground = foreground
+        self.destinations = list(destinations)
         self.settings = settings
         self.queue = TrackingQueue(sessions, settings)
         self.store = store
@@ -462,15 +469,19 @@ class InferenceTracker(PollingThread):
 
     def _log_due(self, give_way: bool = False) -> int:
         """Queue the instances with new results, then log up to ``batch_size`` due runs, stopping at the first
-        that fails; with ``give_way``, none while the node has other work (:meth:`_gives_way`), and none after a
+        that fails; with ``give_way``, none while the node has other work (:meth:`_busy`), and none after a
         request came in."""
-        if give_way and self._gives_way():
-            return 0
+        forced = False  # let through while the node is busy, having given way long enough: logs its whole batch
+        if give_way:
+            busy = self._busy()
+            if self.give_way.defers(busy):
+                return 0
+            forced = busy
         self.queue.add_new()
         taken = 0
         while taken < self.settings.batch_size and not self.stopping:
-            if give_way and self.foreground is not None and self.foreground.busy():
-                break
+            if give_way and not forced and self.foreground is not None and self.foreground.busy():
+                break  # a request came in
             claimed = self.queue.claim()
             if claimed is None or not self._log(claimed):
                 break
@@ -486,11 +497,12 @@ class InferenceTracker(PollingThread):
         except Exception as error:
             log.debug("MLflow not reached at start (%s)", type(error).__name__)
 
-    def _gives_way(self) -> bool:
-        """Whether this pass leaves the cores to the requests, jobs and deliveries that are due: runs are logged once
-        the node is idle, or after :data:`MAX_GIVE_WAY_S` of giving way, so that a node never idle logs them too."""
+    def _busy(self) -> bool:
+        """Whether a request is served or a job or delivery is due: runs are logged once the node is idle, or after
+        :data:`MAX_GIVE_WAY_S` of giving way (a batch, then giving way again), so that a node never idle logs them
+        too, ``batch_size`` runs a minute at least."""
         foreground = self.foreground is not None and self.foreground.busy()
-        return self.give_way.defers(foreground or self.queue.pipeline_busy())
+        return foreground or self.queue.pipeline_busy(self.destinations)
 
     def _log(self, claimed: ClaimedRun) -> bool:
         """Log one claimed run; False when MLflow failed (recorded on the row)."""
@@ -587,8 +599,6 @@ class InferenceTracker(PollingThread):
             # and the node's stop. Set in the environment, these win.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-            # MLflow reports usage to its vendor unless told not to: a node beside a PACS sends nothing out
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow import MlflowClient
 
             uri = self.settings.tracking_uri
