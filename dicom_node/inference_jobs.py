@@ -3,8 +3,8 @@
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
 decoded (:mod:`inference.pixels`: halved first where it is at least twice ``outputs.max_image_size``); each model
 then runs once on all the images routed to it. Per instance, one file of heatmaps is written under ``results/``
-beside the layout of ``patients/``, and, where Secondary Captures are made, the radiograph at their scale (a
-``.preview.npy`` the outputs job draws them on, then deletes); then, for each instance, the
+beside the layout of ``patients/``, and, where Secondary Captures are made, the radiograph at their scale
+(:mod:`dicom_node.outputs.preview`, which the outputs job draws them on, then deletes); then, for each instance, the
 batch's transaction replaces its results, queues its outputs job (:mod:`dicom_node.output_jobs`) and marks its
 job done with what it did: a process killed before the commit leaves the jobs to run again, which leaves the
 same state as one run once; killed after it, they are not run again (new result ids would give new outputs).
@@ -14,7 +14,6 @@ fails the batch, to be retried.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pydicom
 from prometheus_client import Histogram
 from pydicom.dataset import Dataset
@@ -34,9 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
-from dicom_node.models import InferenceResult, Instance, heatmap_name, preview_path
+from dicom_node.models import InferenceResult, Instance, heatmap_name
 from dicom_node.output_jobs import OUTPUTS_JOB
-from dicom_node.outputs.render import preview
+from dicom_node.outputs.preview import preview, preview_bytes, preview_path, source_stamp
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE, TASKS
@@ -120,7 +118,7 @@ class _Work:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # the columns of its InferenceResult rows
     heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by InferenceResult.heatmap_name
-    preview: np.ndarray | None = None  # the radiograph as the Secondary Captures show it
+    preview: bytes | None = None  # the radiograph as the Secondary Captures show it (dicom_node.outputs.preview)
 
     @property
     def heatmap_path(self) -> PurePosixPath:
@@ -232,7 +230,9 @@ class InferenceJobs:
             raise LookupError(f"instance {job.instance_pk} is not in the index")
         relative = PurePosixPath(path)
         # the Pixel Data stays in the file until decoded: :mod:`inference.pixels` reads native values straight from it
-        ds = pydicom.dcmread(self.store.absolute(relative), defer_size=DEFERRED_PIXEL_DATA)
+        stored_file = self.store.absolute(relative)
+        stamp = source_stamp(stored_file)  # before reading: a file replaced meanwhile gets a preview never drawn
+        ds = pydicom.dcmread(stored_file, defer_size=DEFERRED_PIXEL_DATA)
         work = _Work(job, relative, ds, route(ds, self.settings), started)
         if work.route.tasks:
             models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
@@ -240,7 +240,7 @@ class InferenceJobs:
             picture, shape = as_picture(pixels), dimensions(ds)[:2]
             work.inputs = {task: model.inputs([picture], [shape]) for task, model in models.items()}
             if self.keep_preview:
-                work.preview = preview(pixels, self.picture_size, shape)
+                work.preview = preview_bytes(preview(pixels, self.picture_size, shape), stamp)
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
@@ -377,7 +377,7 @@ class InferenceJobs:
         """Write the preview beside the heatmaps; it is a cache of the outputs job (which deletes it), so a write
         that fails costs that job a decoding, not this job its results."""
         try:
-            self.store.publish(self.store.write_temporary([_npy(work.preview)]), preview_path(work.heatmap_path))
+            self.store.publish(self.store.write_temporary([work.preview]), preview_path(work.heatmap_path))
         except OSError as error:
             log.warning("job %d: no preview kept (%s); its outputs decode the image", work.job.id, type(error).__name__)
 
@@ -395,12 +395,6 @@ class InferenceJobs:
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)
         return True
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _peak(heatmap: Heatmap) -> list[float] | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from pathlib import PurePosixPath
 
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -161,12 +160,6 @@ class InferenceResult(Base):
 def heatmap_name(task: str, output: str) -> str:
     """The name of a result's map in its instance's heatmaps file."""
     return f"{task}-{output}"
-
-
-def preview_path(heatmap_path: str | PurePosixPath) -> PurePosixPath:
-    """Beside an instance's heatmaps file, the file of its radiograph as the Secondary Captures show it
-    (:func:`dicom_node.outputs.render.preview`, a ``.npy`` of uint8), which the inference job writes."""
-    return PurePosixPath(heatmap_path).with_suffix(".preview.npy")
 
 
 class DeliveryState(enum.StrEnum):

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -27,9 +26,9 @@ from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
 from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, PermanentJobError, finish, record_note, still_claimed
-from dicom_node.models import Delivery, InferenceResult, Instance, preview_path
+from dicom_node.models import Delivery, InferenceResult, Instance
 from dicom_node.outputs.identity import NodeIdentity
-from dicom_node.outputs.render import preview_shape
+from dicom_node.outputs.preview import Stamp, load_preview, preview_path, preview_shape, source_stamp
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
 from dicom_node.storage import InstanceStore
@@ -87,8 +86,10 @@ class OutputJobs:
             self._note(job, "no results to report")
             return
         # the Pixel Data stays in the file: the pictures are drawn from the preview the inference job kept
-        source = pydicom.dcmread(self.store.absolute(path), defer_size=DEFERRED_PIXEL_DATA)
-        outputs = self._build(source, results)
+        stored_file = self.store.absolute(path)
+        stamp = source_stamp(stored_file)
+        source = pydicom.dcmread(stored_file, defer_size=DEFERRED_PIXEL_DATA)
+        outputs = self._build(source, stamp, results)
         if not outputs:
             self._note(job, "outputs are switched off (outputs.secondary_captures, outputs.structured_report)")
             return
@@ -112,12 +113,12 @@ class OutputJobs:
         if queued:
             self.on_queued()
 
-    def _build(self, source: Dataset, results: list[InferenceResult]) -> list[_Output]:
+    def _build(self, source: Dataset, stamp: Stamp, results: list[InferenceResult]) -> list[_Output]:
         settings = self.settings.outputs
         captures = {}
         if settings.secondary_captures:
             shape = preview_shape(source.Rows, source.Columns, settings.max_image_size)
-            radiograph = self._preview(results[0].heatmap_path, shape)
+            radiograph = load_preview(self.store.absolute(preview_path(results[0].heatmap_path)), shape, stamp)
             for result in results:
                 heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
                 captures[(result.task, result.output)] = build_secondary_capture(
@@ -146,15 +147,6 @@ class OutputJobs:
             )
             outputs.append(_Output(report, "structured_report"))
         return outputs
-
-    def _preview(self, heatmap_path: str, shape: tuple[int, int]) -> np.ndarray | None:
-        """The radiograph as the inference job kept it, when of ``shape``; None when it kept none of that shape
-        (results from before it kept one, ``outputs.max_image_size`` changed since): the source is decoded."""
-        try:
-            shown = np.load(self.store.absolute(preview_path(heatmap_path)), allow_pickle=False)
-        except (OSError, ValueError, EOFError):  # none, or a torn write: only a cache
-            return None
-        return shown if shown.dtype == np.uint8 and shown.shape == shape else None
 
     def _write(self, dataset: Dataset) -> tuple[PurePosixPath, int]:
         """Store ``dataset`` as a DICOM file where a received instance with its identifiers would be."""

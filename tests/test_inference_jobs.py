@@ -14,8 +14,9 @@ from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
-from dicom_node.models import InferenceResult, Instance, Job, JobState, preview_path
+from dicom_node.models import InferenceResult, Instance, Job, JobState
 from dicom_node.node import Node
+from dicom_node.outputs.preview import preview_bytes, preview_path, source_stamp
 from dicom_node.part10 import encoded_dataset
 from dicom_node.phantoms import generate_phantoms, read_labels
 from dicom_node.synthetic import synthetic_dx
@@ -260,8 +261,8 @@ def test_outputs_are_drawn_on_the_kept_preview_as_on_the_decoded_image_and_the_p
     tmp_path: Path, models: InferenceModels, phantoms: Path
 ) -> None:
     """The inference job keeps the radiograph at the Secondary Captures' scale; the outputs job draws on it, then
-    deletes it. Without it (results from before, a failed write) the outputs job decodes the source: the same
-    pixels."""
+    deletes it. Without it (results from before, a failed write), or with one read from a file since replaced,
+    the outputs job decodes the source: the same pixels."""
     settings = Settings(dicom={"host": "127.0.0.1", "port": free_port()}, storage={"root": tmp_path / "storage"})
     settings.workers.count = 0  # the test runs each job
     node = Node(settings, models=models)
@@ -279,15 +280,29 @@ def test_outputs_are_drawn_on_the_kept_preview_as_on_the_decoded_image_and_the_p
             [sc] = session.scalars(select(Instance).where(Instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"))
             return pydicom.dcmread(node.store.absolute(sc.path)).pixel_array
 
+    def outputs_again(preview_content: bytes | None) -> np.ndarray:
+        if preview_content is not None:
+            preview.write_bytes(preview_content)
+        with node.sessions.begin() as session:
+            session.execute(update(Job).where(Job.kind == "outputs").values(state=JobState.PENDING))
+        run("outputs")
+        return secondary_capture()
+
     run("inference")
     with node.sessions() as session:
         preview = node.store.absolute(preview_path(session.scalars(select(InferenceResult.heatmap_path)).first()))
-    assert np.load(preview).dtype == np.uint8 and max(np.load(preview).shape) == settings.outputs.max_image_size
+        source = node.store.absolute(session.scalars(select(Instance.path)).first())
+    with np.load(preview) as kept:
+        pixels = kept["pixels"]
+    assert pixels.dtype == np.uint8 and max(pixels.shape) == settings.outputs.max_image_size
     run("outputs")
     assert not preview.exists(), "drawn, then deleted"
     from_preview = secondary_capture()
-    with node.sessions.begin() as session:  # the outputs job again, with no preview to draw on
-        session.execute(update(Job).where(Job.kind == "outputs").values(state=JobState.PENDING))
-    run("outputs")
-    np.testing.assert_array_equal(secondary_capture(), from_preview)
+    np.testing.assert_array_equal(outputs_again(None), from_preview)  # none kept: the source decoded
+
+    inode, size, modified = source_stamp(source)
+    black = np.zeros_like(pixels)
+    assert not np.array_equal(outputs_again(preview_bytes(black, (inode, size, modified))), from_preview)
+    stale = preview_bytes(black, (inode, size, modified - 1))  # read from the file this one replaced
+    np.testing.assert_array_equal(outputs_again(stale), from_preview)
     node.engine.dispose()

@@ -56,19 +56,19 @@ def render(radiograph: np.ndarray, heatmap: Heatmap, caption: Caption, max_size:
     """The picture of ``radiograph`` with ``heatmap`` over it and ``caption`` around it; its longest side is at
     most ``max_size``.
 
-    ``radiograph`` is the image the heatmap was computed on as :func:`preview` makes it (gray uint8, bone bright,
-    scaled down): the picture is drawn from it at the size it shows the image, and the heatmap resized to that
-    size once.
+    ``radiograph`` is the image the heatmap was computed on as :func:`dicom_node.outputs.preview.preview` makes it
+    (gray uint8, bone bright, scaled down): the picture is drawn from it at the size it shows the image, and the
+    heatmap resized to that size once.
     """
     rows, columns = heatmap.letterbox.rows, heatmap.letterbox.columns
     if radiograph.dtype != np.uint8:
-        raise ValueError(f"the radiograph must be gray uint8 as preview() makes it, not {radiograph.dtype}")
+        raise ValueError(f"the radiograph must be gray uint8 as its preview is, not {radiograph.dtype}")
     _check_scaled_copy(radiograph.shape, rows, columns)
     if max_size < MIN_SIZE:
         raise ValueError(f"max_size must be at least {MIN_SIZE} pixels to hold the text, not {max_size}")
     width, height, font = _fit((rows, columns), caption, max_size)
     canvas_width = _canvas_width(width, max_size)
-    overlay = blend(_resize(radiograph, width, height), heatmap.resized(width, height))
+    overlay = blend(resized(radiograph, width, height), heatmap.resized(width, height))
     middle = Image.new("RGB", (canvas_width, height), _BACKGROUND)
     x0 = (canvas_width - width) // 2
     middle.paste(Image.fromarray(overlay), (x0, 0))
@@ -76,21 +76,6 @@ def render(radiograph: np.ndarray, heatmap: Heatmap, caption: Caption, max_size:
     bottom = _text_strip((*caption.lines, caption.legend), font, canvas_width, _TEXT_COLOUR)
     pixels = np.asarray(_stack([top, middle, bottom, _colour_bar(font, canvas_width)]))
     return Picture(pixels, (x0, top.height, width, height))
-
-
-def preview(radiograph: np.ndarray, max_size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """``radiograph`` (float in [0, 1]) as gray uint8, scaled down (never up) so that its longest side is at most
-    ``max_size``: what :func:`render` draws a picture of that size from, made where the pixels are at hand (the
-    inference job) so that the outputs job never decodes the radiograph again. ``shape``: (rows, columns) of the
-    full-size image, where ``radiograph`` is a reduced copy of it (:func:`inference.pixels.reduced`)."""
-    height, width = preview_shape(*(shape or radiograph.shape), max_size)
-    return np.rint(np.clip(_resize(radiograph, width, height), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def preview_shape(rows: int, columns: int, max_size: int) -> tuple[int, int]:
-    """(rows, columns) of the :func:`preview` of an image of ``rows`` x ``columns``."""
-    scale = min(1.0, max_size / max(rows, columns))
-    return max(int(rows * scale), 1), max(int(columns * scale), 1)
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -227,10 +212,10 @@ def _check_scaled_copy(shape: tuple[int, ...], rows: int, columns: int) -> None:
         )
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def resized(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """A float32 or uint8 image resized to ``width`` x ``height`` (antialiased when shrinking)."""
-    resized = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
-    return np.asarray(resized)
+    picture = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(picture)
 
 
 def _stack(strips: list[Image.Image]) -> Image.Image:

@@ -25,7 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
-from dicom_node.outputs.render import Caption, Picture, preview, render
+from dicom_node.outputs.preview import preview
+from dicom_node.outputs.render import Caption, Picture, render
 from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 
@@ -59,7 +60,7 @@ def build_secondary_capture(
     """The SC image of ``result``'s ``heatmap`` over the radiograph ``source``, in ``source``'s study.
 
     ``max_size`` is the longest side of the written picture, in pixels; the radiograph is never enlarged.
-    ``radiograph`` is the source's image as :func:`dicom_node.outputs.render.preview` made it for at least
+    ``radiograph`` is the source's image as :func:`dicom_node.outputs.preview.preview` made it for
     ``max_size``, when at hand; without it the source's pixels are decoded.
     Raises ValueError when ``source`` has no pixels or lacks the UIDs to refer to it, when ``heatmap`` was
     computed on an image of another size, or when ``result`` lacks what the picture must say.
