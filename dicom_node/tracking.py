@@ -11,8 +11,9 @@ key), metrics (every numeric result value and the timings), tags (the results in
 heatmaps, and the structured report as JSON). A run that cannot be logged (the server unreachable) is tried
 again with exponential backoff, forever: inference and delivery never wait for MLflow, and a claim is a lease
 (``available_at`` moved forward), so a node stopped mid-run needs no recovery step. The thread gives way: it logs
-while no job or delivery is due and no request is served, or after a minute of giving way. A run takes four calls
-to MLflow; in a store on the node's disk the heatmaps file is linked into the run's artifacts, not copied.
+while no job or delivery is due and no request is served, or after a minute of giving way. With the artifact store
+on the node's disk a run takes three calls to MLflow and the heatmaps file is linked into its artifacts, not
+copied; elsewhere each artifact is one more call.
 
 On PostgreSQL no thread polls: logging is a ``track`` job of the task engine, one at a time in the cluster,
 deferred when an outputs job finishes (:func:`schedule_tracking`) and by the workers' catch-up
@@ -540,7 +541,7 @@ class InferenceTracker(PollingThread):
     def _log_run(self, run: InferenceRun, first_attempt: bool) -> tuple[str, str]:
         """Log ``run`` as one MLflow run, or adopt the finished run an earlier attempt logged; return the ids.
 
-        Four calls to MLflow: the run with its tags, its params and metrics in one batch, the artifacts, the end.
+        The run with its tags, its params and metrics in one batch, the artifacts (:meth:`_log_artifacts`), the end.
         A first attempt looks for no earlier run: the claim that counted the attempt came before any."""
         from mlflow.entities import Metric, Param
 
