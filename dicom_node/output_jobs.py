@@ -117,8 +117,10 @@ class OutputJobs:
         settings = self.settings.outputs
         captures = {}
         if settings.secondary_captures:
-            shape = preview_shape(source.Rows, source.Columns, settings.max_image_size)
-            radiograph = load_preview(self.store.absolute(preview_path(results[0].heatmap_path)), shape, stamp)
+            radiograph = None  # a source without dimensions is refused by build_secondary_capture with the reason
+            if source.get("Rows") and source.get("Columns"):
+                shape = preview_shape(int(source.Rows), int(source.Columns), settings.max_image_size)
+                radiograph = load_preview(self.store.absolute(preview_path(results[0].heatmap_path)), shape, stamp)
             for result in results:
                 heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
                 captures[(result.task, result.output)] = build_secondary_capture(
