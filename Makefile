@@ -8,7 +8,7 @@ CONFIG ?= config.yaml
 DATA   ?= data
 NODE   := $(VENV)/bin/dicom-node
 
-.PHONY: install install-test system-packages run test bench demo-weights mlflow-ui
+.PHONY: install install-test system-packages run test containers docker-daemon bench demo-weights mlflow-ui
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ test: install-test system-packages
 	$(VENV)/bin/ruff format --check dicom_node inference web tests benchmarks
 	$(PYTHON) -m pytest -n 2 --dist loadfile --ignore tests/test_openapi_fuzz.py
 	$(PYTHON) -m pytest tests/test_openapi_fuzz.py
+
+# The images of the compose stacks (README "Containers"): the node, Orthanc, MLflow, PostgreSQL.
+containers: docker-daemon
+	scripts/build-containers.sh
+
+docker-daemon:
+	scripts/start-docker.sh
 
 bench: install-test system-packages
 	$(PYTHON) benchmarks/ingest.py

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests and benchmarks use as real DICOM peers and judges.
+# Installs the Debian packages the tests and benchmarks use as real DICOM peers and judges, and the container
+# engine, Compose and debootstrap of the container tests.
 # Skips apt entirely when every program is already present.
 set -euo pipefail
 
@@ -12,6 +13,8 @@ declare -A needed=(
   [java]=default-jre-headless
   [openssl]=openssl
   [chromium]=chromium
+  [dockerd]=docker.io
+  [debootstrap]=debootstrap
 )
 
 missing=()
