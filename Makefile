@@ -1,6 +1,7 @@
 # The README's two set-up commands are `make run` and `make test`; `.ci/run` calls `make test`.
 # The tests run in two processes (pytest-xdist), a module to each: many wait on servers and nodes they start.
-# The OpenAPI fuzzing runs on its own: under xdist schemathesis generates far fewer cases.
+# The OpenAPI fuzzing runs on its own: under xdist schemathesis generates far fewer cases. The container tests
+# run last, on their own: they build images and start whole stacks.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PIP    := $(PYTHON) -m pip -q --disable-pip-version-check
@@ -8,7 +9,8 @@ CONFIG ?= config.yaml
 DATA   ?= data
 NODE   := $(VENV)/bin/dicom-node
 
-.PHONY: install install-test system-packages run test containers docker-daemon bench demo-weights mlflow-ui
+.PHONY: install install-test system-packages run test test-containers containers docker-daemon bench demo-weights \
+	mlflow-ui
 
 install: $(VENV)/.installed
 
@@ -40,8 +42,15 @@ mlflow-ui: install
 test: install-test system-packages
 	$(VENV)/bin/ruff check dicom_node inference web tests benchmarks
 	$(VENV)/bin/ruff format --check dicom_node inference web tests benchmarks
-	$(PYTHON) -m pytest -n 2 --dist loadfile --ignore tests/test_openapi_fuzz.py
+	$(PYTHON) -m pytest -n 2 --dist loadfile --ignore tests/test_openapi_fuzz.py --ignore tests/test_containers.py
 	$(PYTHON) -m pytest tests/test_openapi_fuzz.py
+	$(MAKE) test-containers
+
+# The container tests, a step of their own (README "Containers"): they build the images from scratch and run the
+# stacks. Where no Docker daemon can be started they are skipped, with the reason.
+test-containers: install-test system-packages
+	-scripts/start-docker.sh
+	$(PYTHON) -m pytest tests/test_containers.py
 
 # The images of the compose stacks (README "Containers"): the node, Orthanc, MLflow, PostgreSQL.
 containers: docker-daemon

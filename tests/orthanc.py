@@ -1,7 +1,8 @@
 """A real Orthanc (Debian's ``orthanc`` package) on free loopback ports, to play the PACS in tests.
 
 :func:`orthanc` starts a throw-away server with its own storage and index under the test's ``tmp_path``
-and the given DICOM modalities; :class:`Orthanc` wraps the parts of its REST API that tests use.
+and the given DICOM modalities; :class:`OrthancClient` wraps the parts of its REST API that tests use (of that
+server, or of one in a container).
 Written against Orthanc 1.10.1.
 """
 
@@ -53,15 +54,12 @@ def _decoded(response: httpx.Response) -> Any:
 
 
 @dataclass
-class Orthanc:
-    """A running Orthanc: where to reach it, and helpers over its REST API."""
+class OrthancClient:
+    """An Orthanc's REST API, wherever it runs: helpers over the parts that tests use."""
 
     http_url: str
     dicom_port: int
     ae_title: str
-    storage: Path
-    process: subprocess.Popen[bytes] = field(repr=False)
-    log: Path = field(repr=False)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = self.http_url + "/" + path.lstrip("/")
@@ -137,6 +135,15 @@ class Orthanc:
                 name = getattr(predicate, "__qualname__", repr(predicate))
                 raise TimeoutError(f"{name} stayed false for {timeout:g} s (last result: {result!r})")
             time.sleep(interval)
+
+
+@dataclass
+class Orthanc(OrthancClient):
+    """An Orthanc process of the tests' own, with its storage and log."""
+
+    storage: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+    log: Path = field(repr=False)
 
 
 def _configuration(
