@@ -78,10 +78,12 @@ stage_torch_wheel() {
   done
 }
 
-# build NAME DOCKERFILE CONTEXT: the image dicom-node[-NAME]:TAG, its log in build/containers/NAME.log
+# build NAME DOCKERFILE CONTEXT: the image dicom-node[-NAME]:TAG, its log in build/containers/NAME.log. The image
+# it replaces is removed where nothing else uses it, so that builds again and again do not fill the disk.
 build() {
-  local name=$1 dockerfile=$2 context=$3 image=dicom-node:$TAG started
+  local name=$1 dockerfile=$2 context=$3 image=dicom-node:$TAG started replaced
   [ "$name" = node ] || image="dicom-node-$name:$TAG"
+  replaced=$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
   started=$SECONDS
   if ! DOCKER_BUILDKIT=1 "$CLIENT" build --network host --progress plain "${OPTIONS[@]}" \
       --build-arg "BASE_IMAGE=$BASE_IMAGE" --file "$dockerfile" --tag "$image" "$context" >"$LOGS/$name.log" 2>&1; then
@@ -89,6 +91,9 @@ build() {
     die "building $image failed (whole log: $LOGS/$name.log)"
   fi
   echo "built $image in $((SECONDS - started)) s"
+  if [ -n "$replaced" ] && [ "$replaced" != "$(docker image inspect --format '{{.Id}}' "$image")" ]; then
+    docker rmi "$replaced" >/dev/null 2>&1 || true
+  fi
 }
 
 command -v docker >/dev/null || die "docker is not installed"
