@@ -89,6 +89,11 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
 
 
+def docker(*arguments: str) -> str:
+    """What ``docker ARGUMENTS`` prints; CalledProcessError where it fails."""
+    return subprocess.run(["docker", *arguments], capture_output=True, text=True, check=True).stdout
+
+
 # --- building --------------------------------------------------------------------------------------------------
 
 
@@ -172,20 +177,9 @@ def files_holding(image: str, needles: tuple[bytes, ...]) -> list[str]:
 
 def test_no_image_keeps_the_builds_ca_bundle_or_pip_settings(images: list[str], build_secrets: BuildSecrets) -> None:
     for image in images:
+        # the layers, and the configuration with the history of every build step
         assert files_holding(image, build_secrets.markers) == [], f"{image} holds the build's CA bundle or pip.conf"
-        history = subprocess.run(
-            ["docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert not any(marker.decode() in history for marker in build_secrets.markers), image
-        environment = subprocess.run(
-            ["docker", "image", "inspect", "--format", "{{json .Config.Env}}", image],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        environment = docker("image", "inspect", "--format", "{{json .Config.Env}}", image)
         assert "PIP_CERT" not in environment and "PIP_CONFIG_FILE" not in environment, f"{image}: {environment}"
 
 
@@ -215,12 +209,7 @@ class Stack:
         return self.compose("ps", "-q", service).strip()
 
     def inspect(self, service: str, template: str) -> str:
-        return subprocess.run(
-            ["docker", "inspect", "--format", template, self.container(service)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        return docker("inspect", "--format", template, self.container(service)).strip()
 
 
 @contextmanager
@@ -405,7 +394,7 @@ def kill_worker_holding_jobs(stack: Stack) -> set[int]:
     dead_before = stalled_workers()
     for _ in range(3):
         wait_for(both_workers_hold_jobs, 180, "both inference workers running jobs", interval=0.05)
-        subprocess.run(["docker", "kill", stack.container("worker-a")], check=True, capture_output=True)
+        docker("kill", stack.container("worker-a"))
         dead = wait_for(lambda known=frozenset(dead_before): stalled_workers() - known, 20, "a stopped heartbeat")
         held = cluster_query(
             "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = ANY(%s)", list(dead)
