@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import time
 import urllib.parse
@@ -69,6 +68,7 @@ from dicom_node.models import (
     TrackedRun,
     TrackingState,
 )
+from dicom_node.secret_file import kept_secret
 from dicom_node.storage import InstanceStore
 
 if TYPE_CHECKING:
@@ -127,25 +127,6 @@ def local_artifact_location(tracking_uri: str) -> str | None:
 def pseudonym(key: bytes, patient_id: str) -> str:
     """A patient's key in MLflow: the same for the same PatientID, and no way back to it without ``key``."""
     return "p-" + hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
-
-
-def pseudonym_key(path: Path) -> bytes:
-    """The node's secret of pseudonyms: 32 random bytes, made once (readable by the node's user only), then read."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(secrets.token_bytes(32))
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)  # never replaces a key made first by another thread or process
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
-    return path.read_bytes()
 
 
 def without_identifiers(ds: Dataset) -> Dataset:
@@ -627,7 +608,7 @@ class InferenceTracker(PollingThread):
 
     def _secret(self) -> bytes:
         if self._pseudonym_key is None:
-            self._pseudonym_key = pseudonym_key(self.store.root / PSEUDONYM_KEY_FILE)
+            self._pseudonym_key = kept_secret(self.store.root / PSEUDONYM_KEY_FILE)
         return self._pseudonym_key
 
 
