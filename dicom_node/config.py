@@ -63,6 +63,20 @@ def _check_regular_expression(value: str) -> str:
 
 
 RegularExpression = Annotated[str, AfterValidator(_check_regular_expression)]
+
+MAX_UID_ROOT_LENGTH = 32  # leaves at least 31 digits of each derived UID (64 at most) to tell objects apart
+
+
+def _check_uid_root(value: str) -> str:
+    """An organisation's UID root (PS3.5 9.1): digits and dots, no empty or zero-led component."""
+    if len(value) > MAX_UID_ROOT_LENGTH:
+        raise ValueError(f"a UID root has at most {MAX_UID_ROOT_LENGTH} characters, {value!r} has {len(value)}")
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
+        raise ValueError(f"a UID root is digits and dots with no component led by 0, as 1.2.840.99999: {value!r}")
+    return value
+
+
+UidRoot = Annotated[str, AfterValidator(_check_uid_root)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -84,6 +98,7 @@ class ListenerTlsSettings(Section):
 
 class DicomSettings(Section):
     ae_title: AETitle = "AINODE"
+    uid_root: UidRoot | None = None
     host: str = "0.0.0.0"
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = []

@@ -31,9 +31,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import InferenceSettings, TaskName
-from dicom_node.jobs import ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
+from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
 from dicom_node.models import InferenceResult, Instance, heatmap_name
-from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.outputs.preview import preview, preview_bytes, preview_path, source_stamp
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore

@@ -22,9 +22,9 @@ from dicom_node.database import open_index, session_factory
 from dicom_node.delivery import DELIVER_TASK, DeliveryQueue, DeliverySender
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB, Ingestor
-from dicom_node.jobs import JobQueue
+from dicom_node.jobs import OUTPUTS_JOB, JobQueue
 from dicom_node.metrics import NodeMetrics
-from dicom_node.output_jobs import OUTPUTS_JOB, OutputJobs
+from dicom_node.output_jobs import OutputJobs
 from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import DELIVER_QUEUE, OUTPUTS_QUEUE, TRACK_QUEUE, all_queues, models_of_queues

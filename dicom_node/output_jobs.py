@@ -18,19 +18,19 @@ from pathlib import PurePosixPath
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
-from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, PermanentJobError, finish, record_note, still_claimed
+from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, record_note, still_claimed
 from dicom_node.models import Delivery, InferenceResult, Instance
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.preview import Stamp, load_preview, preview_path, preview_shape, source_stamp
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
+from dicom_node.outputs.uids import InstallationUids
 from dicom_node.storage import InstanceStore
 from dicom_node.tracking import schedule_tracking
 from inference.pixels import DEFERRED_PIXEL_DATA
@@ -64,7 +64,9 @@ class OutputJobs:
         self.store = store
         self.sessions = sessions
         self.on_queued = on_queued
-        self.identity = NodeIdentity(settings.dicom.ae_title)
+        self.identity = NodeIdentity(
+            settings.dicom.ae_title, InstallationUids.of_installation(store.root, settings.dicom.uid_root)
+        )
 
     def __call__(self, jobs: list[ClaimedJob]) -> dict[int, Exception]:
         failures: dict[int, Exception] = {}
@@ -114,6 +116,7 @@ class OutputJobs:
             self.on_queued()
 
     def _build(self, source: Dataset, stamp: Stamp, results: list[InferenceResult]) -> list[_Output]:
+        uids = self.identity.uids
         settings = self.settings.outputs
         captures = {}
         if settings.secondary_captures:
@@ -128,9 +131,9 @@ class OutputJobs:
                     heatmap,
                     result,
                     self.identity,
-                    series_instance_uid=_derived_uid(source.StudyInstanceUID, result.task, result.output),
+                    series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
                     series_number=SERIES_NUMBERS[(result.task, result.output)],
-                    sop_instance_uid=_derived_uid(source.SOPInstanceUID, "sc", result.id),
+                    sop_instance_uid=uids.derived(source.SOPInstanceUID, "sc", result.id),
                     instance_number=_instance_number(source),
                     max_size=settings.max_image_size,
                     radiograph=radiograph,
@@ -142,9 +145,9 @@ class OutputJobs:
                 results,
                 captures,
                 self.identity,
-                series_instance_uid=_derived_uid(source.StudyInstanceUID, "report"),
+                series_instance_uid=uids.derived(source.StudyInstanceUID, "report"),
                 series_number=REPORT_SERIES_NUMBER,
-                sop_instance_uid=_derived_uid(source.SOPInstanceUID, "report", *(result.id for result in results)),
+                sop_instance_uid=uids.derived(source.SOPInstanceUID, "report", *(result.id for result in results)),
                 instance_number=_instance_number(source),
             )
             outputs.append(_Output(report, "structured_report"))
@@ -198,11 +201,6 @@ class OutputJobs:
     def _note(self, job: ClaimedJob, note: str) -> None:
         with self.sessions.begin() as session:
             record_note(session, job, note)
-
-
-def _derived_uid(*parts: object) -> str:
-    """A UID that the same parts always give: a job run again writes the same objects."""
-    return generate_uid(entropy_srcs=[OUTPUTS_JOB, *(str(part) for part in parts)])
 
 
 def _instance_number(source: Dataset) -> int:

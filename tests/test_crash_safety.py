@@ -35,9 +35,9 @@ from dicom_node.config import InferenceSettings, Settings
 from dicom_node.database import create_index_engine, session_factory
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
+from dicom_node.jobs import OUTPUTS_JOB
 from dicom_node.models import Delivery, DeliveryState, InferenceResult, Instance, Job, JobState
 from dicom_node.node import Node
-from dicom_node.output_jobs import OUTPUTS_JOB
 from dicom_node.part10 import encoded_dataset
 from dicom_node.status import StoreStatus
 from dicom_node.synthetic import synthetic_dx

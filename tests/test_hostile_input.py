@@ -46,6 +46,7 @@ from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.models import Instance, Job, JobState
 from dicom_node.node import Node
+from dicom_node.outputs.uids import INSTALLATION_SECRET_FILE
 from dicom_node.part10 import encoded_dataset
 from dicom_node.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.status import EchoStatus, StoreStatus
@@ -67,7 +68,16 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 # The top-level entries a node may write under its storage root.
-ROOT_ENTRIES = {"patients", "incoming", "results", "cache", "index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"}
+ROOT_ENTRIES = {
+    "patients",
+    "incoming",
+    "results",
+    "cache",
+    "index.sqlite3",
+    "index.sqlite3-wal",
+    "index.sqlite3-shm",
+    INSTALLATION_SECRET_FILE,
+}
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 

@@ -17,10 +17,11 @@ from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import SERIES_DESCRIPTION, build_measurement_report
+from dicom_node.outputs.uids import InstallationUids
 from dicom_node.synthetic import Demographics, dx_dataset
 from tests.validators import dciodvfy_errors, sr_validator_errors
 
-NODE = NodeIdentity(ae_title="DICOMNODE")
+NODE = NodeIdentity("DICOMNODE", InstallationUids(secret=b"\x05" * 32))
 ALGORITHM_ROWS = ("111001", "111003")  # TID 4019 Algorithm Name, Algorithm Version
 REFERENCE = "Greulich & Pyle 1959 (Brush Foundation SDs)"
 

@@ -14,6 +14,7 @@ from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.render import Picture
 from dicom_node.outputs.secondary_capture import build_secondary_capture, caption, heatmap_picture
+from dicom_node.outputs.uids import InstallationUids
 from dicom_node.phantoms.foot import FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.generator import render_phantom
 from dicom_node.phantoms.hand import HAND_EXTENT_MM, draw_hand
@@ -25,7 +26,7 @@ from tests.validators import dciodvfy_errors
 
 ROWS, COLUMNS = 400, 300
 PEAK_XY = (200, 120)  # where the test heatmaps peak, in source pixels: off the corners of the image
-NODE = NodeIdentity("DICOMNODE")
+NODE = NodeIdentity("DICOMNODE", InstallationUids(secret=b"\x05" * 32))
 
 
 def phantom(kind: str = "foot", *, monochrome1: bool = False) -> pydicom.Dataset:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pydicom.uid import generate_uid
 
 import dicom_node
+from dicom_node.outputs.uids import InstallationUids
 from inference.model_card import DEMO_DISCLAIMER
 
 MANUFACTURER = "dicom-node project"
@@ -16,17 +17,18 @@ MANUFACTURER_MODEL_NAME = "dicom-node"
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """The node as the equipment that wrote an object."""
+    """The node as the equipment that wrote an object, and the UIDs of its installation."""
 
     ae_title: str
+    uids: InstallationUids
     manufacturer: str = MANUFACTURER
     model_name: str = MANUFACTURER_MODEL_NAME
     software_version: str = dicom_node.__version__
 
     @property
     def device_uid(self) -> str:
-        """A UID of this node, the same on every run: derived from its AE title."""
-        return generate_uid(entropy_srcs=[MANUFACTURER_MODEL_NAME, self.ae_title])
+        """A UID of this node, the same on every run and different in every installation."""
+        return self.uids.device_uid
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,11 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.sr.codedict import codes as dicom_codes
-from pydicom.uid import generate_uid
 
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
+from dicom_node.outputs.uids import InstallationUids
 
 SERIES_DESCRIPTION = "AI results (structured report)"
 HALLUX_VALGUS_KEYS = ("probabilities", "prediction", "hallux_valgus_detected", "threshold")
@@ -100,7 +100,8 @@ def build_measurement_report(
     if not results:
         raise ValueError("a measurement report needs at least one result")
     groups = [
-        measurement_group(result, source, secondary_captures.get((result.task, result.output))) for result in results
+        measurement_group(result, source, node.uids, secondary_captures.get((result.task, result.output)))
+        for result in results
     ]
     content = MeasurementReport(
         observation_context=device_observation_context(node),
@@ -141,13 +142,17 @@ def device_observation_context(node: NodeIdentity) -> ObservationContext:
 
 
 def measurement_group(
-    result: InferenceResult, source: pydicom.Dataset, secondary_capture: pydicom.Dataset | None = None
+    result: InferenceResult,
+    source: pydicom.Dataset,
+    uids: InstallationUids,
+    secondary_capture: pydicom.Dataset | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     """The TID 1501 Measurement Group of one result, by its task, with the Secondary Capture that shows it."""
+    tracking_uid = uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output)
     if result.task == "hallux_valgus":
-        group = hallux_valgus_group(result, source)
+        group = hallux_valgus_group(result, source, tracking_uid)
     elif result.task == "bone_age":
-        group = bone_age_group(result, source)
+        group = bone_age_group(result, source, tracking_uid)
     else:
         raise ValueError(f"result {result.task!r}/{result.output!r}: unknown task, expected hallux_valgus or bone_age")
     if secondary_capture is not None:
@@ -155,7 +160,9 @@ def measurement_group(
     return group
 
 
-def hallux_valgus_group(result: InferenceResult, source: pydicom.Dataset) -> MeasurementsAndQualitativeEvaluations:
+def hallux_valgus_group(
+    result: InferenceResult, source: pydicom.Dataset, tracking_uid: str
+) -> MeasurementsAndQualitativeEvaluations:
     """The foot classification: the predicted class as the finding, each class's probability, the hallux valgus
     angle when the model gives one, and whether hallux valgus is flagged (its probability at the threshold)."""
     values = _required_values(result, HALLUX_VALGUS_KEYS)
@@ -175,7 +182,7 @@ def hallux_valgus_group(result: InferenceResult, source: pydicom.Dataset) -> Mea
         )
     flagged = codes.PRESENT if values["hallux_valgus_detected"] else codes.ABSENT
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking_identifier(result, source, "hallux valgus classification"),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="hallux valgus classification"),
         finding_type=codes.FOOT_FINDINGS[prediction],
         finding_sites=[FindingSite(codes.FOOT)],
         algorithm_id=algorithm_identification(result, f"hallux valgus threshold {values['threshold']}"),
@@ -185,7 +192,9 @@ def hallux_valgus_group(result: InferenceResult, source: pydicom.Dataset) -> Mea
     )
 
 
-def bone_age_group(result: InferenceResult, source: pydicom.Dataset) -> MeasurementsAndQualitativeEvaluations:
+def bone_age_group(
+    result: InferenceResult, source: pydicom.Dataset, tracking_uid: str
+) -> MeasurementsAndQualitativeEvaluations:
     """The bone age read by one sex model and its standard deviation; the chronological age where known; and,
     where the node compared the two, the difference, the reference SD, the Z-score and the normality."""
     values = _required_values(result, BONE_AGE_KEYS)
@@ -212,7 +221,7 @@ def bone_age_group(result: InferenceResult, source: pydicom.Dataset) -> Measurem
     model = "male" if values["sex"] == "M" else "female"
     label = f"bone age, {model} model" + (" (the patient's sex)" if result.is_primary else "")
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking_identifier(result, source, label),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=label),
         finding_sites=[FindingSite(codes.HAND)],
         algorithm_id=algorithm_identification(result, *parameters),
         measurements=measurements,
@@ -252,12 +261,6 @@ def comparison_with_age(result: InferenceResult) -> AgeComparison:
     evaluations = [QualitativeEvaluation(codes.NORMALITY, codes.ASSESSMENTS[values["assessment"]])]
     parameters = [f"reference {values['reference']}", f"flagged beyond {values['flag_sds']} reference SD"]
     return AgeComparison(measurements, evaluations, parameters)
-
-
-def tracking_identifier(result: InferenceResult, source: pydicom.Dataset, label: str) -> TrackingIdentifier:
-    """TID 4108: a readable label and a UID that is the same for this result of this image on every run."""
-    uid = generate_uid(entropy_srcs=[source.SOPInstanceUID, result.task, result.output])
-    return TrackingIdentifier(uid=uid, identifier=label)
 
 
 def algorithm_identification(result: InferenceResult, *parameters: str) -> AlgorithmIdentification:
