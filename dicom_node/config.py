@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from dicom_node.outputs.uids import check_uid_root
 from inference.pixels import DEFAULT_PICTURE_SIZE
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -64,19 +65,7 @@ def _check_regular_expression(value: str) -> str:
 
 RegularExpression = Annotated[str, AfterValidator(_check_regular_expression)]
 
-MAX_UID_ROOT_LENGTH = 32  # leaves at least 31 digits of each derived UID (64 at most) to tell objects apart
-
-
-def _check_uid_root(value: str) -> str:
-    """An organisation's UID root (PS3.5 9.1): digits and dots, no empty or zero-led component."""
-    if len(value) > MAX_UID_ROOT_LENGTH:
-        raise ValueError(f"a UID root has at most {MAX_UID_ROOT_LENGTH} characters, {value!r} has {len(value)}")
-    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
-        raise ValueError(f"a UID root is digits and dots with no component led by 0, as 1.2.840.99999: {value!r}")
-    return value
-
-
-UidRoot = Annotated[str, AfterValidator(_check_uid_root)]
+UidRoot = Annotated[str, AfterValidator(check_uid_root)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 

@@ -83,7 +83,13 @@ class OutputJobs:
         with self.sessions() as session:
             instance = session.get_one(Instance, job.instance_pk)
             path, calling_ae = PurePosixPath(instance.path), instance.calling_ae
-            results = list(session.scalars(select(InferenceResult).where(InferenceResult.instance_pk == instance.id)))
+            results = list(
+                session.scalars(
+                    select(InferenceResult)
+                    .where(InferenceResult.instance_pk == instance.id)
+                    .order_by(InferenceResult.id)  # the report's UID names them in this order
+                )
+            )
         if not results:
             self._note(job, "no results to report")
             return
@@ -133,7 +139,9 @@ class OutputJobs:
                     self.identity,
                     series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
                     series_number=SERIES_NUMBERS[(result.task, result.output)],
-                    sop_instance_uid=uids.derived(source.SOPInstanceUID, "sc", result.id),
+                    sop_instance_uid=uids.derived(
+                        source.SOPInstanceUID, "sc", result.task, result.output, _named(result)
+                    ),
                     instance_number=_instance_number(source),
                     max_size=settings.max_image_size,
                     radiograph=radiograph,
@@ -147,7 +155,7 @@ class OutputJobs:
                 self.identity,
                 series_instance_uid=uids.derived(source.StudyInstanceUID, "report"),
                 series_number=REPORT_SERIES_NUMBER,
-                sop_instance_uid=uids.derived(source.SOPInstanceUID, "report", *(result.id for result in results)),
+                sop_instance_uid=uids.derived(source.SOPInstanceUID, "report", *(_named(result) for result in results)),
                 instance_number=_instance_number(source),
             )
             outputs.append(_Output(report, "structured_report"))
@@ -201,6 +209,12 @@ class OutputJobs:
     def _note(self, job: ClaimedJob, note: str) -> None:
         with self.sessions.begin() as session:
             record_note(session, job, note)
+
+
+def _named(result: InferenceResult) -> str:
+    """A result as output UIDs name it: its row and when it was recorded, so that an index made again (whose ids
+    start again) never names another result the same."""
+    return f"{result.id}@{result.created_at.isoformat()}"
 
 
 def _instance_number(source: Dataset) -> int:

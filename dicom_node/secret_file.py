@@ -13,6 +13,7 @@ def kept_secret(path: Path) -> bytes:
     """The secret in ``path``: 32 random bytes, made the first time (readable by the node's user only), then read.
 
     Two processes or threads that start together get the same secret: the first file linked into place wins.
+    OSError where the file holds anything but 32 bytes (a damaged copy must not pass for a secret).
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,4 +29,17 @@ def kept_secret(path: Path) -> bytes:
             pass
         finally:
             temporary.unlink()
-    return path.read_bytes()
+        _sync_directory(path.parent)
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise OSError(f"{path} holds {len(secret)} bytes, not a secret of {SECRET_BYTES}: restore it or remove it")
+    return secret
+
+
+def _sync_directory(directory: Path) -> None:
+    """The new name made durable: a secret once used must survive a power cut."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

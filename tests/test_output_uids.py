@@ -41,7 +41,7 @@ def test_the_same_parts_give_the_same_uid_and_another_secret_another_uid() -> No
     assert first.device_uid != second.device_uid
 
 
-@pytest.mark.parametrize("root", [None, "1.2.840.99999", "1.2.3.4.5.6.7.8.9.10.11.12.13.14.1"])
+@pytest.mark.parametrize("root", [None, "1.2.840.99999", "1.3.6.1.4.1.999999.12345678.1234"])  # 32: the longest
 def test_every_uid_is_valid_and_under_its_root(root: str | None) -> None:
     uids = InstallationUids(b"\x03" * 32, root)
     for parts in [("device",), ("1.2.826.0.1.3680043.8.498.1", "report", 1, 2, 3), ("x" * 200,)]:
@@ -62,9 +62,16 @@ def test_the_installation_secret_is_made_once_for_the_node_only(tmp_path: Path) 
     assert len(secret.read_bytes()) == 32
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert InstallationUids.of_installation(tmp_path / "other") != first
+    assert "secret" not in repr(first) and first.secret.hex() not in repr(first), "kept out of logs"
 
 
-@pytest.mark.parametrize("root", ["1.2.840.", "1.02.3", "1", "1.2.a", "1." + "2" * 40])
+def test_a_damaged_secret_is_refused_not_used(tmp_path: Path) -> None:
+    (tmp_path / INSTALLATION_SECRET_FILE).write_bytes(b"\x00" * 5)
+    with pytest.raises(OSError, match="5 bytes"):
+        InstallationUids.of_installation(tmp_path)
+
+
+@pytest.mark.parametrize("root", ["1.2.840.", "1.02.3", "1", "1.2.a", "1.3.6.1.4.1.999999.12345678.12345", "2.25.1"])
 def test_a_bad_uid_root_stops_start_up_with_one_line(tmp_path: Path, root: str) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f'dicom:\n  uid_root: "{root}"\n')

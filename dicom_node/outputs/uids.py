@@ -13,23 +13,41 @@ name-based UUID (PS3.5 Annex B.2), which needs no registration.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_node.secret_file import kept_secret
 
 INSTALLATION_SECRET_FILE = "installation.key"
 MAX_UID_LENGTH = 64  # PS3.5 9.1
+MAX_UID_ROOT_LENGTH = 32  # leaves at least 31 digits of each derived UID to tell objects apart
 _PART_SEPARATOR = "\x1f"  # so that ("ab", "c") and ("a", "bc") name different things
+
+
+def check_uid_root(root: str) -> str:
+    """An organisation's UID root (PS3.5 9.1): digits and dots, no component led by 0, and not in 2.25, which
+    holds UUIDs only (PS3.5 B.2). ValueError with the reason otherwise."""
+    if len(root) > MAX_UID_ROOT_LENGTH:
+        raise ValueError(f"a UID root has at most {MAX_UID_ROOT_LENGTH} characters, {root!r} has {len(root)}")
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", root):
+        raise ValueError(f"a UID root is digits and dots with no component led by 0, as 1.2.840.99999: {root!r}")
+    if root == "2.25" or root.startswith("2.25."):
+        raise ValueError(f"2.25 holds UUIDs only (PS3.5 B.2), not an organisation's UIDs: {root!r}")
+    return root
 
 
 @dataclass(frozen=True)
 class InstallationUids:
     """UIDs that one installation derives from names; see the module's description."""
 
-    secret: bytes
+    secret: bytes = field(repr=False)
     root: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.root is not None:
+            check_uid_root(self.root)
 
     @classmethod
     def of_installation(cls, storage_root: Path, uid_root: str | None = None) -> InstallationUids:
