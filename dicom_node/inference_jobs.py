@@ -217,7 +217,8 @@ class InferenceJobs:
     def _prepare_or_error(self, job: ClaimedJob, path: str | None) -> _Work | Exception:
         try:
             return self._prepare(job, path)
-        except (InvalidDicomError, UnsupportedImage) as error:  # no retry can read it
+        # no retry can read it; pydicom raises NotImplementedError for a value of an unknown VR
+        except (InvalidDicomError, UnsupportedImage, NotImplementedError) as error:
             return PermanentJobError(f"{type(error).__name__}: {error}")
         except Exception as error:  # e.g. the file or the index unavailable: this job only, retried
             return error

@@ -121,16 +121,17 @@ def reduced(values: np.ndarray, at_least: int) -> np.ndarray:
 
 def _first_frame(ds: Dataset) -> np.ndarray:
     """The stored values of the first frame. pydicom raises ValueError for Pixel Data shorter than the header's
-    dimensions say (PS3.5 8.1.1) and RuntimeError when no decoder reads the codestream: damaged data, which no
-    retry reads, so :class:`UnsupportedImage`."""
+    dimensions say (PS3.5 8.1.1), RuntimeError when no decoder reads the codestream and AttributeError when the
+    Image Pixel module lacks an element it needs (Samples per Pixel, say): damaged data, which no retry reads, so
+    :class:`UnsupportedImage`."""
     from_file = _native_values_from_file(ds)
     if from_file is not None:
         return from_file
     frames = dimensions(ds)[2]
     try:
         return pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError) as error:
-        raise UnsupportedImage(f"the pixels cannot be decoded: {error}") from None
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as error:  # AttributeError: an element
+        raise UnsupportedImage(f"the pixels cannot be decoded: {error}") from None  # decoding needs is missing
 
 
 def _native_values_from_file(ds: Dataset) -> np.ndarray | None:

@@ -5,6 +5,7 @@ sizes, kinds, corrupt files, bad parameters and the token are refused with a rea
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import threading
 from collections.abc import Iterator
@@ -310,6 +311,28 @@ def test_a_truncated_dicom_file_is_422_and_not_stored(client: TestClient, served
     assert "truncated" in detail
     with served.node.sessions() as session:
         assert session.scalar(select(Instance.id).where(Instance.sop_instance_uid == ds.SOPInstanceUID)) is None
+
+
+def test_a_dicom_file_without_samples_per_pixel_is_422_and_not_retried(client: TestClient, served: Served) -> None:
+    """Found by tests/test_hostile_input.py: the inference failed and the request answered 503, retried later."""
+    ds = copy.deepcopy(served.foot_ds)  # a Dataset's copy() shares its elements: del would reach the original
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    del ds.SamplesPerPixel
+    detail = problem(client.post("/predict", files={"image": ("no-spp.dcm", part10(ds))}), 422)
+    assert "Samples per Pixel" in detail
+
+
+def test_a_dicom_file_with_an_unknown_vr_is_422(client: TestClient, served: Served) -> None:
+    """Found by tests/test_hostile_input.py: routing read an ImageType of VR 'XX' and the request failed with 500."""
+    ds = served.foot_ds.copy()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    data = part10(ds)
+    image_type = b"\x08\x00\x08\x00CS"  # (0008,0008) in explicit VR little endian
+    assert data.count(image_type) == 1
+    detail = problem(
+        client.post("/predict", files={"image": ("xx.dcm", data.replace(image_type, b"\x08\x00\x08\x00XX"))}), 422
+    )
+    assert "cannot be decoded" in detail
 
 
 def test_a_truncated_picture_is_422(client: TestClient, served: Served) -> None:

@@ -261,7 +261,8 @@ def _dicom_upload(
         # values beyond 4 KiB (the pixels) stay unread: the ingest reads and checks the whole dataset
         header = pydicom.dcmread(io.BytesIO(data), defer_size=4096)
         patient, patient_sex = str(header.get("PatientID") or "").strip(), str(header.get("PatientSex") or "")
-    except Exception as error:  # pydicom raises many types on malformed input
+        routed = route(header, settings)  # reads the values routing needs, such as ImageType
+    except Exception as error:  # pydicom raises many types on malformed input, NotImplementedError for an unknown VR
         raise UploadRefused(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"the DICOM file cannot be decoded ({type(error).__name__})"
         ) from None
@@ -275,7 +276,7 @@ def _dicom_upload(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "sex differs from the DICOM file's PatientSex; a DICOM upload is stored as it was sent",
         )
-    return PreparedUpload(kind, file_meta, data[offset:], header, route(header, settings))
+    return PreparedUpload(kind, file_meta, data[offset:], header, routed)
 
 
 def _file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
