@@ -31,6 +31,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from tests.orthanc import OrthancClient, OrthancHTTPError
 from tests.serve_process import DICOM_NODE, REPO
+from tests.test_cluster import engine_query
 
 T = TypeVar("T")
 
@@ -366,8 +367,7 @@ def test_the_demo_stack_returns_results_to_orthanc_and_keeps_everything_across_a
 
 def cluster_query(sql: str, *parameters: object) -> list[tuple]:
     """A query on the cluster's PostgreSQL (docker-compose.cluster.hostnet.yml)."""
-    with psycopg.connect(CLUSTER_DATABASE) as connection:
-        return connection.execute(sql, parameters).fetchall()
+    return engine_query(CLUSTER_DATABASE, sql, *parameters)
 
 
 def both_workers_hold_jobs() -> bool:
