@@ -1,10 +1,12 @@
 """The outputs job: from an instance's recorded results to DICOM objects for the PACS, and their outbox rows.
 
 For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.outputs.secondary_capture`); for
-the instance, one structured report of all its results (:mod:`dicom_node.outputs.report`). Their UIDs derive
-from the source and the results' ids, so a job run again after a crash writes the same objects to the same
-places. One transaction indexes them beside the received instances (``source_instance_pk`` says which one they
-report on), adds one outbox row per object and destination (:mod:`dicom_node.delivery`) and marks the job done.
+the instance, one structured report
+of all its results (:mod:`dicom_node.outputs.report`), which names the reports it supersedes when the instance
+was processed before. Their UIDs derive from the source and the results' ids, so a job run again after a crash
+writes the same objects to the same places. One transaction indexes them beside the received instances
+(``source_instance_pk`` says which one they report on), adds one outbox row per object and destination
+(:mod:`dicom_node.delivery`) and marks the job done.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +29,7 @@ from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
 from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, record_note, still_claimed
-from dicom_node.models import Delivery, InferenceResult, Instance
+from dicom_node.models import Delivery, InferenceResult, Instance, Series, Study
 from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.preview import Stamp, load_preview, preview_path, preview_shape, source_stamp
 from dicom_node.outputs.report import build_measurement_report
@@ -34,7 +38,7 @@ from dicom_node.outputs.uids import InstallationUids
 from dicom_node.storage import InstanceStore
 from dicom_node.tracking import schedule_tracking
 from inference.pixels import DEFERRED_PIXEL_DATA
-from inference.predict import heatmap_from_bytes
+from inference.predict import Heatmap, heatmap_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,18 @@ class OutputJobs:
                     .order_by(InferenceResult.id)  # the report's UID names them in this order
                 )
             )
+            earlier_reports = [
+                _report_header(*row)
+                for row in session.execute(
+                    select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid)
+                    .join(Series, Instance.series_pk == Series.id)
+                    .join(Study, Series.study_pk == Study.id)
+                    .where(
+                        Instance.source_instance_pk == instance.id, Instance.sop_class_uid == Comprehensive3DSRStorage
+                    )
+                    .order_by(Instance.id)
+                )
+            ]
         if not results:
             self._note(job, "no results to report")
             return
@@ -97,9 +113,12 @@ class OutputJobs:
         stored_file = self.store.absolute(path)
         stamp = source_stamp(stored_file)
         source = pydicom.dcmread(stored_file, defer_size=DEFERRED_PIXEL_DATA)
-        outputs = self._build(source, stamp, results)
+        outputs = self._build(source, stamp, results, earlier_reports)
         if not outputs:
-            self._note(job, "outputs are switched off (outputs.secondary_captures, outputs.structured_report)")
+            self._note(
+                job,
+                "outputs are switched off (outputs.secondary_captures, outputs.structured_report)",
+            )
             return
         written = [(output, *self._write(output.dataset)) for output in outputs]
         with self.sessions.begin() as session:
@@ -121,45 +140,70 @@ class OutputJobs:
         if queued:
             self.on_queued()
 
-    def _build(self, source: Dataset, stamp: Stamp, results: list[InferenceResult]) -> list[_Output]:
-        uids = self.identity.uids
+    def _build(
+        self, source: Dataset, stamp: Stamp, results: list[InferenceResult], earlier_reports: list[Dataset]
+    ) -> list[_Output]:
         settings = self.settings.outputs
-        captures = {}
-        if settings.secondary_captures:
-            radiograph = None  # a source without dimensions is refused by build_secondary_capture with the reason
-            if source.get("Rows") and source.get("Columns"):
-                shape = preview_shape(int(source.Rows), int(source.Columns), settings.max_image_size)
-                radiograph = load_preview(self.store.absolute(preview_path(results[0].heatmap_path)), shape, stamp)
-            for result in results:
-                heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
-                captures[(result.task, result.output)] = build_secondary_capture(
-                    source,
-                    heatmap,
-                    result,
-                    self.identity,
-                    series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
-                    series_number=SERIES_NUMBERS[(result.task, result.output)],
-                    sop_instance_uid=uids.derived(
-                        source.SOPInstanceUID, "sc", result.task, result.output, _named(result)
-                    ),
-                    instance_number=_instance_number(source),
-                    max_size=settings.max_image_size,
-                    radiograph=radiograph,
-                )
-        outputs = [_Output(capture, "secondary_capture") for capture in captures.values()]
+        radiograph = self._radiograph(source, stamp, results) if settings.secondary_captures else None
+        images: dict[tuple[str, str], list[_Output]] = {}
+        for result in results if settings.secondary_captures else ():
+            heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
+            of_result = images.setdefault((result.task, result.output), [])
+            if settings.secondary_captures:
+                capture = self._secondary_capture(source, heatmap, result, radiograph)
+                of_result.append(_Output(capture, "secondary_capture"))
+        written = [output for of_result in images.values() for output in of_result]
         if settings.structured_report:
-            report = build_measurement_report(
-                source,
-                results,
-                captures,
-                self.identity,
-                series_instance_uid=uids.derived(source.StudyInstanceUID, "report"),
-                series_number=REPORT_SERIES_NUMBER,
-                sop_instance_uid=uids.derived(source.SOPInstanceUID, "report", *(_named(result) for result in results)),
-                instance_number=_instance_number(source),
-            )
-            outputs.append(_Output(report, "structured_report"))
-        return outputs
+            illustrations = {key: [output.dataset for output in of_result] for key, of_result in images.items()}
+            report = self._report(source, results, illustrations, earlier_reports)
+            written.append(_Output(report, "structured_report"))
+        return written
+
+    def _radiograph(self, source: Dataset, stamp: Stamp, results: list[InferenceResult]) -> np.ndarray | None:
+        """The preview the inference job kept for the Secondary Captures; None for a source without dimensions,
+        which build_secondary_capture refuses with the reason."""
+        if not (source.get("Rows") and source.get("Columns")):
+            return None
+        shape = preview_shape(int(source.Rows), int(source.Columns), self.settings.outputs.max_image_size)
+        return load_preview(self.store.absolute(preview_path(results[0].heatmap_path)), shape, stamp)
+
+    def _secondary_capture(
+        self, source: Dataset, heatmap: Heatmap, result: InferenceResult, radiograph: np.ndarray | None
+    ) -> Dataset:
+        uids = self.identity.uids
+        return build_secondary_capture(
+            source,
+            heatmap,
+            result,
+            self.identity,
+            series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
+            series_number=SERIES_NUMBERS[(result.task, result.output)],
+            sop_instance_uid=uids.derived(source.SOPInstanceUID, "sc", result.task, result.output, _named(result)),
+            instance_number=_instance_number(source),
+            max_size=self.settings.outputs.max_image_size,
+            radiograph=radiograph,
+        )
+
+    def _report(
+        self,
+        source: Dataset,
+        results: list[InferenceResult],
+        illustrations: dict[tuple[str, str], list[Dataset]],
+        earlier_reports: list[Dataset],
+    ) -> Dataset:
+        uids = self.identity.uids
+        report_uid = uids.derived(source.SOPInstanceUID, "report", *(_named(result) for result in results))
+        return build_measurement_report(
+            source,
+            results,
+            illustrations,
+            self.identity,
+            series_instance_uid=uids.derived(source.StudyInstanceUID, "report"),
+            series_number=REPORT_SERIES_NUMBER,
+            sop_instance_uid=report_uid,
+            instance_number=_instance_number(source),
+            predecessors=[header for header in earlier_reports if header.SOPInstanceUID != report_uid],
+        )
 
     def _write(self, dataset: Dataset) -> tuple[PurePosixPath, int]:
         """Store ``dataset`` as a DICOM file where a received instance with its identifiers would be."""
@@ -215,6 +259,14 @@ def _named(result: InferenceResult) -> str:
     """A result as output UIDs name it: its row and when it was recorded, so that an index made again (whose ids
     start again) never names another result the same."""
     return f"{result.id}@{result.created_at.isoformat()}"
+
+
+def _report_header(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """A report the node wrote before, as the Predecessor Documents Sequence names it (from the index)."""
+    header = Dataset()
+    header.StudyInstanceUID, header.SeriesInstanceUID = study_instance_uid, series_instance_uid
+    header.SOPClassUID, header.SOPInstanceUID = Comprehensive3DSRStorage, sop_instance_uid
+    return header
 
 
 def _instance_number(source: Dataset) -> int:

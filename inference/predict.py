@@ -3,6 +3,7 @@
 - Foot: probabilities of Normal, Flatfoot, Foot Ulcer and Hallux Valgus, the predicted class, and
   ``hallux_valgus_detected`` when the Hallux Valgus probability reaches a threshold (set low for recall),
   the hallux valgus angle when the model has that output, and the CAM of the predicted class.
+  :func:`reported_foot_findings` turns the probabilities into the findings the node reports, by one rule.
 - Hand: bone age from the male and from the female head of the bone-age model, each with its sigma (the
   model's predicted log-variance, times the card's calibration factor) and the CAM of its mean output.
 """
@@ -234,6 +235,24 @@ def predict_hallux_valgus(
             )
         )
     return results
+
+
+def reported_foot_findings(probabilities: Mapping[str, float], threshold: float) -> frozenset[str]:
+    """The foot classes the node reports present, by one rule that cannot contradict itself:
+
+    - Hallux Valgus when its probability reaches ``threshold`` (set low for recall);
+    - Flatfoot or Foot Ulcer when it is the most probable class;
+    - Normal when neither gives a finding: never beside an abnormal class.
+
+    Raises ValueError when ``probabilities`` does not name exactly the model's four classes.
+    """
+    if set(probabilities) != set(HALLUX_VALGUS_CLASSES):
+        raise ValueError(f"foot probabilities must name {list(HALLUX_VALGUS_CLASSES)}, got {sorted(probabilities)}")
+    findings = {"Hallux Valgus"} if probabilities["Hallux Valgus"] >= threshold else set()
+    most_probable = max(HALLUX_VALGUS_CLASSES, key=probabilities.__getitem__)
+    if most_probable not in ("Normal", "Hallux Valgus"):
+        findings.add(most_probable)
+    return frozenset(findings or {"Normal"})
 
 
 def predict_bone_age(model: Model, images: Images, augmentations: int = 0) -> list[dict[str, BoneAgeEstimate]]:

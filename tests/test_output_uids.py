@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import UID, Comprehensive3DSRStorage
 from sqlalchemy import select
 
 from dicom_node.config import ConfigError, InferenceSettings, Settings, load_settings
@@ -83,9 +83,9 @@ def test_a_bad_uid_root_stops_start_up_with_one_line(tmp_path: Path, root: str) 
 # --- nodes -------------------------------------------------------------------------------------------------------
 
 
-def _node(storage: Path, onnx_graphs: Path) -> Node:
+def _node(storage: Path, onnx_graphs: Path, duplicate_policy: str = "keep_first") -> Node:
     settings = Settings(
-        dicom={"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
+        dicom={"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port(), "duplicate_policy": duplicate_policy},
         storage={"root": storage},
         workers={"count": 0},
         mlflow={"enabled": False},
@@ -178,3 +178,41 @@ def test_an_outputs_job_run_again_after_a_crash_rewrites_the_same_objects(
     assert before_the_crash and sorted(_written(restarted)["SOPInstanceUID"]) == sorted(before_the_crash)
     files = {path for path in (tmp_path / "storage" / "patients").rglob("*.dcm")}
     assert len(files) == len(before_the_crash) + 1, "the source and one file per object: none left over"
+
+
+def test_a_report_made_again_for_a_replaced_image_names_the_one_it_supersedes(
+    tmp_path: Path, source: Path, onnx_graphs: Path, nodes: list[Node]
+) -> None:
+    node = _node(tmp_path / "storage", onnx_graphs, duplicate_policy="replace")
+    nodes.append(node)
+    _receive_and_infer(node, source)
+    _run_all(node)
+    [first] = _reports(node)
+    first_bytes = node.store.absolute(first).read_bytes()
+
+    _receive_and_infer(node, source)  # the same image again, replacing the first copy: new results
+    _run_all(node)
+    older, newer = _reports(node)
+    assert older == first and node.store.absolute(first).read_bytes() == first_bytes, "the older report is kept as is"
+    superseded = pydicom.dcmread(node.store.absolute(first))
+    report = pydicom.dcmread(node.store.absolute(newer))
+    assert report.SOPInstanceUID != superseded.SOPInstanceUID
+    [study] = report.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    [named] = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID, named.ReferencedSOPInstanceUID) == (
+        superseded.StudyInstanceUID,
+        superseded.SeriesInstanceUID,
+        superseded.SOPInstanceUID,
+    )
+    assert "PredecessorDocumentsSequence" not in superseded
+
+
+def _reports(node: Node) -> list[str]:
+    """The paths of the structured reports ``node`` wrote, oldest first."""
+    with node.sessions() as session:
+        return list(
+            session.scalars(
+                select(Instance.path).where(Instance.sop_class_uid == Comprehensive3DSRStorage).order_by(Instance.id)
+            )
+        )

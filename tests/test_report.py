@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -19,10 +21,11 @@ from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.report import SERIES_DESCRIPTION, build_measurement_report
 from dicom_node.outputs.uids import InstallationUids
 from dicom_node.synthetic import Demographics, dx_dataset
+from inference.predict import reported_foot_findings
 from tests.validators import dciodvfy_errors, sr_validator_errors
 
 NODE = NodeIdentity("DICOMNODE", InstallationUids(secret=b"\x05" * 32))
-ALGORITHM_ROWS = ("111001", "111003")  # TID 4019 Algorithm Name, Algorithm Version
+ALGORITHM_ROWS = ("111001", "111003", "111002")  # TID 4019 Algorithm Name, Version, Parameters
 REFERENCE = "Greulich & Pyle 1959 (Brush Foundation SDs)"
 
 
@@ -102,8 +105,10 @@ def report(source: pydicom.Dataset, results: list[InferenceResult], captures: Ma
     )
 
 
-def captures_of(source: pydicom.Dataset, results: list[InferenceResult]) -> dict[tuple[str, str], pydicom.Dataset]:
-    return {(result.task, result.output): secondary_capture(source) for result in results}
+def captures_of(
+    source: pydicom.Dataset, results: list[InferenceResult]
+) -> dict[tuple[str, str], list[pydicom.Dataset]]:
+    return {(result.task, result.output): [secondary_capture(source)] for result in results}
 
 
 def foot_only() -> tuple[pydicom.Dataset, list[InferenceResult]]:
@@ -131,9 +136,31 @@ def test_the_report_passes_dciodvfy_and_the_sr_validator(case, tmp_path: Path) -
     assert sr_validator_errors(path) == []
 
 
-def _measurements(group) -> dict[tuple[str, str | None], float]:
-    """A group's numbers by (concept name, derivation)."""
-    return {(m.name.meaning, m.derivation.meaning if m.derivation else None): m.value for m in group.get_measurements()}
+def _measurements(group) -> dict[str, tuple[float, str]]:
+    """A group's numbers by concept name: (value, unit meaning)."""
+    return {m.name.meaning: (m.value, m.unit.meaning) for m in group.get_measurements()}
+
+
+def _properties(measurement) -> dict[str, object]:
+    """The HAS PROPERTIES children of a measurement (TID 310): a number as (value, unit meaning), a code as its
+    meaning, a text as itself."""
+    found: dict[str, object] = {}
+    for item in measurement[0].get("ContentSequence", []):
+        if item.RelationshipType != "HAS PROPERTIES":
+            continue
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            value = item.MeasuredValueSequence[0]
+            found[name] = (float(value.NumericValue), value.MeasurementUnitsCodeSequence[0].CodeMeaning)
+        elif item.ValueType == "CODE":
+            found[name] = item.ConceptCodeSequence[0].CodeMeaning
+        else:
+            found[name] = item.TextValue
+    return found
+
+
+def _algorithm_rows(group) -> list[tuple[str, str]]:
+    return [(item.name.meaning, item.value) for item in group[0].ContentSequence if item.name.value in ALGORITHM_ROWS]
 
 
 def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Path) -> None:
@@ -147,48 +174,65 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SeriesDescription == SERIES_DESCRIPTION
     assert (sr.VerificationFlag, sr.CompletionFlag, sr.Manufacturer) == ("UNVERIFIED", "COMPLETE", NODE.manufacturer)
     evidence = {sop_instance_uid for _, _, sop_instance_uid, _ in sr.get_evidence(current_procedure_only=True)}
-    assert evidence == {source.SOPInstanceUID} | {capture.SOPInstanceUID for capture in captures.values()}
+    assert evidence == {source.SOPInstanceUID} | {c.SOPInstanceUID for images in captures.values() for c in images}
     [observer] = sr.content.get_observer_contexts()
     assert observer.observer_identifying_attributes.uid == NODE.device_uid
 
-    foot, male, female = sr.content.get_image_measurement_groups()
-    assert foot.finding_type == codes.HALLUX_VALGUS
-    assert foot.get_qualitative_evaluations()[0].value == codes.PRESENT
-    assert _measurements(foot)[("Probability of hallux valgus", None)] == pytest.approx(0.8)
-    assert ("Hallux valgus angle", None) not in _measurements(foot)
-    assert male.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
-    algorithm = {item.name.meaning: item.value for item in male[0].ContentSequence if item.name.value in ALGORITHM_ROWS}
-    assert algorithm["Algorithm Name"] == "bone-age-net" and algorithm["Algorithm Version"] == "2.1"
-    assert _measurements(male) == pytest.approx(
-        {
-            ("Bone age", None): 150.0,
-            ("Bone age", "Standard Deviation"): 9.5,
-            ("Age", None): 130.5,
-            ("Bone age minus chronological age", None): 19.5,
-            ("Standard deviation of population", None): 10.0,
-            ("Z-Score of measurement", None): 1.95,
-        }
-    )
-    assert _measurements(female) == pytest.approx(
-        {("Bone age", None): 160.0, ("Bone age", "Standard Deviation"): 10.5, ("Age", None): 130.5}
-    )
-    sexes = [group.get_qualitative_evaluations(name=codes.BONE_AGE_MODEL_SEX)[0].value for group in (male, female)]
-    assert [sex.value for sex in sexes] == ["M", "F"]
-    for group, result in zip((foot, male, female), results, strict=True):
-        illustrations = [
+    *feet, male, female = sr.content.get_image_measurement_groups()
+    assert [group.finding_type for group in feet] == list(codes.FOOT_FINDINGS.values())
+    for group in (*feet, male, female):
+        [site] = group.finding_sites
+        assert site.laterality == codes.LATERALITIES["R"], "the source is a right foot and hand"
+        assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+    assert _measurements(feet[3]) == {"Probability": (pytest.approx(0.8), "no units")}
+    assert ("Algorithm Name", "bone-age-net") in _algorithm_rows(male)
+    assert ("Algorithm Parameters", "model of male patients") in _algorithm_rows(male)
+    assert ("Algorithm Parameters", "model of female patients") in _algorithm_rows(female)
+    assert not any(group.get_qualitative_evaluations() for group in (male, female)), "the model's sex is no finding"
+
+    [bone_age] = male.get_measurements(name=codes.BONE_AGE)
+    assert (bone_age.value, bone_age.unit) == (150.0, codes.MONTHS)
+    assert _properties(bone_age) == {
+        "+/-, range of measurement uncertainty": (9.5, "month"),
+        "Normality": "Normal",
+        "Mean Value of population": (130.5, "month"),
+        "Standard deviation of population": (10.0, "month"),
+        "Z-Score of measurement": (1.95, "no units"),
+        "Population description": f"boys aged 130.5 months, {REFERENCE}",
+        "Reference Authority": codes.REFERENCE_AUTHORITIES[REFERENCE].meaning,
+    }
+    assert _measurements(male)["Subject Age"] == (130.5, "month")
+    [female_age] = female.get_measurements(name=codes.BONE_AGE)
+    assert _properties(female_age) == {"+/-, range of measurement uncertainty": (10.5, "month")}
+    illustrated = {
+        (result.task, result.output): [
             item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for group in groups
             for item in group[0].ContentSequence
             if item.name == codes.ILLUSTRATION_OF_FINDING
         ]
-        assert illustrations == [captures[(result.task, result.output)].SOPInstanceUID], "each group shows its own"
+        for result, groups in zip(results, (feet, [male], [female]), strict=True)
+    }
+    assert illustrated == {key: [image.SOPInstanceUID for image in images] for key, images in captures.items()}
 
 
-def test_a_foot_angle_is_reported_in_degrees(tmp_path: Path) -> None:
-    source, results = foot_only()
+def test_dcmtk_reads_one_bone_age_per_sex_model_with_its_uncertainty_as_a_property(tmp_path: Path) -> None:
+    source, results = hand_compared()
     report(source, results).save_as(tmp_path / "report.dcm")
-    [foot] = highdicom.sr.srread(tmp_path / "report.dcm").content.get_image_measurement_groups()
-    [angle] = foot.get_measurements(name=codes.HALLUX_VALGUS_ANGLE)
-    assert angle.value == pytest.approx(27.5) and angle.unit == codes.DEGREES
+    dump = subprocess.run(["dsrdump", str(tmp_path / "report.dcm")], capture_output=True, text=True, check=True).stdout
+    lines = dump.splitlines()
+    bone_ages = [i for i, line in enumerate(lines) if re.search(r'NUM:\(,,"Bone age"\)="[\d.]+" \(mo,UCUM', line)]
+    assert [re.search(r'="([\d.]+)"', lines[i])[1] for i in bone_ages] == ["150.0", "160.0"]
+    for i, sigma in zip(bone_ages, ("9.5", "10.5"), strict=True):
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        children = []
+        for line in lines[i + 1 :]:
+            if len(line) - len(line.lstrip()) <= indent:
+                break
+            children.append(line.strip())
+        assert (
+            f'<has properties NUM:(,,"+/-, range of measurement uncertainty")="{sigma}" (mo,UCUM,"month")>' in children
+        )
 
 
 def _with_values(original: InferenceResult, **changes: object) -> InferenceResult:
@@ -201,10 +245,12 @@ def _with_values(original: InferenceResult, **changes: object) -> InferenceResul
     [
         (lambda: result("fracture", "hand", {}), "unknown task"),
         (lambda: _with_values(foot_result(), probabilities=...), "lacks the values probabilities"),
-        (lambda: _with_values(foot_result(), prediction="Gout"), "must be among"),
+        (lambda: _with_values(foot_result(), prediction="Gout"), "heatmap's class 'Gout' is not a class"),
+        (lambda: _with_values(foot_result(), probabilities={"Gout": 1.0}), "probabilities must name"),
         (lambda: _with_values(bone_age_results(True)[1], sigma_months=...), "lacks the values sigma_months"),
         (lambda: _with_values(bone_age_results(True)[0], reference=...), "lacks the values reference"),
         (lambda: _with_values(bone_age_results(True)[0], assessment="tall"), "assessment 'tall'"),
+        (lambda: _with_values(bone_age_results(True)[0], reference="Tanner"), "reference 'Tanner' is not one of"),
         (lambda: _with_values(bone_age_results(True)[1], sex="X"), "sex must be"),
     ],
 )
@@ -218,10 +264,150 @@ def test_no_results_raise_value_error() -> None:
         report(source_image("HAND"), [])
 
 
-def test_a_source_without_projection_descriptors_is_left_out_of_the_image_library() -> None:
-    source = source_image("HAND")
-    del source.ImagerPixelSpacing, source.AccessionNumber
-    sr = report(source, bone_age_results(chronological=False))
-    concepts = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
-    assert "126010" in concepts and "111028" not in concepts  # Imaging Measurements, no Image Library
-    assert not sr.AccessionNumber and sr.StudyInstanceUID == source.StudyInstanceUID
+def _image_library_descriptors(sr: pydicom.Dataset) -> dict[str, object]:
+    [library] = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    [entry] = library.ContentSequence[0].ContentSequence
+    assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    values: dict[str, object] = {}
+    for item in entry.ContentSequence:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            values[name] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "CODE":
+            values[name] = item.ConceptCodeSequence[0].CodeMeaning
+        else:
+            values[name] = str(item.get("TextValue") or item.get("Date"))
+    return values
+
+
+def test_the_image_library_names_the_source_with_the_descriptors_it_has(tmp_path: Path) -> None:
+    full = report(source_image("HAND"), bone_age_results(chronological=False))
+    assert _image_library_descriptors(full) == {
+        "Modality": "Digital Radiography",
+        "Image Laterality": "Right",
+        "Study Date": "20260115",
+        "Pixel Data Rows": 16.0,
+        "Pixel Data Columns": 16.0,
+        "Patient Orientation Row": "L",
+        "Patient Orientation Column": "F",
+        "Horizontal Pixel Spacing": 0.15,
+        "Vertical Pixel Spacing": 0.15,
+    }
+    bare = source_image("HAND")
+    del bare.ImagerPixelSpacing, bare.PatientOrientation, bare.ImageLaterality, bare.AccessionNumber
+    bare.Modality = "XA"
+    sr = report(bare, bone_age_results(chronological=False))
+    assert _image_library_descriptors(sr) == {
+        "Modality": "X-Ray Angiography",
+        "Study Date": "20260115",
+        "Pixel Data Rows": 16.0,
+        "Pixel Data Columns": 16.0,
+    }
+    assert not sr.AccessionNumber and sr.StudyInstanceUID == bare.StudyInstanceUID
+    sr.save_as(tmp_path / "report.dcm")
+    assert dciodvfy_errors(tmp_path / "report.dcm") == []
+    assert sr_validator_errors(tmp_path / "report.dcm") == []
+
+
+def foot_with(probabilities: dict[str, float], threshold: float) -> InferenceResult:
+    return result(
+        "hallux_valgus",
+        "foot",
+        {
+            "probabilities": probabilities,
+            "prediction": max(probabilities, key=probabilities.__getitem__),
+            "threshold": threshold,
+            "hallux_valgus_detected": probabilities["Hallux Valgus"] >= threshold,
+        },
+    )
+
+
+def _presence(sr: pydicom.Dataset) -> dict[str, str]:
+    """Each foot group's finding and whether the group says it is present."""
+    presence = {}
+    for group in highdicom.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups():
+        [evaluation] = group.get_qualitative_evaluations()
+        assert evaluation.name == group.finding_type, "the evaluation is of the group's own finding"
+        presence[group.finding_type.meaning] = evaluation.value.meaning
+    return presence
+
+
+HV_PROBABILITY = 0.3
+
+
+def _probabilities(top: str) -> dict[str, float]:
+    """``top`` most probable; hallux valgus 0.3 unless it is the top class (then 0.4)."""
+    rest = [name for name in FOOT_CLASSES if name not in (top, "Hallux Valgus")]
+    if top == "Hallux Valgus":
+        return {"Hallux Valgus": 0.4} | dict.fromkeys(rest, 0.2)
+    return {top: 0.5, "Hallux Valgus": HV_PROBABILITY} | dict.fromkeys(rest, 0.1)
+
+
+FOOT_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
+
+
+@pytest.mark.parametrize("top", FOOT_CLASSES)
+@pytest.mark.parametrize("threshold", [0.25, 0.35, 0.45], ids=["below", "between", "above"])
+def test_no_foot_group_contradicts_another_whatever_the_class_and_threshold(top: str, threshold: float) -> None:
+    probabilities = _probabilities(top)
+    presence = _presence(report(source_image("FOOT"), [foot_with(probabilities, threshold)]))
+    meaning = {name: concept.meaning for name, concept in codes.FOOT_FINDINGS.items()}
+    present = {name for name in FOOT_CLASSES if presence[meaning[name]] == "Present"}
+    assert set(presence.values()) <= {"Present", "Absent"} and len(presence) == 4
+    assert present == reported_foot_findings(probabilities, threshold)
+    assert ("Hallux Valgus" in present) == (probabilities["Hallux Valgus"] >= threshold), "the threshold decides"
+    assert ("Normal" in present) == (present == {"Normal"}), "no abnormality never beside an abnormality"
+    assert present, "a foot has at least one finding"
+    if top in ("Flatfoot", "Foot Ulcer"):
+        assert top in present
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "threshold", "expected"),
+    [
+        ({"Normal": 0.7, "Flatfoot": 0.1, "Foot Ulcer": 0.1, "Hallux Valgus": 0.1}, 0.3, {"Normal"}),
+        ({"Normal": 0.6, "Flatfoot": 0.0, "Foot Ulcer": 0.0, "Hallux Valgus": 0.4}, 0.3, {"Hallux Valgus"}),
+        ({"Normal": 0.2, "Flatfoot": 0.5, "Foot Ulcer": 0.0, "Hallux Valgus": 0.3}, 0.3, {"Flatfoot", "Hallux Valgus"}),
+        ({"Normal": 0.3, "Flatfoot": 0.2, "Foot Ulcer": 0.1, "Hallux Valgus": 0.4}, 0.5, {"Normal"}),
+        ({"Normal": 0.1, "Flatfoot": 0.1, "Foot Ulcer": 0.5, "Hallux Valgus": 0.3}, 0.31, {"Foot Ulcer"}),
+    ],
+)
+def test_the_reported_foot_findings_follow_one_rule(probabilities, threshold: float, expected: set[str]) -> None:
+    assert reported_foot_findings(probabilities, threshold) == expected
+
+
+def test_pixelmed_still_checks_the_bone_ages_properties(tmp_path: Path, monkeypatch) -> None:
+    """The validator's wrapper sets aside PixelMed's reports of TID 310 items against TID 300's any-concept rows
+    (tests/validators.py); TID 310 itself still judges them."""
+    monkeypatch.setitem(codes.ASSESSMENTS, "within range", codes.PRESENT)  # not a CID 222 normality
+    source, results = hand_compared()
+    report(source, results).save_as(tmp_path / "report.dcm")
+    [error] = sr_validator_errors(tmp_path / "report.dcm")
+    assert "Template 310" in error and "not found in context group 222" in error
+
+
+def test_a_report_made_again_names_the_one_it_supersedes(tmp_path: Path) -> None:
+    source, results = foot_only()
+    first = report(source, results)
+    second = build_measurement_report(
+        source,
+        results,
+        {},
+        NODE,
+        series_instance_uid=first.SeriesInstanceUID,
+        series_number=9010,
+        sop_instance_uid=generate_uid(),
+        predecessors=[first],
+    )
+    [study] = second.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    [instance] = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (first.StudyInstanceUID, first.SeriesInstanceUID)
+    assert (instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID) == (
+        first.SOPClassUID,
+        first.SOPInstanceUID,
+    )
+    assert "PredecessorDocumentsSequence" not in first
+    second.save_as(tmp_path / "report.dcm")
+    assert dciodvfy_errors(tmp_path / "report.dcm") == []
+    assert sr_validator_errors(tmp_path / "report.dcm") == []

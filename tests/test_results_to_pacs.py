@@ -21,6 +21,7 @@ from dicom_node.models import Delivery, DeliveryState, Instance, Job
 from dicom_node.node import Node
 from dicom_node.outputs import codes
 from dicom_node.phantoms.generator import render_phantom
+from inference.predict import reported_foot_findings
 from tests.dicom_peers import free_port, send_datasets
 from tests.orthanc import Orthanc, orthanc
 from tests.validators import dciodvfy_errors, sr_validator_errors
@@ -110,14 +111,18 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     findings = [
         concept(item, "ConceptCodeSequence") for item in content_items(report) if concept(item) == ("121071", "DCM")
     ]
-    foot_codes = {(code.value, code.scheme_designator) for code in codes.FOOT_FINDINGS.values()}
-    assert len(findings) == 1 and findings[0] in foot_codes
-    hallux_valgus = [
-        concept(item, "ConceptCodeSequence")
+    assert findings == [(code.value, code.scheme_designator) for code in codes.FOOT_FINDINGS.values()]
+    with node.sessions() as session:
+        [foot_result] = [r for i in session.scalars(select(Instance)) for r in i.results if r.task == "hallux_valgus"]
+        values = foot_result.values
+    present = {
+        name
+        for name, code in codes.FOOT_FINDINGS.items()
         for item in content_items(report)
-        if concept(item) == (codes.HALLUX_VALGUS.value, codes.HALLUX_VALGUS.scheme_designator)
-    ]
-    assert hallux_valgus and hallux_valgus[0] in {("52101004", "SCT"), ("272519000", "SCT")}  # present / absent
+        if concept(item) == (code.value, code.scheme_designator)
+        and concept(item, "ConceptCodeSequence") == (codes.PRESENT.value, codes.PRESENT.scheme_designator)
+    }
+    assert present == reported_foot_findings(values["probabilities"], values["threshold"])
 
     for study in (hand_study, foot_study):
         captures = [i for i in study if i["SOPClassUID"] == SecondaryCaptureImageStorage]

@@ -5,50 +5,62 @@ The content tree, top to bottom:
 
 - the device observer context (TID 1002 / TID 1004): the node as the observer that made the report;
 - "Procedure reported": Imaging procedure (CID 100);
-- the image library (TID 1600): the source image;
-- one Measurement Group (TID 1501) per result, each with its tracking identifier, finding site, the algorithm
-  that computed it (TID 4019), the source image and the node's Secondary Capture images as illustrations:
+- the image library (TID 1600): the source image, with each TID 1602 / TID 1603 descriptor the source has;
+- Measurement Groups (TID 1501), each with its tracking identifier, finding site and laterality, the algorithm
+  that computed it (TID 4019), the source image, and the node's Secondary Capture and Parametric Map images of
+  that result as illustrations:
 
-  - hallux valgus: the predicted class as "Finding", the probability of each class, the hallux valgus angle
-    where the model gives one, and a qualitative evaluation "Hallux valgus" present or absent (the probability
-    of hallux valgus against the threshold, named among the algorithm parameters);
-  - bone age, one group per sex model: the bone age in months and its standard deviation (a second "Bone age"
-    with the derivation "Standard Deviation"), the chronological age where known, the sex of the model; where
-    the node compared bone age with chronological age, the difference and, where the reference has an SD at
-    that age, the reference SD, the Z-score and the normality.
+  - the foot: one group per class of the model, its finding the class, its "Probability", and the class
+    present or absent by the one rule of :func:`inference.predict.reported_foot_findings`; the hallux valgus
+    group also has the hallux valgus angle where the model gives one;
+  - the hand: one group per sex model (the model's sex is an algorithm parameter, not a finding): the bone
+    age in months with its properties (TID 310): the model's sigma as the range of measurement uncertainty
+    (CID 225) and, where the node compared it with the chronological age against the reference's SD at that
+    age, the reference population (TID 311: its mean, SD and the Z-score, its description and coded
+    authority) and the normality (CID 222); the chronological age as "Subject Age" where known.
 
-Properties of a measurement (TID 310, TID 311) would fit the SD and the Z-score better, but PixelMed's
-DicomSRValidator rejects every HAS PROPERTIES child of a TID 300 measurement; they are measurements of the
-group instead.
+Built by hand where highdicom cannot: the uncertainty in months (highdicom's ``MeasurementProperties`` writes
+its uncertainties with the unit "1"), the population description and the coded reference authority (highdicom
+writes a code meaning PixelMed does not know, and the authority as text only) and the image
+library entry of a source without every projection descriptor (highdicom's needs them all).
 
 The report is UNVERIFIED, COMPLETE and PRELIMINARY: no person has read it. Patient and study come from the
-source image; the source and the Secondary Capture images are its evidence (Current Requested Procedure
-Evidence Sequence). Each model is named as Contributing Equipment too (PS3.3 C.12.1.1.5), with the demo
-disclaimer where it applies.
+source image; the source and the illustrations are its evidence (Current Requested Procedure Evidence
+Sequence). A report made again for a replaced image names the reports it supersedes (Predecessor Documents
+Sequence). Each model is named as Contributing Equipment too (PS3.3 C.12.1.1.5), with the demo disclaimer
+where it applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from copy import copy
-from dataclasses import dataclass
 
 import highdicom
 import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
     Comprehensive3DSR,
+    ContainerContentItem,
+    ContentItem,
+    ContentSequence,
+    DateContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
     Measurement,
+    MeasurementProperties,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    MeasurementStatisticalProperties,
+    NumContentItem,
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.sr.codedict import codes as dicom_codes
@@ -56,61 +68,56 @@ from pydicom.sr.codedict import codes as dicom_codes
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
+from dicom_node.outputs.source_header import pair, with_patient_and_study
 from dicom_node.outputs.uids import InstallationUids
+from inference.model_card import HALLUX_VALGUS_CLASSES
+from inference.predict import reported_foot_findings
 
 SERIES_DESCRIPTION = "AI results (structured report)"
-HALLUX_VALGUS_KEYS = ("probabilities", "prediction", "hallux_valgus_detected", "threshold")
+HALLUX_VALGUS_KEYS = ("probabilities", "prediction", "threshold")
 BONE_AGE_KEYS = ("sex", "age_months", "sigma_months")
-COMPARISON_KEYS = ("difference_months",)
-ASSESSMENT_KEYS = ("reference_sd_months", "z_score", "assessment", "reference", "flag_sds")
-# Type 2 attributes of the Patient and General Study modules that highdicom copies from the source
-PATIENT_AND_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-)
-# TID 1603 Image Library Entry Descriptors for Projection Radiography: what highdicom reads from the source
-PROJECTION_DESCRIPTOR_KEYWORDS = ("Rows", "Columns", "PatientOrientation", "ImagerPixelSpacing")
+ASSESSMENT_KEYS = ("chronological_age_months", "reference_sd_months", "z_score", "assessment", "reference", "flag_sds")
+SEXES = {"M": "male", "F": "female"}
+IMAGING_MEASUREMENTS = "126010"  # TID 1500 row 8, the container the image library goes before
+
+Illustrations = Mapping[tuple[str, str], Sequence[pydicom.Dataset]]
 
 
 def build_measurement_report(
     source: pydicom.Dataset,
     results: Sequence[InferenceResult],
-    secondary_captures: Mapping[tuple[str, str], pydicom.Dataset],
+    illustrations: Illustrations,
     node: NodeIdentity,
     *,
     series_instance_uid: str,
     series_number: int,
     sop_instance_uid: str,
     instance_number: int = 1,
+    predecessors: Sequence[pydicom.Dataset] = (),
 ) -> Comprehensive3DSR:
     """The TID 1500 Measurement Report of ``results``, all computed from ``source``, in a new series of the
     source's study.
 
-    ``source`` needs its header only. ``secondary_captures`` are the images the node wrote for these results,
-    by the (task, output) of the result each shows; a measurement group references its own. Raises ValueError
-    for no results, a result of an unknown task or one that lacks a value the report needs.
+    ``source`` needs its header only. ``illustrations`` are the images the node wrote for these results (its
+    Secondary Capture and Parametric Map images), by the (task, output) of the result they show. ``predecessors``
+    are the headers of the reports this one supersedes (PS3.3 C.17.2.1). Raises ValueError for no results, a
+    result of an unknown task or one that lacks a value the report needs.
     """
     if not results:
         raise ValueError("a measurement report needs at least one result")
     groups = [
-        measurement_group(result, source, node.uids, secondary_captures.get((result.task, result.output)))
+        group
         for result in results
+        for group in measurement_groups(result, source, node.uids, illustrations.get((result.task, result.output), ()))
     ]
     content = MeasurementReport(
         observation_context=device_observation_context(node),
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=groups,
-        referenced_images=[source] if _has_library_descriptors(source) else None,
     )
+    _add_image_library(content, source)
     return Comprehensive3DSR(
-        evidence=[_patient_and_study(source), *secondary_captures.values()],
+        evidence=[_patient_and_study(source), *(image for images in illustrations.values() for image in images)],
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -121,6 +128,7 @@ def build_measurement_report(
         software_versions=node.software_version,
         series_description=SERIES_DESCRIPTION,
         is_complete=True,
+        previous_versions=list(predecessors) or None,
         coding_schemes=[codes.PRIVATE_CODING_SCHEME],
         contributing_equipment=[contributing_equipment(algorithm, node) for algorithm in _algorithms(results)],
     )
@@ -141,126 +149,164 @@ def device_observation_context(node: NodeIdentity) -> ObservationContext:
     )
 
 
-def measurement_group(
+def measurement_groups(
     result: InferenceResult,
     source: pydicom.Dataset,
     uids: InstallationUids,
-    secondary_capture: pydicom.Dataset | None = None,
-) -> MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 Measurement Group of one result, by its task, with the Secondary Capture that shows it."""
-    tracking_uid = uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output)
+    illustrations: Sequence[pydicom.Dataset] = (),
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """The TID 1501 Measurement Groups of one result, by its task, with the images that illustrate it."""
     if result.task == "hallux_valgus":
-        group = hallux_valgus_group(result, source, tracking_uid)
-    elif result.task == "bone_age":
-        group = bone_age_group(result, source, tracking_uid)
-    else:
-        raise ValueError(f"result {result.task!r}/{result.output!r}: unknown task, expected hallux_valgus or bone_age")
-    if secondary_capture is not None:
-        _add_illustration(group, secondary_capture)
-    return group
+        return foot_groups(result, source, uids, illustrations)
+    if result.task == "bone_age":
+        return [bone_age_group(result, source, uids, illustrations)]
+    raise ValueError(f"result {result.task!r}/{result.output!r}: unknown task, expected hallux_valgus or bone_age")
 
 
-def hallux_valgus_group(
-    result: InferenceResult, source: pydicom.Dataset, tracking_uid: str
-) -> MeasurementsAndQualitativeEvaluations:
-    """The foot classification: the predicted class as the finding, each class's probability, the hallux valgus
-    angle when the model gives one, and whether hallux valgus is flagged (its probability at the threshold)."""
+def foot_groups(
+    result: InferenceResult,
+    source: pydicom.Dataset,
+    uids: InstallationUids,
+    illustrations: Sequence[pydicom.Dataset] = (),
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One group per class of the foot model: the class as the finding, its probability, and present or absent
+    by :func:`inference.predict.reported_foot_findings`; the illustrations go to the class their heatmap shows."""
     values = _required_values(result, HALLUX_VALGUS_KEYS)
-    probabilities, prediction = values["probabilities"], values["prediction"]
-    if set(probabilities) != set(codes.FOOT_FINDINGS) or prediction not in codes.FOOT_FINDINGS:
-        raise ValueError(
-            f"result hallux_valgus/{result.output}: the classes and the prediction must be among "
-            f"{sorted(codes.FOOT_FINDINGS)}, got {sorted(probabilities)} and {prediction!r}"
+    probabilities, threshold = values["probabilities"], values["threshold"]
+    try:
+        present = reported_foot_findings(probabilities, threshold)
+    except ValueError as error:
+        raise ValueError(f"result hallux_valgus/{result.output}: {error}") from None
+    shown = values.get("heatmap_of", values["prediction"])
+    if shown not in HALLUX_VALGUS_CLASSES:
+        raise ValueError(f"result hallux_valgus/{result.output}: the heatmap's class {shown!r} is not a class")
+    groups = []
+    for name in HALLUX_VALGUS_CLASSES:
+        finding = codes.FOOT_FINDINGS[name]
+        measurements = [Measurement(name=codes.PROBABILITY, value=probabilities[name], unit=codes.NO_UNITS)]
+        if name == "Hallux Valgus" and values.get("hallux_valgus_angle_deg") is not None:
+            measurements.append(
+                Measurement(name=codes.HALLUX_VALGUS_ANGLE, value=values["hallux_valgus_angle_deg"], unit=codes.DEGREES)
+            )
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output, name),
+                identifier=f"foot: {name.lower()}",
+            ),
+            finding_type=finding,
+            finding_sites=[finding_site(codes.FOOT, source)],
+            algorithm_id=algorithm_identification(
+                result,
+                f"hallux valgus present from a probability of {threshold}",
+                "flatfoot or foot ulcer present when the most probable class",
+                "no abnormality present when no other class is",
+            ),
+            measurements=measurements,
+            qualitative_evaluations=[
+                QualitativeEvaluation(finding, codes.PRESENT if name in present else codes.ABSENT)
+            ],
+            source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
         )
-    measurements = [
-        Measurement(name=codes.FOOT_CLASS_PROBABILITIES[name], value=probabilities[name], unit=codes.NO_UNITS)
-        for name in codes.FOOT_FINDINGS
-    ]
-    if values.get("hallux_valgus_angle_deg") is not None:
-        measurements.append(
-            Measurement(name=codes.HALLUX_VALGUS_ANGLE, value=values["hallux_valgus_angle_deg"], unit=codes.DEGREES)
-        )
-    flagged = codes.PRESENT if values["hallux_valgus_detected"] else codes.ABSENT
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="hallux valgus classification"),
-        finding_type=codes.FOOT_FINDINGS[prediction],
-        finding_sites=[FindingSite(codes.FOOT)],
-        algorithm_id=algorithm_identification(result, f"hallux valgus threshold {values['threshold']}"),
-        measurements=measurements,
-        qualitative_evaluations=[QualitativeEvaluation(codes.HALLUX_VALGUS, flagged)],
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
-    )
+        if name == shown:
+            _add_illustrations(group, illustrations)
+        groups.append(group)
+    return groups
 
 
 def bone_age_group(
-    result: InferenceResult, source: pydicom.Dataset, tracking_uid: str
+    result: InferenceResult,
+    source: pydicom.Dataset,
+    uids: InstallationUids,
+    illustrations: Sequence[pydicom.Dataset] = (),
 ) -> MeasurementsAndQualitativeEvaluations:
-    """The bone age read by one sex model and its standard deviation; the chronological age where known; and,
-    where the node compared the two, the difference, the reference SD, the Z-score and the normality."""
+    """The bone age read by one sex model, with its properties (:func:`bone_age_properties`), and the
+    chronological age where known."""
     values = _required_values(result, BONE_AGE_KEYS)
-    if values["sex"] not in codes.SEXES:
+    if values["sex"] not in SEXES:
         raise ValueError(f"result bone_age/{result.output}: sex must be 'M' or 'F', got {values['sex']!r}")
+    model = SEXES[values["sex"]]
     measurements = [
-        Measurement(name=codes.BONE_AGE, value=values["age_months"], unit=codes.MONTHS),
         Measurement(
-            name=codes.BONE_AGE,
-            value=values["sigma_months"],
-            unit=codes.MONTHS,
-            derivation=codes.STANDARD_DEVIATION,
-        ),
+            name=codes.BONE_AGE, value=values["age_months"], unit=codes.MONTHS, properties=bone_age_properties(result)
+        )
     ]
     if values.get("chronological_age_months") is not None:
-        measurements.append(Measurement(name=codes.AGE, value=values["chronological_age_months"], unit=codes.MONTHS))
-    evaluations = [QualitativeEvaluation(codes.BONE_AGE_MODEL_SEX, codes.SEXES[values["sex"]])]
-    parameters = []
-    if "difference_months" in values:
-        comparison = comparison_with_age(result)
-        measurements += comparison.measurements
-        evaluations += comparison.evaluations
-        parameters = comparison.parameters
-    model = "male" if values["sex"] == "M" else "female"
-    label = f"bone age, {model} model" + (" (the patient's sex)" if result.is_primary else "")
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=label),
-        finding_sites=[FindingSite(codes.HAND)],
+        measurements.append(
+            Measurement(name=codes.SUBJECT_AGE, value=values["chronological_age_months"], unit=codes.MONTHS)
+        )
+    parameters = [f"model of {model} patients"]
+    if values.get("z_score") is not None:
+        parameters.append(f"abnormal beyond {values['flag_sds']} reference SD")
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output),
+            identifier=f"bone age, {model} model" + (" (the patient's sex)" if result.is_primary else ""),
+        ),
+        finding_sites=[finding_site(codes.HAND, source)],
         algorithm_id=algorithm_identification(result, *parameters),
         measurements=measurements,
-        qualitative_evaluations=evaluations,
         source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
     )
+    _add_illustrations(group, illustrations)
+    return group
 
 
-@dataclass(frozen=True)
-class AgeComparison:
-    """Bone age against chronological age, as TID 1501 content and the algorithm parameters it used."""
+def bone_age_properties(result: InferenceResult) -> MeasurementProperties:
+    """TID 310 of a bone age: where the node compared it with the chronological age against the reference's SD at
+    that age, the normality (CID 222) and the reference population (:func:`reference_population`); and always the
+    model's sigma as the range of measurement uncertainty (CID 225), in months."""
+    values = result.values or {}
+    normality, population = None, None
+    if values.get("z_score") is not None:
+        values = _required_values(result, ASSESSMENT_KEYS)
+        if values["assessment"] not in codes.ASSESSMENTS:
+            raise ValueError(
+                f"result bone_age/{result.output}: assessment {values['assessment']!r} is not one of "
+                f"{sorted(codes.ASSESSMENTS)}"
+            )
+        normality = codes.ASSESSMENTS[values["assessment"]]
+        population = reference_population(result)
+    properties = MeasurementProperties(normality=normality, measurement_statistical_properties=population)
+    properties.append(_property(codes.MEASUREMENT_UNCERTAINTY, values["sigma_months"], codes.MONTHS))
+    return properties
 
-    measurements: list[Measurement]
-    evaluations: list[QualitativeEvaluation]
-    parameters: list[str]
 
-
-def comparison_with_age(result: InferenceResult) -> AgeComparison:
-    """The difference of bone age and chronological age; where the reference gives an SD at this age, the SD,
-    the Z-score (CID 226, CID 227) and the node's assessment as the normality (CID 222)."""
-    values = _required_values(result, COMPARISON_KEYS)
-    measurements = [Measurement(name=codes.BONE_AGE_MINUS_AGE, value=values["difference_months"], unit=codes.MONTHS)]
-    if values.get("z_score") is None:
-        return AgeComparison(measurements, [], [])
+def reference_population(result: InferenceResult) -> MeasurementStatisticalProperties:
+    """TID 311: the children of the model's sex at the patient's chronological age, as the reference sees them:
+    their mean bone age (the reference sets it to the chronological age), its SD, the Z-score of this bone age,
+    a description and the reference as the authority."""
     values = _required_values(result, ASSESSMENT_KEYS)
-    if values["assessment"] not in codes.ASSESSMENTS:
+    authority = codes.REFERENCE_AUTHORITIES.get(values["reference"])
+    if authority is None:
         raise ValueError(
-            f"result bone_age/{result.output}: assessment {values['assessment']!r} is not one of "
-            f"{sorted(codes.ASSESSMENTS)}"
+            f"result bone_age/{result.output}: reference {values['reference']!r} is not one of "
+            f"{sorted(codes.REFERENCE_AUTHORITIES)}"
         )
-    measurements += [
-        Measurement(
-            name=codes.STANDARD_DEVIATION_OF_POPULATION, value=values["reference_sd_months"], unit=codes.MONTHS
-        ),
-        Measurement(name=codes.Z_SCORE_OF_MEASUREMENT, value=values["z_score"], unit=codes.NO_UNITS),
-    ]
-    evaluations = [QualitativeEvaluation(codes.NORMALITY, codes.ASSESSMENTS[values["assessment"]])]
-    parameters = [f"reference {values['reference']}", f"flagged beyond {values['flag_sds']} reference SD"]
-    return AgeComparison(measurements, evaluations, parameters)
+    age = values["chronological_age_months"]
+    population = MeasurementStatisticalProperties(
+        values=[
+            _property(codes.MEAN_OF_POPULATION, age, codes.MONTHS),
+            _property(codes.STANDARD_DEVIATION_OF_POPULATION, values["reference_sd_months"], codes.MONTHS),
+            _property(codes.Z_SCORE_OF_MEASUREMENT, values["z_score"], codes.NO_UNITS),
+        ]
+    )
+    children = "boys" if values["sex"] == "M" else "girls"
+    description = f"{children} aged {age:.1f} months, {values['reference']}"
+    population.append(
+        TextContentItem(
+            codes.POPULATION_DESCRIPTION, description, relationship_type=RelationshipTypeValues.HAS_PROPERTIES
+        )
+    )
+    population.append(
+        CodeContentItem(codes.REFERENCE_AUTHORITY, authority, relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
+    )
+    return population
+
+
+def finding_site(anatomy: highdicom.sr.CodedConcept, source: pydicom.Dataset) -> FindingSite:
+    """The anatomy with the source's laterality (CID 244) where it gives one: the series' or the image's."""
+    side = source.get("Laterality") or source.get("ImageLaterality")
+    return FindingSite(anatomy, laterality=codes.LATERALITIES.get(side))
 
 
 def algorithm_identification(result: InferenceResult, *parameters: str) -> AlgorithmIdentification:
@@ -286,6 +332,63 @@ def contributing_equipment(algorithm: AlgorithmIdentity, node: NodeIdentity) -> 
     )
 
 
+def image_library(source: pydicom.Dataset) -> ContainerContentItem:
+    """TID 1600 with one entry (TID 1601): the source, with the descriptors of TID 1602 and TID 1603 it has."""
+    entry = ImageContentItem(
+        name=codes.SOURCE,
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    entry.ContentSequence = ContentSequence(_library_descriptors(source))
+    group = ContainerContentItem(
+        name=dicom_codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = ContentSequence([entry])
+    library = ContainerContentItem(name=dicom_codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
+def _library_descriptors(source: pydicom.Dataset) -> list[ContentItem]:
+    acquisition = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    items: list[ContentItem] = [
+        CodeContentItem(codes.MODALITY, codes.modality(source.get("Modality")), relationship_type=acquisition)
+    ]
+    if source.get("ImageLaterality") in codes.LATERALITIES:
+        laterality = codes.LATERALITIES[source.ImageLaterality]
+        items.append(CodeContentItem(codes.IMAGE_LATERALITY, laterality, relationship_type=acquisition))
+    if source.get("StudyDate"):
+        items.append(DateContentItem(codes.STUDY_DATE, source.StudyDate, relationship_type=acquisition))
+    for name, keyword in ((codes.PIXEL_DATA_ROWS, "Rows"), (codes.PIXEL_DATA_COLUMNS, "Columns")):
+        if source.get(keyword):
+            items.append(NumContentItem(name, int(source[keyword].value), codes.PIXELS, relationship_type=acquisition))
+    orientation = pair(source.get("PatientOrientation"))
+    if orientation:
+        for name, value in zip(
+            (codes.PATIENT_ORIENTATION_ROW, codes.PATIENT_ORIENTATION_COLUMN), orientation, strict=True
+        ):
+            items.append(TextContentItem(name, str(value), relationship_type=acquisition))
+    spacing = pair(source.get("ImagerPixelSpacing"))
+    if spacing:  # row spacing (vertical), then column spacing (horizontal): PS3.3 10.7.1.3
+        for name, value in ((codes.HORIZONTAL_PIXEL_SPACING, spacing[1]), (codes.VERTICAL_PIXEL_SPACING, spacing[0])):
+            items.append(NumContentItem(name, float(value), codes.MILLIMETRES, relationship_type=acquisition))
+    return items
+
+
+def _add_image_library(content: MeasurementReport, source: pydicom.Dataset) -> None:
+    """Put the source's image library before the imaging measurements (TID 1500 rows 7 and 8)."""
+    items = content[0].ContentSequence
+    position = next(
+        i for i, item in enumerate(items) if item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS
+    )
+    items.insert(position, image_library(source))
+
+
+def _property(name: highdicom.sr.CodedConcept, value: float, unit: highdicom.sr.CodedConcept) -> NumContentItem:
+    return NumContentItem(name, value, unit, relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
+
+
 def _algorithm(result: InferenceResult) -> AlgorithmIdentity:
     return AlgorithmIdentity(result.model_name, result.model_version, result.weights_digest, result.demo_model)
 
@@ -303,29 +406,20 @@ def _required_values(result: InferenceResult, keys: Sequence[str]) -> dict:
     return values
 
 
-def _add_illustration(group: MeasurementsAndQualitativeEvaluations, image: pydicom.Dataset) -> None:
-    """Reference the node's Secondary Capture image of the group's result (TID 1501 row 10b)."""
-    group[0].ContentSequence.append(
-        ImageContentItem(
-            name=codes.ILLUSTRATION_OF_FINDING,
-            referenced_sop_class_uid=image.SOPClassUID,
-            referenced_sop_instance_uid=image.SOPInstanceUID,
-            relationship_type=RelationshipTypeValues.CONTAINS,
+def _add_illustrations(group: MeasurementsAndQualitativeEvaluations, images: Sequence[pydicom.Dataset]) -> None:
+    """Reference the node's images of the group's result (TID 1501 row 10b)."""
+    for image in images:
+        group[0].ContentSequence.append(
+            ImageContentItem(
+                name=codes.ILLUSTRATION_OF_FINDING,
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
         )
-    )
 
 
 def _patient_and_study(source: pydicom.Dataset) -> pydicom.Dataset:
     """The source's header with the Type 2 patient and study attributes that highdicom reads present, empty
     where the source lacks them (PS3.3 C.7.1.1, C.7.2.1)."""
-    header = copy(source)
-    for keyword in PATIENT_AND_STUDY_KEYWORDS:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
-
-
-def _has_library_descriptors(source: pydicom.Dataset) -> bool:
-    """Whether the source has what its image library entry must describe (TID 1602, TID 1603); a projection
-    image without them is left out of the library and stays referenced in each group and as evidence."""
-    return all(keyword in source for keyword in PROJECTION_DESCRIPTOR_KEYWORDS)
+    return with_patient_and_study(copy(source))
