@@ -225,8 +225,8 @@ class Destination(Section):
     tls: TlsSettings | None = None
 
 
-OutputKind = Literal["secondary_capture", "structured_report"]
-OUTPUT_KINDS: tuple[OutputKind, ...] = ("secondary_capture", "structured_report")
+OutputKind = Literal["secondary_capture", "parametric_map", "structured_report"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = ("secondary_capture", "parametric_map", "structured_report")
 
 
 class DeliveryRule(Section):
@@ -240,6 +240,7 @@ class DeliveryRule(Section):
 
 class OutputSettings(Section):
     secondary_captures: bool = True
+    parametric_maps: bool = True
     structured_report: bool = True
     max_image_size: int = Field(DEFAULT_PICTURE_SIZE, ge=512, le=4096)
 

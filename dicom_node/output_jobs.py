@@ -1,7 +1,7 @@
 """The outputs job: from an instance's recorded results to DICOM objects for the PACS, and their outbox rows.
 
-For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.outputs.secondary_capture`); for
-the instance, one structured report
+For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.outputs.secondary_capture`) and a
+Parametric Map of the heatmap (:mod:`dicom_node.outputs.parametric_map`); for the instance, one structured report
 of all its results (:mod:`dicom_node.outputs.report`), which names the reports it supersedes when the instance
 was processed before. Their UIDs derive from the source and the results' ids, so a job run again after a crash
 writes the same objects to the same places. One transaction indexes them beside the received instances
@@ -31,6 +31,7 @@ from dicom_node.ingest import InstanceHeader, index_series
 from dicom_node.jobs import ClaimedJob, PermanentJobError, finish, record_note, still_claimed
 from dicom_node.models import Delivery, InferenceResult, Instance, Series, Study
 from dicom_node.outputs.identity import NodeIdentity
+from dicom_node.outputs.parametric_map import build_parametric_map
 from dicom_node.outputs.preview import Stamp, load_preview, preview_path, preview_shape, source_stamp
 from dicom_node.outputs.report import build_measurement_report
 from dicom_node.outputs.secondary_capture import build_secondary_capture
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Series numbers of the node's series in a study: high, so that PACS viewers list them after the acquisitions.
 SERIES_NUMBERS = {("hallux_valgus", "foot"): 9001, ("bone_age", "male"): 9002, ("bone_age", "female"): 9003}
+MAP_SERIES_NUMBERS = {key: number + 100 for key, number in SERIES_NUMBERS.items()}
 REPORT_SERIES_NUMBER = 9010
 
 
@@ -117,7 +119,8 @@ class OutputJobs:
         if not outputs:
             self._note(
                 job,
-                "outputs are switched off (outputs.secondary_captures, outputs.structured_report)",
+                "outputs are switched off "
+                "(outputs.secondary_captures, outputs.parametric_maps, outputs.structured_report)",
             )
             return
         written = [(output, *self._write(output.dataset)) for output in outputs]
@@ -146,12 +149,14 @@ class OutputJobs:
         settings = self.settings.outputs
         radiograph = self._radiograph(source, stamp, results) if settings.secondary_captures else None
         images: dict[tuple[str, str], list[_Output]] = {}
-        for result in results if settings.secondary_captures else ():
+        for result in results if settings.secondary_captures or settings.parametric_maps else ():
             heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
             of_result = images.setdefault((result.task, result.output), [])
             if settings.secondary_captures:
                 capture = self._secondary_capture(source, heatmap, result, radiograph)
                 of_result.append(_Output(capture, "secondary_capture"))
+            if settings.parametric_maps:
+                of_result.append(_Output(self._parametric_map(source, heatmap, result), "parametric_map"))
         written = [output for of_result in images.values() for output in of_result]
         if settings.structured_report:
             illustrations = {key: [output.dataset for output in of_result] for key, of_result in images.items()}
@@ -182,6 +187,20 @@ class OutputJobs:
             instance_number=_instance_number(source),
             max_size=self.settings.outputs.max_image_size,
             radiograph=radiograph,
+        )
+
+    def _parametric_map(self, source: Dataset, heatmap: Heatmap, result: InferenceResult) -> Dataset:
+        uids = self.identity.uids
+        return build_parametric_map(
+            source,
+            heatmap,
+            result,
+            self.identity,
+            series_instance_uid=uids.derived(source.StudyInstanceUID, "map", result.task, result.output),
+            series_number=MAP_SERIES_NUMBERS[(result.task, result.output)],
+            sop_instance_uid=uids.derived(source.SOPInstanceUID, "map", result.task, result.output, _named(result)),
+            frame_of_reference_uid=uids.derived(source.SOPInstanceUID, "frame of reference"),
+            instance_number=_instance_number(source),
         )
 
     def _report(

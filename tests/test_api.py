@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.models import Delivery, DeliveryState, InferenceResult
@@ -114,9 +114,12 @@ def test_a_patient_whose_id_has_a_slash_and_a_space(client: TestClient, received
     assert source["image_url"] == f"/api/instances/{received.hand.SOPInstanceUID}/image.png"
     written = [instance for instance in instances if instance["node_written"]]
     assert sorted(instance["sop_class_uid"] for instance in written) == sorted(
-        [SecondaryCaptureImageStorage] * 2 + [Comprehensive3DSRStorage]
+        [SecondaryCaptureImageStorage] * 2 + [ParametricMapStorage] * 2 + [Comprehensive3DSRStorage]
     )
     assert {instance["source_sop_instance_uid"] for instance in written} == {received.hand.SOPInstanceUID}
+    for parametric_map in [instance for instance in written if instance["sop_class_uid"] == ParametricMapStorage]:
+        shown = png(client.get(parametric_map["image_url"], params={"max_size": 256}))
+        assert shown.size == expected_size(received.hand, 256), "a map is shown on the radiograph's grid"
     # the slash also passes unencoded: the path converter takes the rest of the path
     assert client.get(f"/api/patients/{HAND_PATIENT}").json()["patient_id"] == HAND_PATIENT
 
@@ -135,7 +138,7 @@ def test_a_study_with_its_patient_series_and_instances(client: TestClient, recei
     study = client.get(f"/api/studies/{received.foot.StudyInstanceUID}").json()
     assert study["patient"]["patient_id"] == FOOT_PATIENT
     assert study["accession_number"] == received.foot.AccessionNumber
-    assert len(study["series"]) == 3, "the received series, the Secondary Capture's and the report's"
+    assert len(study["series"]) == 4, "the received series, the Secondary Capture's, the map's and the report's"
     assert client.get("/api/studies/1.2.3").json() == {"detail": "no study 1.2.3"}
     assert client.get("/api/studies/1.2.3").status_code == 404
 
@@ -162,10 +165,10 @@ def test_an_instance_with_jobs_results_written_objects_and_deliveries(client: Te
         assert result["heatmap_url"] == f"/api/results/{result['id']}/heatmap.png"
     written = instance["written_objects"]
     assert sorted(item["sop_class_uid"] for item in written) == sorted(
-        [SecondaryCaptureImageStorage] * 2 + [Comprehensive3DSRStorage]
+        [SecondaryCaptureImageStorage] * 2 + [ParametricMapStorage] * 2 + [Comprehensive3DSRStorage]
     )
     deliveries = [delivery for item in written for delivery in item["deliveries"]]
-    assert len(deliveries) == 3 and {delivery["destination"] for delivery in deliveries} == {"pacs"}
+    assert len(deliveries) == 5 and {delivery["destination"] for delivery in deliveries} == {"pacs"}
     failed = next(delivery for delivery in deliveries if delivery["id"] == received.failed_delivery)
     assert (failed["state"], failed["last_status"], failed["last_error"]) == ("failed", 0xA900, "pacs answered 0xA900")
     assert instance["deliveries"] == []
@@ -322,13 +325,17 @@ def test_jobs_newest_first_by_state_and_kind(client: TestClient, received: Recei
 
 def test_deliveries_newest_first_by_state_and_destination(client: TestClient, received: Received) -> None:
     page = client.get("/api/deliveries").json()
-    assert page["total"] == 5, "3 objects of the hand, 2 of the foot, to pacs"
+    assert page["total"] == 8, "5 objects of the hand, 3 of the foot, to pacs"
     ids = [delivery["id"] for delivery in page["items"]]
     assert ids == sorted(ids, reverse=True)
-    assert {item["sop_class_uid"] for item in page["items"]} == {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
+    assert {item["sop_class_uid"] for item in page["items"]} == {
+        SecondaryCaptureImageStorage,
+        ParametricMapStorage,
+        Comprehensive3DSRStorage,
+    }
     failed = client.get("/api/deliveries", params={"state": "failed"}).json()
     assert [item["id"] for item in failed["items"]] == [received.failed_delivery]
-    assert client.get("/api/deliveries", params={"destination": "pacs", "limit": 2}).json()["total"] == 5
+    assert client.get("/api/deliveries", params={"destination": "pacs", "limit": 2}).json()["total"] == 8
     assert client.get("/api/deliveries", params={"destination": "ris"}).json()["total"] == 0
 
 

@@ -62,6 +62,9 @@ def cluster_environment(database_url: str, pacs: Orthanc) -> dict[str, str]:
         "DICOM_NODE_DELIVERY__MAX_BACKOFF": "1",
         "DICOM_NODE_DELIVERY__OBJECTS_PER_ASSOCIATION": "20",
         "DICOM_NODE_MLFLOW__ENABLED": "false",
+        # two full-size maps per image would only slow the run: the outputs job is the same on SQLite, where
+        # tests/test_results_to_pacs.py sends the maps to Orthanc
+        "DICOM_NODE_OUTPUTS__PARAMETRIC_MAPS": "false",
     }
 
 

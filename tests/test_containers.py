@@ -27,7 +27,7 @@ from urllib.parse import quote
 import httpx
 import psycopg
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage
 
 from tests.orthanc import OrthancClient, OrthancHTTPError
 from tests.serve_process import DICOM_NODE, REPO
@@ -44,10 +44,10 @@ CLUSTER_DATABASE = "postgresql://dicomnode:dicomnode@127.0.0.1:25432/dicomnode"
 NODE_MODALITY = "ainode"  # the node, as docker/orthanc/orthanc.hostnet.json names it
 NODE_UID = 10001  # the Dockerfile's user
 
-# What the node writes for each phantom: a Secondary Capture per model (the foot model; the two bone-age models)
-# and one structured report of all the image's results.
-SECONDARY_CAPTURES = {"foot": 1, "hand": 2}
-OUTPUT_CLASSES = {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
+# What the node writes for each phantom: a Secondary Capture and a Parametric Map per model (the foot model; the
+# two bone-age models) and one structured report of all the image's results.
+IMAGES_PER_RESULT_KIND = {"foot": 1, "hand": 2}
+OUTPUT_CLASSES = {SecondaryCaptureImageStorage, ParametricMapStorage, Comprehensive3DSRStorage}
 
 
 def _why_no_docker() -> str | None:
@@ -284,12 +284,16 @@ def sop_classes_by_study(studies: dict[str, str]) -> dict[str, Counter]:
 
 
 def results_in_orthanc(studies: dict[str, str]) -> dict[str, Counter]:
-    """Once every study holds its source, its Secondary Captures and its report: the SOP classes of each study."""
+    """Once every study holds its source, its Secondary Captures, its maps and its report: the SOP classes of each
+    study."""
 
     def complete() -> dict[str, Counter] | None:
         held = sop_classes_by_study(studies)
         for study, kind in studies.items():
-            if held[study][SecondaryCaptureImageStorage] < SECONDARY_CAPTURES[kind]:
+            if (
+                min(held[study][SecondaryCaptureImageStorage], held[study][ParametricMapStorage])
+                < (IMAGES_PER_RESULT_KIND[kind])
+            ):
                 return None
             if held[study][Comprehensive3DSRStorage] < 1:
                 return None
@@ -301,9 +305,11 @@ def results_in_orthanc(studies: dict[str, str]) -> dict[str, Counter]:
 def check_each_result_once(held: dict[str, Counter], studies: dict[str, str]) -> None:
     for study, kind in studies.items():
         sources = sum(count for sop_class, count in held[study].items() if sop_class not in OUTPUT_CLASSES)
-        assert (sources, held[study][SecondaryCaptureImageStorage], held[study][Comprehensive3DSRStorage]) == (
+        outputs = [held[study][sop_class] for sop_class in (SecondaryCaptureImageStorage, ParametricMapStorage)]
+        assert (sources, *outputs, held[study][Comprehensive3DSRStorage]) == (
             1,
-            SECONDARY_CAPTURES[kind],
+            IMAGES_PER_RESULT_KIND[kind],
+            IMAGES_PER_RESULT_KIND[kind],
             1,
         ), f"study of a {kind}: {dict(held[study])}"
 

@@ -163,6 +163,8 @@ def node_environment(database_url: str, pacs: Orthanc, recorder: RecordingPeer) 
         "DICOM_NODE_INFERENCE__BATCH_SIZE": "4",
         "DICOM_NODE_DESTINATIONS": json.dumps(destinations),
         "DICOM_NODE_DELIVERY__RULES": json.dumps(rules),
+        # the maps would add two full-size objects per image; tests/test_output_uids.py runs their crash case
+        "DICOM_NODE_OUTPUTS__PARAMETRIC_MAPS": "false",
         "DICOM_NODE_DELIVERY__POLL_INTERVAL": "0.1",
         "DICOM_NODE_DELIVERY__RETRY_BACKOFF": "0.5",
         "DICOM_NODE_DELIVERY__MAX_BACKOFF": "1",
@@ -356,6 +358,7 @@ def node_without_workers(tmp_path: Path, onnx_graphs: Path) -> Iterator[Node]:
         workers={"count": 0},
         destinations=[{"name": "recorder", "ae_title": RECORDER_AE, "host": "127.0.0.1", "port": free_port()}],
         delivery={"default_destination": "recorder"},
+        outputs={"parametric_maps": False},  # as in node_environment
     )
     node = Node(settings, models=InferenceModels.load(InferenceSettings(**DEMO_CARDS), onnx_graphs))
     yield node

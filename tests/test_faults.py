@@ -174,9 +174,9 @@ def test_with_the_mlflow_server_stopped_images_are_processed_and_delivered_and_t
         later = [synthetic_dx("MLFLOW-2", side=256, seed=2), synthetic_dx("MLFLOW-3", side=256, seed=3)]
         assert [response.Status for response in send_datasets(settings.dicom.port, later)] == [0, 0]
         wait_for(lambda: backlog_failing(node, 2), what="two runs failing to log while the server is down")
-        wait_for(lambda: delivered(node, 3 * 3), what="every object delivered: two captures and a report per hand")
+        wait_for(lambda: delivered(node, 3 * 5), what="every object delivered: 2 captures, 2 maps, a report per hand")
         assert jobs_by_state(node) == {JobState.DONE: 6}, "inference and outputs of each image"
-        assert len(list(pacs.iterdir())) == 3 * 3
+        assert len(list(pacs.iterdir())) == 3 * 5
         response = web.get("/health")
         assert (response.status_code, response.json()["status"]) == (200, "ok"), "MLflow is not a required part"
         mlflow = response.json()["mlflow"]

@@ -79,7 +79,7 @@ def test_metrics_count_what_the_node_did(node: Node) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     figures = samples(response.text)
     assert figures[("dicom_node_instances_received_total", ())] == 1
-    assert figures[("dicom_node_objects_written_total", ())] == 3, "a hand: two Secondary Captures and a report"
+    assert figures[("dicom_node_objects_written_total", ())] == 5, "a hand: 2 Secondary Captures, 2 maps, a report"
     assert figures[("dicom_node_jobs", (("kind", "inference"), ("state", "done")))] == 1
     assert figures[("dicom_node_jobs", (("kind", "outputs"), ("state", "done")))] == 1
     assert figures[("dicom_node_inference_seconds_count", (("task", "bone_age"),))] == 1

@@ -1,6 +1,7 @@
 """Results back to the PACS, end to end against a real Orthanc: Orthanc sends X-rays to the node, and the node's
-Secondary Captures and structured reports arrive in Orthanc in the same studies; a destination that is down
-gets its deliveries once it is back, each once."""
+Secondary Captures, Parametric Maps and structured reports arrive in Orthanc in the same studies, each passing
+dciodvfy (and the SR PixelMed's validator); a destination that is down gets its deliveries once it is back, each
+once."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
 from dicom_node.config import InferenceSettings, Settings
@@ -82,10 +83,16 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     sent = [pacs.upload(hand_file), pacs.upload(foot_file)]
     pacs.send_to_modality("ainode", sent)
 
-    def results_of(source: Dataset, captures: int) -> list[dict] | None:
+    def results_of(source: Dataset, images: int) -> list[dict] | None:
+        """The study's instances once it has ``images`` Secondary Captures and as many Parametric Maps, and one
+        report."""
         instances = pacs.instances_of_study(source.StudyInstanceUID)
         kinds = [instance["SOPClassUID"] for instance in instances]
-        if kinds.count(SecondaryCaptureImageStorage) == captures and kinds.count(Comprehensive3DSRStorage) == 1:
+        if (
+            kinds.count(SecondaryCaptureImageStorage) == images
+            and kinds.count(ParametricMapStorage) == images
+            and kinds.count(Comprehensive3DSRStorage) == 1
+        ):
             return instances
         return None
 
@@ -124,12 +131,22 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     }
     assert present == reported_foot_findings(values["probabilities"], values["threshold"])
 
+    for study, source in ((hand_study, hand), (foot_study, foot)):
+        for stored in [i for i in study if i["SOPClassUID"] == ParametricMapStorage]:
+            returned = pydicom.dcmread(io.BytesIO(pacs.instance_file(stored["ID"])))
+            with node.sessions() as session:
+                path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == returned.SOPInstanceUID))
+            written = pydicom.dcmread(node.store.absolute(path))
+            assert returned == written, "Orthanc gives the Parametric Map back as the node wrote it"
+            assert (returned.Rows, returned.Columns) == (source.Rows, source.Columns)
+
     for study in (hand_study, foot_study):
-        captures = [i for i in study if i["SOPClassUID"] == SecondaryCaptureImageStorage]
-        assert len({capture["SeriesInstanceUID"] for capture in captures}) == len(captures), "a series per output"
+        for kind in (SecondaryCaptureImageStorage, ParametricMapStorage):
+            images = [i for i in study if i["SOPClassUID"] == kind]
+            assert len({image["SeriesInstanceUID"] for image in images}) == len(images), "a series per output"
     with node.sessions() as session:
         deliveries = session.scalars(select(Delivery)).all()
-        assert len(deliveries) == 5 and {d.state for d in deliveries} == {DeliveryState.SENT}
+        assert len(deliveries) == 8 and {d.state for d in deliveries} == {DeliveryState.SENT}
         written = session.scalars(select(Instance).where(Instance.source_instance_pk.is_not(None))).all()
     for instance in written:  # the judges of every object the node wrote
         path = node.store.absolute(instance.path)
@@ -158,18 +175,18 @@ def test_deliveries_wait_for_a_destination_that_is_down_and_arrive_once(
         def attempted_twice() -> list[Delivery] | None:
             with node.sessions() as session:
                 rows = session.scalars(select(Delivery)).all()
-            return rows if len(rows) == 2 and all(row.attempts >= 2 for row in rows) else None
+            return rows if len(rows) == 3 and all(row.attempts >= 2 for row in rows) else None
 
         waiting = wait_until(attempted_twice, timeout=90)
         assert {row.state for row in waiting} <= {DeliveryState.PENDING, DeliveryState.SENDING}
         assert all("cannot connect" in row.last_error or "association" in row.last_error for row in waiting)
 
         with orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
-            instances = pacs.wait_for(lambda: len(pacs.instances_of_study(foot.StudyInstanceUID)) == 2 or None)
+            instances = pacs.wait_for(lambda: len(pacs.instances_of_study(foot.StudyInstanceUID)) == 3 or None)
             assert instances
             time.sleep(1.0)  # any second copy would have arrived by now
             stored = pacs.get("/statistics")["CountInstances"]
-            assert stored == 2
+            assert stored == 3
         with node.sessions() as session:
             assert {row.state for row in session.scalars(select(Delivery))} == {DeliveryState.SENT}
             assert session.scalar(select(Instance).where(Instance.sop_class_uid == Comprehensive3DSRStorage))

@@ -37,8 +37,8 @@ def test_serve_receives_from_dcmtk_and_stops_cleanly(serve: ServeProcess, tmp_pa
     assert health["status"] == "ok"
     assert health["dicom_listener"]["ok"] and health["database"]["ok"] and health["storage"]["ok"]
     assert serve.jobs_when_finished(6) == {"done": 6}, "the served node runs inference and outputs on each image"
-    # each hand: the received image, a Secondary Capture per sex model and a structured report
-    assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3 * 4
+    # each hand: the received image, a Secondary Capture and a Parametric Map per sex model, a structured report
+    assert len(list((serve.storage / "patients").rglob("*.dcm"))) == 3 * 6
 
     returncode, output = serve.stop(signal_number)
     assert returncode == 0, output

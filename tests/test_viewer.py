@@ -200,7 +200,7 @@ def test_the_patient_page_lists_studies_series_and_images(client: TestClient, re
     uid = received.hand.SOPInstanceUID
     links = [link.attrs["href"] for link in shown.all("instance-link")]
     assert f"/instances/{uid}" in links
-    assert len(links) == 4, "the received image, 2 Secondary Captures and the report"
+    assert len(links) == 6, "the received image, 2 Secondary Captures, 2 Parametric Maps and the report"
     thumbnails = [image.attrs["src"] for image in shown.images]
     assert f"/api/instances/{uid}/image.png?max_size=256" in thumbnails
     assert "inference: done" in shown.text and "written by the node" in shown.text
@@ -245,7 +245,7 @@ def test_the_image_page_shows_the_apis_bone_ages(client: TestClient, received: R
     assert shown.all("demo-label") and DEMO_LABEL in shown.text, "demo models are labelled"
     assert [job.text for job in (shown.one("job-state-inference"), shown.one("job-state-outputs"))] == ["done"] * 2
     states = {delivery["id"]: delivery["state"] for item in api["written_objects"] for delivery in item["deliveries"]}
-    assert len(states) == 3
+    assert len(states) == 5
     for delivery_id, state in states.items():
         assert shown.one(f"delivery-state-{delivery_id}").text == state
     assert states[received.failed_delivery] == "failed" and "pacs answered 0xA900" in shown.text

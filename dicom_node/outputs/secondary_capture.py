@@ -65,8 +65,8 @@ def build_secondary_capture(
     Raises ValueError when ``source`` has no pixels or lacks the UIDs to refer to it, when ``heatmap`` was
     computed on an image of another size, or when ``result`` lacks what the picture must say.
     """
-    _check_source(source)
-    _check_heatmap(heatmap, source)
+    check_source(source)
+    check_heatmap(heatmap, source)
     _check_result(result)
     algorithm = algorithm_identity(result)
     picture = heatmap_picture(source, heatmap, result, max_size, radiograph)
@@ -93,10 +93,10 @@ def build_secondary_capture(
         study_time=source.get("StudyTime"),
         referring_physician_name=source.get("ReferringPhysicianName"),
         series_description=series_description(result),
-        laterality=_laterality(source),
+        laterality=series_laterality(source),
         patient_orientation=_ORIENTATION_STAND_IN,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_model_as_equipment(algorithm, node)],
+        contributing_equipment=[model_as_equipment(algorithm, node)],
         specific_character_set=source.get("SpecificCharacterSet"),
     )
     sc.PatientOrientation = source.get("PatientOrientation", "")  # scaled, not turned: the directions hold
@@ -174,7 +174,7 @@ def _percent(probability: float) -> str:
     return f"{round(100 * float(probability))} %"
 
 
-def _check_source(source: pydicom.Dataset) -> None:
+def check_source(source: pydicom.Dataset) -> None:
     if "PixelData" not in source:
         raise ValueError(f"the source {source.get('SOPInstanceUID', '(no SOP Instance UID)')} has no Pixel Data")
     missing = [keyword for keyword in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID") if not source.get(keyword)]
@@ -182,7 +182,7 @@ def _check_source(source: pydicom.Dataset) -> None:
         raise ValueError(f"the source lacks {', '.join(missing)}: an SC image could not refer to it")
 
 
-def _check_heatmap(heatmap: Heatmap, source: pydicom.Dataset) -> None:
+def check_heatmap(heatmap: Heatmap, source: pydicom.Dataset) -> None:
     box = heatmap.letterbox
     if (box.rows, box.columns) != (source.get("Rows"), source.get("Columns")):
         raise ValueError(
@@ -214,7 +214,7 @@ def _check_result(result: InferenceResult) -> None:
         raise ValueError(f"the result's demo_model must be True or False, not {result.demo_model!r}")
 
 
-def _laterality(source: pydicom.Dataset) -> str | None:
+def series_laterality(source: pydicom.Dataset) -> str | None:
     """The Laterality of the new series (General Series, C.7.3.1): the source's series' or image's."""
     laterality = source.get("Laterality") or source.get("ImageLaterality")
     return laterality if laterality in _LATERALITIES else None
@@ -236,7 +236,7 @@ def _add_node_equipment(sc: SCImage, node: NodeIdentity) -> None:
     sc.SecondaryCaptureDeviceSoftwareVersions = node.software_version
 
 
-def _model_as_equipment(algorithm: AlgorithmIdentity, node: NodeIdentity) -> ContributingEquipment:
+def model_as_equipment(algorithm: AlgorithmIdentity, node: NodeIdentity) -> ContributingEquipment:
     """The model as Contributing Equipment (C.12.1.1.5): Processing Equipment (DCM 109102, CID 7005), which
     PS3.16 defines as equipment that processed instances to create new ones, as the model did for this one."""
     description = f"Computed the Grad-CAM heatmap and the result; weights SHA-256 {algorithm.weights_digest}"
