@@ -20,7 +20,7 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 STAGES = (  # (stage, markers of its functions, markers of its threads' names)
     ("receive (SCP, ingest)", ("StorageSCP", "Ingestor"), ("AcceptorThread", "AcceptorServer")),
     ("inference", ("InferenceJobs",), ("prepare_", "onnxruntime")),
-    ("outputs (SC, SR)", ("OutputJobs",), ()),
+    ("outputs (SC, maps, SR)", ("OutputJobs",), ()),
     ("delivery (SCU)", ("DeliverySender",), ("RequestorThread", "delivery")),
     ("MLflow tracking", ("InferenceTracker",), ("tracking", "MLflow")),
     ("association I/O threads (both directions)", (), ("run_reactor",)),
