@@ -216,11 +216,25 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
     assert illustrated == {key: [image.SOPInstanceUID for image in images] for key, images in captures.items()}
 
 
+def _dsrdump(sr: pydicom.Dataset, path: Path) -> list[str]:
+    sr.save_as(path)
+    return subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def test_dcmtk_reads_each_value_with_its_unit(tmp_path: Path) -> None:
+    source, results = both_tasks()
+    lines = _dsrdump(report(source, results), tmp_path / "report.dcm")
+    numbers = [line.strip() for line in lines if "NUM:" in line]
+    without_unit = [line for line in numbers if not re.search(r'="[-\d.]+" \([^,]+,UCUM,"[^"]+"\)>$', line)]
+    assert numbers and without_unit == []
+    names = [re.search(r'NUM:\(,,"([^"]+)"\)', line)[1] for line in numbers]
+    assert names.count("Probability") == 4, "the foot: one probability per class"
+    assert names.count("Bone age") == 2, "the hand: one bone age per sex model"
+
+
 def test_dcmtk_reads_one_bone_age_per_sex_model_with_its_uncertainty_as_a_property(tmp_path: Path) -> None:
     source, results = hand_compared()
-    report(source, results).save_as(tmp_path / "report.dcm")
-    dump = subprocess.run(["dsrdump", str(tmp_path / "report.dcm")], capture_output=True, text=True, check=True).stdout
-    lines = dump.splitlines()
+    lines = _dsrdump(report(source, results), tmp_path / "report.dcm")
     bone_ages = [i for i, line in enumerate(lines) if re.search(r'NUM:\(,,"Bone age"\)="[\d.]+" \(mo,UCUM', line)]
     assert [re.search(r'="([\d.]+)"', lines[i])[1] for i in bone_ages] == ["150.0", "160.0"]
     for i, sigma in zip(bone_ages, ("9.5", "10.5"), strict=True):
