@@ -264,6 +264,8 @@ class InferenceJobs:
         summary = f"{result.prediction} ({result.confidence:.0%})"
         if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
             summary += f"; hallux valgus flagged ({result.probabilities['Hallux Valgus']:.0%})"
+        elif result.prediction == "Hallux Valgus" and not result.hallux_valgus_detected:  # as the report says
+            summary += f"; below the threshold ({self.settings.hallux_valgus_threshold:.0%}): no abnormality reported"
         self._add_row(work, "hallux_valgus", "foot", True, summary, values, result.heatmap, model)
 
     def _bone_age_rows(self, work: _Work, estimates: dict[str, BoneAgeEstimate]) -> None:

@@ -250,6 +250,10 @@ def test_the_result_is_in_words() -> None:
     assert foot.warnings == ("AI RESULT - NOT FOR DIAGNOSTIC USE",)
     assert foot.lines[0] == "Hallux Valgus 87 %" and "Hallux valgus angle 31 deg" in foot.lines
     assert foot.legend == "Colours: Grad-CAM of Hallux Valgus"
+    below = foot_result()
+    below.values = below.values | {"hallux_valgus_detected": False, "threshold": 0.9}
+    assert "Below the hallux valgus threshold 90 %: no abnormality reported" in caption(below).lines, "as the SR"
+    assert not any(line.startswith("Below") for line in foot.lines)
     hand = caption(bone_age_result())
     assert hand.lines[0] == "Bone age 10.2 y +- 0.8 y (male model)"
     assert hand.lines[1] == "Chronological age 9.5 y, Z-score +0.8 (within range)"

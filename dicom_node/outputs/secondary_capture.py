@@ -34,7 +34,7 @@ NOT_FOR_DIAGNOSTIC_USE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 
 # the keys of InferenceResult.values that the picture's words are made of, by task
 REQUIRED_VALUES = {
-    "hallux_valgus": ("probabilities", "prediction", "confidence", "hallux_valgus_detected"),
+    "hallux_valgus": ("probabilities", "prediction", "confidence", "hallux_valgus_detected", "threshold"),
     "bone_age": ("sex", "age_years", "sigma_months"),
 }
 OUTPUTS = {"hallux_valgus": ("foot",), "bone_age": ("male", "female")}
@@ -152,6 +152,8 @@ def _hallux_valgus_lines(values: Mapping) -> tuple[str, ...]:
     lines = [f"{values['prediction']} {_percent(values['confidence'])}"]
     if values["hallux_valgus_detected"] and values["prediction"] != "Hallux Valgus":
         lines.append(f"Hallux valgus flagged: {_percent(probabilities['Hallux Valgus'])}")
+    if values["prediction"] == "Hallux Valgus" and not values["hallux_valgus_detected"]:  # as the report says
+        lines.append(f"Below the hallux valgus threshold {_percent(values['threshold'])}: no abnormality reported")
     if values.get("hallux_valgus_angle_deg") is not None:
         lines.append(f"Hallux valgus angle {values['hallux_valgus_angle_deg']:.0f} deg")
     lines.append("All classes: " + ", ".join(f"{name} {_percent(p)}" for name, p in probabilities.items()))
