@@ -88,9 +88,15 @@ def all_statuses(senders: list[Sender]) -> dict[str, int]:
 
 @pytest.fixture
 def busy_node(tmp_path: Path, onnx_graphs: Path) -> Iterator[ServeProcess]:
-    """The served node with two workers and the demo models; MLflow off."""
+    """The served node with two workers and the demo models; MLflow and the Parametric Maps (two full-size objects
+    per hand, not what this test is about) off."""
     storage = with_onnx_graphs(tmp_path / "storage", onnx_graphs)
-    serve = ServeProcess(storage, environment={"DICOM_NODE_WORKERS__COUNT": "2", "DICOM_NODE_MLFLOW__ENABLED": "false"})
+    environment = {
+        "DICOM_NODE_WORKERS__COUNT": "2",
+        "DICOM_NODE_MLFLOW__ENABLED": "false",
+        "DICOM_NODE_OUTPUTS__PARAMETRIC_MAPS": "false",
+    }
+    serve = ServeProcess(storage, environment=environment)
     yield serve
     serve.ensure_stopped()
 
