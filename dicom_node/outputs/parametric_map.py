@@ -99,7 +99,7 @@ def build_parametric_map(
         content_description=f"Grad-CAM, {result.task.replace('_', ' ')} {result.output}"[:64],
         contributing_equipment=[model_as_equipment(algorithm, node)],
     )
-    parametric_map.SeriesDescription = f"AI {result.task.replace('_', ' ')} heatmap map, {result.output}"
+    parametric_map.SeriesDescription = f"AI {result.task.replace('_', ' ')} parametric map, {result.output}"
     parametric_map.Laterality = series_laterality(source)  # Type 2C for a paired body part: empty when unknown
     parametric_map.DeviceUID = node.device_uid
     parametric_map.StationName = node.ae_title
