@@ -27,9 +27,14 @@ from dicom_node.outputs.secondary_capture import (
     check_heatmap,
     check_source,
     model_as_equipment,
-    series_laterality,
 )
-from dicom_node.outputs.source_header import PATIENT_AND_STUDY_KEYWORDS, copied, pair, with_patient_and_study
+from dicom_node.outputs.source_header import (
+    PATIENT_AND_STUDY_KEYWORDS,
+    copied,
+    pair,
+    series_laterality,
+    with_patient_and_study,
+)
 from inference.predict import Heatmap
 
 LEVELS = 1000  # stored values are thousandths of the activation

@@ -68,7 +68,7 @@ from pydicom.sr.codedict import codes as dicom_codes
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
-from dicom_node.outputs.source_header import pair, with_patient_and_study
+from dicom_node.outputs.source_header import pair, series_laterality, with_patient_and_study
 from dicom_node.outputs.uids import InstallationUids
 from inference.model_card import HALLUX_VALGUS_CLASSES
 from inference.predict import reported_foot_findings
@@ -305,8 +305,8 @@ def reference_population(result: InferenceResult) -> MeasurementStatisticalPrope
 
 def finding_site(anatomy: highdicom.sr.CodedConcept, source: pydicom.Dataset) -> FindingSite:
     """The anatomy with the source's laterality (CID 244) where it gives one: the series' or the image's."""
-    side = source.get("Laterality") or source.get("ImageLaterality")
-    return FindingSite(anatomy, laterality=codes.LATERALITIES.get(side))
+    side = series_laterality(source)
+    return FindingSite(anatomy, laterality=codes.LATERALITIES[side] if side else None)
 
 
 def algorithm_identification(result: InferenceResult, *parameters: str) -> AlgorithmIdentification:

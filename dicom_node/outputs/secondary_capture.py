@@ -27,6 +27,7 @@ from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
 from dicom_node.outputs.preview import preview
 from dicom_node.outputs.render import Caption, Picture, render
+from dicom_node.outputs.source_header import series_laterality
 from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 
@@ -41,7 +42,6 @@ OUTPUTS = {"hallux_valgus": ("foot",), "bone_age": ("male", "female")}
 
 # highdicom takes single letters only; C.7.6.1.1.1 also allows e.g. "FL", so the source's value replaces this
 _ORIENTATION_STAND_IN = ("L", "F")
-_LATERALITIES = ("L", "R")  # a series' Laterality; an image's may also be B(oth) or U(npaired)
 
 
 def build_secondary_capture(
@@ -214,12 +214,6 @@ def _check_result(result: InferenceResult) -> None:
             raise ValueError(f"the result has no {attribute}: the SC image could not name its model")
     if not isinstance(result.demo_model, bool):
         raise ValueError(f"the result's demo_model must be True or False, not {result.demo_model!r}")
-
-
-def series_laterality(source: pydicom.Dataset) -> str | None:
-    """The Laterality of the new series (General Series, C.7.3.1): the source's series' or image's."""
-    laterality = source.get("Laterality") or source.get("ImageLaterality")
-    return laterality if laterality in _LATERALITIES else None
 
 
 def _copy_if_present(source: pydicom.Dataset, sc: SCImage, keywords: tuple[str, ...]) -> None:

@@ -39,6 +39,13 @@ def copied(source: pydicom.Dataset, keywords: Iterable[str]) -> pydicom.Dataset:
     return header
 
 
+def series_laterality(source: pydicom.Dataset) -> str | None:
+    """The laterality of what the node writes about ``source`` (General Series, C.7.3.1): the source's series'
+    or image's, L or R; None for none or another value (an image's may also be B(oth) or U(npaired))."""
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    return laterality if laterality in ("L", "R") else None
+
+
 def pair(value: object) -> list | None:
     """A two-valued attribute's values; None for one absent, empty or of another multiplicity."""
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else []
