@@ -38,14 +38,6 @@ from dicom_node.outputs.source_header import (
 from inference.predict import Heatmap
 
 LEVELS = 1000  # stored values are thousandths of the activation
-CAM_MAPPING = RealWorldValueMapping(
-    lut_label="GRADCAM",
-    lut_explanation="Grad-CAM activation: 0 none, 1 the strongest in the image",
-    unit=codes.NO_UNITS,
-    value_range=(0, LEVELS),
-    slope=1 / LEVELS,
-    intercept=0,
-)
 _ROWS_ALONG_X = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 # what highdicom reads of a source image besides the patient and study
 SOURCE_KEYWORDS = (
@@ -97,7 +89,7 @@ def build_parametric_map(
         software_versions=node.software_version,
         device_serial_number=node.device_uid,
         contains_recognizable_visual_features=False,
-        real_world_value_mappings=[CAM_MAPPING],
+        real_world_value_mappings=[_cam_mapping()],
         voi_lut_transformations=[VOILUTTransformation(window_center=LEVELS / 2, window_width=LEVELS + 1)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="HEATMAP",
@@ -114,6 +106,18 @@ def build_parametric_map(
     for item in (*parametric_map.DimensionOrganizationSequence, *parametric_map.DimensionIndexSequence):
         item.DimensionOrganizationUID = organisation
     return parametric_map
+
+
+def _cam_mapping() -> RealWorldValueMapping:
+    """A new item for each map: a dataset belongs to the one sequence it is put in."""
+    return RealWorldValueMapping(
+        lut_label="GRADCAM",
+        lut_explanation="Grad-CAM activation: 0 none, 1 the strongest in the image",
+        unit=codes.NO_UNITS,
+        value_range=(0, LEVELS),
+        slope=1 / LEVELS,
+        intercept=0,
+    )
 
 
 def _source_in_the_maps_frame(source: pydicom.Dataset, frame_of_reference_uid: str) -> pydicom.Dataset:
