@@ -146,10 +146,25 @@ class OutputJobs:
     def _build(
         self, source: Dataset, stamp: Stamp, results: list[InferenceResult], earlier_reports: list[Dataset]
     ) -> list[_Output]:
+        images = self._images(source, stamp, results)
+        written = [output for of_result in images.values() for output in of_result]
+        if self.settings.outputs.structured_report:
+            illustrations = {key: [output.dataset for output in of_result] for key, of_result in images.items()}
+            report = self._report(source, results, illustrations, earlier_reports)
+            written.append(_Output(report, "structured_report"))
+        return written
+
+    def _images(
+        self, source: Dataset, stamp: Stamp, results: list[InferenceResult]
+    ) -> dict[tuple[str, str], list[_Output]]:
+        """Each result's Secondary Capture and Parametric Map, as switched on, by (task, output); heatmap files are
+        read only when one of them is."""
         settings = self.settings.outputs
+        if not (settings.secondary_captures or settings.parametric_maps):
+            return {}
         radiograph = self._radiograph(source, stamp, results) if settings.secondary_captures else None
         images: dict[tuple[str, str], list[_Output]] = {}
-        for result in results if settings.secondary_captures or settings.parametric_maps else ():
+        for result in results:
             heatmap = heatmap_from_bytes(self.store.absolute(result.heatmap_path).read_bytes(), result.heatmap_name)
             of_result = images.setdefault((result.task, result.output), [])
             if settings.secondary_captures:
@@ -157,12 +172,7 @@ class OutputJobs:
                 of_result.append(_Output(capture, "secondary_capture"))
             if settings.parametric_maps:
                 of_result.append(_Output(self._parametric_map(source, heatmap, result), "parametric_map"))
-        written = [output for of_result in images.values() for output in of_result]
-        if settings.structured_report:
-            illustrations = {key: [output.dataset for output in of_result] for key, of_result in images.items()}
-            report = self._report(source, results, illustrations, earlier_reports)
-            written.append(_Output(report, "structured_report"))
-        return written
+        return images
 
     def _radiograph(self, source: Dataset, stamp: Stamp, results: list[InferenceResult]) -> np.ndarray | None:
         """The preview the inference job kept for the Secondary Captures; None for a source without dimensions,
