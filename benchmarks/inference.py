@@ -122,8 +122,7 @@ def node_way(files: list[Path], cards: tuple[Path, Path], batch_size: int, runti
         storage={"root": work / "storage"},
         workers={"count": 0},
         inference={
-            "hallux_valgus_card": cards[0],
-            "bone_age_card": cards[1],
+            "tasks": {"hallux_valgus": {"card": cards[0]}, "bone_age": {"card": cards[1]}},
             "runtime": runtime,
             "rules": [],
             "undecided_tasks": ["hallux_valgus", "bone_age"],
@@ -131,7 +130,7 @@ def node_way(files: list[Path], cards: tuple[Path, Path], batch_size: int, runti
     )
     models = InferenceModels.load(settings.inference, work / "onnx")  # graphs exported by warm_cache
     clock = NetworkClock()
-    for model in (models.hallux_valgus, models.bone_age):
+    for model in (models.of("hallux_valgus"), models.of("bone_age")):
         model.runner = TimedRunner(model.runner, clock)
     node = Node(settings, models=models)
     for path in files:
@@ -165,7 +164,7 @@ def node_way(files: list[Path], cards: tuple[Path, Path], batch_size: int, runti
     _, latencies = drain(1)
 
     flops = 0
-    for model in (models.hallux_valgus, models.bone_age):
+    for model in (models.of("hallux_valgus"), models.of("bone_age")):
         size = model.card.input_size
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model.cam_network(torch.zeros(1, model.card.in_channels, size, size))
@@ -221,7 +220,9 @@ def warm_cache(cards: tuple[Path, Path], runtime: str, work: Path) -> None:
     from dicom_node.config import InferenceSettings
     from dicom_node.inference_jobs import InferenceModels
 
-    settings = InferenceSettings(hallux_valgus_card=cards[0], bone_age_card=cards[1], runtime=runtime)
+    settings = InferenceSettings(
+        tasks={"hallux_valgus": {"card": cards[0]}, "bone_age": {"card": cards[1]}}, runtime=runtime
+    )
     InferenceModels.load(settings, work / "onnx")
 
 

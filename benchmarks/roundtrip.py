@@ -91,10 +91,7 @@ def node_settings(storage: Path, node_port: int, pacs: Orthanc) -> Settings:
         dicom={"host": "127.0.0.1", "port": node_port},
         storage={"root": storage},
         # the default cards, found from any working directory
-        inference={
-            "hallux_valgus_card": REPO / defaults.hallux_valgus_card,
-            "bone_age_card": REPO / defaults.bone_age_card,
-        },
+        inference={"tasks": {name: {"card": REPO / task.card} for name, task in defaults.tasks.items()}},
         destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
         delivery={"default_destination": "pacs"},
     )

@@ -59,7 +59,7 @@ TARGETS = {
     "engine dispatch, jobs/s": (">=", 200.0),
     "two processes / one, throughput": (">=", 0.9),
 }
-INFERENCE_QUEUES = "infer.none,infer.hallux_valgus,infer.bone_age,infer.hallux_valgus+bone_age"
+INFERENCE_QUEUES = "infer.none,infer.hallux_valgus,infer.bone_age,infer.bone_age+hallux_valgus"
 _databases = iter(range(1000))
 
 
@@ -123,6 +123,7 @@ def dispatch_through_the_engine(server: str, jobs: int, concurrency: int) -> flo
         heartbeat_interval=5.0,
         stalled_after=30.0,
         stalled_check=5.0,
+        every_model_queue=NO_MODEL_QUEUE,
     )
     worker = TaskWorker(url, sessions, {INFERENCE_JOB: nothing}, options)
     rate = jobs_per_second(worker, jobs, lambda: succeeded(url))

@@ -30,7 +30,7 @@ from dicom_node.index_schema import (
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import ROLES, Node, Role
 from dicom_node.storage import InstanceStore
-from dicom_node.task_engine import TASKS, models_of_queues
+from dicom_node.task_engine import models_of_queues
 from inference.model_card import ModelLoadError
 from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
 from web.app import create_app, create_health_app
@@ -382,7 +382,7 @@ def serve(
         return EXIT_START_FAILED
     models = None
     if role in ("all", "worker"):
-        tasks = TASKS if queues is None else models_of_queues(queues)
+        tasks = list(settings.inference.tasks) if queues is None else models_of_queues(queues)
         try:
             models = InferenceModels.load(settings.inference, store.root / "cache" / "onnx", tasks)
         except ModelLoadError as error:

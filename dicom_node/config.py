@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from dicom_node.ai_tasks.interface import Task, TaskSettings
 from dicom_node.outputs.uids import check_uid_root
 from inference.pixels import DEFAULT_PICTURE_SIZE
 
@@ -170,7 +171,7 @@ class WorkerSettings(Section):
         return self
 
 
-TaskName = Literal["hallux_valgus", "bone_age"]
+TaskName = str  # an installed task's name (:mod:`dicom_node.ai_tasks.registry`)
 RoutedAttribute = Literal["BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName"]
 ROUTED_ATTRIBUTES: tuple[RoutedAttribute, ...] = (
     "BodyPartExamined",
@@ -189,21 +190,76 @@ class RoutingRule(Section):
 
 
 class InferenceSettings(Section):
-    hallux_valgus_card: Path = Path("models/hallux-valgus-demo.yaml")
-    bone_age_card: Path = Path("models/bone-age-demo.yaml")
+    """The tasks the node runs and how. ``tasks``: each task's own section (its model card and settings, as the
+    task declares them), the node's own tasks when none is listed. ``rules`` default to one rule per task, from
+    the pattern it declares; ``undecided_tasks`` to every task."""
+
+    tasks: dict[TaskName, TaskSettings] = Field(default_factory=dict)
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     threads: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
-    hallux_valgus_threshold: float = Field(0.3, gt=0, lt=1)
-    bone_age_flag_sds: float = Field(2.0, gt=0)
-    bone_age_augmentations: int = Field(0, ge=0, le=32)
-    rules: list[RoutingRule] = [
-        RoutingRule(pattern=r"\b(FOOT|TOES?|FOREFOOT)\b", tasks=["hallux_valgus"]),
-        RoutingRule(pattern=r"\b(HAND|WRIST|BONE ?AGE)\b", tasks=["bone_age"]),
-    ]
-    undecided_tasks: list[TaskName] = ["hallux_valgus", "bone_age"]
+    rules: list[RoutingRule] | None = None
+    undecided_tasks: list[TaskName] | None = None
     skip_derived: bool = True
     on_missing_model: Literal["refuse", "degraded"] = "refuse"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_by_their_own_settings(cls, data: Any) -> Any:
+        """Each task's section read by the task's settings class; the keys of releases before tasks had sections
+        (``hallux_valgus_card`` ...) moved into them, as each task declares (``Task.moved_settings``)."""
+        if not isinstance(data, Mapping):
+            return data
+        from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
+
+        data = dict(data)
+        tasks = dict(data.get("tasks") or {name: {} for name in node_tasks()})
+        for name, task in installed_tasks().items():
+            for old, new in task.moved_settings.items():
+                if old not in data:
+                    continue
+                value = data.pop(old)
+                section = tasks.get(name)
+                if section is None:
+                    raise ValueError(f"{old}: moved to tasks.{name}.{new}, and tasks does not list {name}")
+                section = section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
+                tasks[name] = section | {new: value}  # the old key wins: an override in the environment
+        for name, section in tasks.items():
+            task = task_type(name)
+            if isinstance(section, task.settings_type):
+                continue
+            try:
+                tasks[name] = task.settings_type.model_validate(section or {})
+            except ValidationError as error:
+                item = error.errors()[0]
+                key = ".".join(str(part) for part in item["loc"])
+                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+                raise ValueError(f"tasks.{name}.{key}: {message}") from None
+        data["tasks"] = tasks
+        return data
+
+    @model_validator(mode="after")
+    def _routes_name_configured_tasks(self) -> InferenceSettings:
+        from dicom_node.ai_tasks.registry import task_type
+
+        if not self.tasks:
+            raise ValueError("tasks: list at least one task")
+        if self.rules is None:
+            self.rules = [RoutingRule(pattern=task_type(name).routing_pattern, tasks=[name]) for name in self.tasks]
+        if self.undecided_tasks is None:
+            self.undecided_tasks = list(self.tasks)
+        named = [("rules.tasks", name) for rule in self.rules for name in rule.tasks]
+        named += [("undecided_tasks", name) for name in self.undecided_tasks]
+        for key, name in named:
+            if name not in self.tasks:
+                raise ValueError(f"{key}: {name!r} is not among the tasks ({', '.join(self.tasks)})")
+        return self
+
+    def configured_tasks(self) -> dict[TaskName, Task]:
+        """The tasks, made with their settings, in the order of ``tasks``."""
+        from dicom_node.ai_tasks.registry import task_type
+
+        return {name: task_type(name)(settings) for name, settings in self.tasks.items()}
 
 
 class TlsSettings(Section):
@@ -288,7 +344,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     workers: WorkerSettings = WorkerSettings()
-    inference: InferenceSettings = InferenceSettings()
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     outputs: OutputSettings = OutputSettings()
     destinations: list[Destination] = []
     delivery: DeliverySettings = DeliverySettings()
@@ -372,13 +428,18 @@ def load_settings(path: Path | None = None) -> Settings:
 
 def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
     """``DICOM_NODE_*`` variables that name no setting; pydantic-settings would ignore them silently."""
+    from dicom_node.ai_tasks.registry import installed_tasks
+
     unknown = []
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX):
             continue
         section, separator, key = name[len(ENV_PREFIX) :].lower().partition("__")
         field = Settings.model_fields.get(section)
-        if field is None or (separator and key not in getattr(field.annotation, "model_fields", {})):
+        known = set(getattr(field.annotation, "model_fields", {})) if field is not None else set()
+        if section == "inference":
+            known |= {old for task in installed_tasks().values() for old in task.moved_settings}
+        if field is None or (separator and key.partition("__")[0] not in known):
             unknown.append(name)
     return unknown
 
@@ -389,6 +450,9 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"] if not isinstance(part, int)) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        nested = re.match(r"([a-z_][a-z0-9_.]*): ", message) if item["type"] == "value_error" else None
+        if nested:  # a section's validator naming the key within it
+            key, message = f"{key}.{nested[1]}", message[nested.end() :]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif isinstance(item.get("input"), str | int | float | bool) and key not in SECRET_KEYS:

@@ -30,15 +30,15 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.ai_tasks.interface import TaskOutput
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
 from dicom_node.models import InferenceResult, Instance, heatmap_name
 from dicom_node.outputs.preview import preview, preview_bytes, preview_path, source_stamp
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
-from dicom_node.task_engine import OUTPUTS_QUEUE, TASKS
-from inference.ages import REFERENCE_NAME, chronological_age, compare_with_chronological_age
-from inference.model_card import ModelMissingError
+from dicom_node.task_engine import OUTPUTS_QUEUE
+from inference.model_card import ModelMissingError, load_network, read_card
 from inference.pixels import (
     DEFAULT_PICTURE_SIZE,
     DEFERRED_PIXEL_DATA,
@@ -46,16 +46,7 @@ from inference.pixels import (
     dimensions,
     radiograph_pixels,
 )
-from inference.predict import (
-    BoneAgeEstimate,
-    HalluxValgusResult,
-    Heatmap,
-    Model,
-    ModelInputs,
-    heatmaps_to_bytes,
-    predict_bone_age,
-    predict_hallux_valgus,
-)
+from inference.predict import Heatmap, Model, ModelInputs, heatmaps_to_bytes
 from inference.preprocess import as_picture
 
 log = logging.getLogger(__name__)
@@ -63,41 +54,46 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferenceModels:
-    """The models the node serves, loaded once and shared by every worker. A model whose card or weights file was
-    missing at start (``inference.on_missing_model: degraded``) is None, and ``missing`` says why."""
+    """The models of the configured tasks (``inference.tasks``), loaded once and shared by every worker. A model whose
+    card or weights file was missing at start (``inference.on_missing_model: degraded``) is absent from ``models``,
+    and ``missing`` says why."""
 
-    hallux_valgus: Model | None
-    bone_age: Model | None
+    models: Mapping[TaskName, Model]
     missing: Mapping[TaskName, str] = field(default_factory=dict)
 
     @classmethod
     def load(
-        cls, settings: InferenceSettings, cache_dir: Path | None = None, tasks: Collection[TaskName] = TASKS
+        cls, settings: InferenceSettings, cache_dir: Path | None = None, tasks: Collection[TaskName] | None = None
     ) -> InferenceModels:
-        """Load the cards of ``tasks`` (a worker loads those of its queues only); raises
-        :class:`inference.model_card.ModelLoadError` naming the card and problem, but for a missing card or weights
-        file under ``on_missing_model: degraded``. ``cache_dir`` keeps the graphs the onnxruntime runtime exports."""
-        models: dict[TaskName, Model | None] = {"hallux_valgus": None, "bone_age": None}
+        """Load the cards of ``tasks`` (a worker loads those of its queues only; default: every configured task);
+        raises :class:`inference.model_card.ModelLoadError` naming the card and problem, but for a missing card or
+        weights file under ``on_missing_model: degraded``. ``cache_dir`` keeps the graphs the onnxruntime runtime
+        exports."""
+        networks = {}
         missing: dict[TaskName, str] = {}
-        for task, card in (("hallux_valgus", settings.hallux_valgus_card), ("bone_age", settings.bone_age_card)):
-            if task not in tasks:
+        for task, task_settings in settings.tasks.items():  # every card checked before any graph is exported
+            if tasks is not None and task not in tasks:
                 continue
             try:
-                models[task] = Model.load(card, settings.runtime, cache_dir, settings.threads)
+                card = read_card(task_settings.card)
+                networks[task] = (card, load_network(card, task_settings.card), task_settings.card)
             except ModelMissingError as error:
                 if settings.on_missing_model == "refuse":
                     raise
-                models[task], missing[task] = None, str(error)
-        return cls(models["hallux_valgus"], models["bone_age"], missing)
+                missing[task] = str(error)
+        models = {
+            task: Model.of_network(card, network, path, settings.runtime, cache_dir, settings.threads)
+            for task, (card, network, path) in networks.items()
+        }
+        return cls(models, missing)
 
     def loaded(self) -> dict[TaskName, Model]:
         """The models that were loaded, by task."""
-        models: dict[TaskName, Model | None] = {"hallux_valgus": self.hallux_valgus, "bone_age": self.bone_age}
-        return {task: model for task, model in models.items() if model is not None}
+        return dict(self.models)
 
     def of(self, task: TaskName) -> Model:
         """The model of ``task``; raises :class:`JobMustWait` when it was missing at start."""
-        model = self.loaded().get(task)
+        model = self.models.get(task)
         if model is None:
             reason = self.missing.get(task, "not among the models this worker serves")
             raise JobMustWait(f"waiting for the {task} model: {reason}")
@@ -148,6 +144,7 @@ class InferenceJobs:
         and the models' letterboxes; with ``keep_preview`` (Secondary Captures are made), it is kept beside the
         heatmaps at that size, for the outputs job to draw on."""
         self.settings = settings
+        self.tasks = settings.configured_tasks()
         self.max_image_pixels = max_image_pixels
         self.picture_size = picture_size
         self.keep_preview = keep_preview
@@ -175,17 +172,19 @@ class InferenceJobs:
                 failures[job.id] = prepared
             else:
                 batch.append(prepared)
-        # The two tasks' models run side by side (each runs its batch's images side by side on the cores, see
-        # :mod:`inference.runtime`): an image alone that both tasks read has both models at work at once.
-        routed = [[work for work in batch if task in work.route.tasks] for task in TASKS]
-        for task, outcomes in zip(TASKS, self._preparers.map(self._run_task, TASKS, routed), strict=True):
-            for work, outcome, milliseconds in outcomes:  # the results made into rows in the order of TASKS
+        # The tasks' models run side by side (each runs its batch's images side by side on the cores, see
+        # :mod:`inference.runtime`): an image alone that several tasks read has their models at work at once.
+        names = list(self.tasks)
+        routed = [[work for work in batch if task in work.route.tasks] for task in names]
+        for task, outcomes in zip(names, self._preparers.map(self._run_task, names, routed), strict=True):
+            for work, outcome, milliseconds in outcomes:  # the results made into rows in the order of the tasks
                 if isinstance(outcome, Exception) or work.job.id in failures:
-                    failures.setdefault(work.job.id, outcome)  # the first task's error, when both failed
+                    failures.setdefault(work.job.id, outcome)  # the first task's error, when several failed
                     continue
                 work.timings_ms[f"{task}_model"] = milliseconds
                 try:
-                    (self._hallux_valgus_rows if task == "hallux_valgus" else self._bone_age_rows)(work, outcome)
+                    for output in outcome:
+                        self._add_row(work, task, output)
                 except Exception as error:
                     failures[work.job.id] = error
         return failures | self._record([work for work in batch if work.job.id not in failures])
@@ -198,7 +197,8 @@ class InferenceJobs:
             return []
         try:
             started = time.perf_counter()
-            outputs = self._predict(task, ModelInputs.concatenate([work.inputs[task] for work in routed]))
+            inputs = ModelInputs.concatenate([work.inputs[task] for work in routed])
+            outputs = self._predict(task, inputs, [work.header for work in routed])
             share = (time.perf_counter() - started) * 1000 / len(routed)
             return [(work, output, share) for work, output in zip(routed, outputs, strict=True)]
         except Exception as error:
@@ -208,7 +208,7 @@ class InferenceJobs:
         for work in routed:
             started = time.perf_counter()
             try:
-                [output] = self._predict(task, work.inputs[task])
+                [output] = self._predict(task, work.inputs[task], [work.header])
                 outcomes.append((work, output, (time.perf_counter() - started) * 1000))
             except Exception as error:
                 outcomes.append((work, error, 0.0))
@@ -244,88 +244,27 @@ class InferenceJobs:
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 
-    def _predict(self, task: TaskName, images: ModelInputs) -> list:
-        if task == "hallux_valgus":
-            return predict_hallux_valgus(self.models.of(task), images, self.settings.hallux_valgus_threshold)
-        return predict_bone_age(self.models.of(task), images, self.settings.bone_age_augmentations)
+    def _predict(self, task: TaskName, images: ModelInputs, headers: list[Dataset]) -> list[list[TaskOutput]]:
+        return self.tasks[task].predict(self.models.of(task), images, headers)
 
-    def _hallux_valgus_rows(self, work: _Work, result: HalluxValgusResult) -> None:
-        model = self.models.of("hallux_valgus")
-        values = {
-            "probabilities": result.probabilities,
-            "prediction": result.prediction,
-            "confidence": result.confidence,
-            "hallux_valgus_detected": result.hallux_valgus_detected,
-            "threshold": self.settings.hallux_valgus_threshold,
-            "hallux_valgus_angle_deg": result.hallux_valgus_angle_deg,
-            "heatmap_of": result.prediction,
-            "heatmap_peak_xy": _peak(result.heatmap),
-        }
-        summary = f"{result.prediction} ({result.confidence:.0%})"
-        if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
-            summary += f"; hallux valgus flagged ({result.probabilities['Hallux Valgus']:.0%})"
-        elif result.prediction == "Hallux Valgus" and not result.hallux_valgus_detected:  # as the report says
-            summary += f"; below the threshold ({self.settings.hallux_valgus_threshold:.0%}): no abnormality reported"
-        self._add_row(work, "hallux_valgus", "foot", True, summary, values, result.heatmap, model)
-
-    def _bone_age_rows(self, work: _Work, estimates: dict[str, BoneAgeEstimate]) -> None:
-        model, header = self.models.of("bone_age"), work.header
-        age = chronological_age(
-            _text(header, "PatientBirthDate"), _text(header, "StudyDate"), _text(header, "PatientAge")
-        )
-        patient_sex = _text(header, "PatientSex")
-        known_sex = patient_sex in ("M", "F")
-        for sex, estimate in estimates.items():
-            values = {
-                "sex": sex,
-                "age_months": estimate.age_months,
-                "age_years": estimate.age_years,
-                "sigma_months": estimate.sigma_months,
-                "augmentations": self.settings.bone_age_augmentations,
-                "augmentation_spread_months": estimate.augmentation_spread_months,
-                "chronological_age_months": age.months,
-                "chronological_age_source": age.source,
-                "heatmap_peak_xy": _peak(estimate.heatmap),
+    def _add_row(self, work: _Work, task: TaskName, output: TaskOutput) -> None:
+        model = self.models.of(task)
+        work.rows.append(
+            {
+                "instance_pk": work.job.instance_pk,
+                "task": task,
+                "output": output.output,
+                "is_primary": output.is_primary,
+                "summary": output.summary,
+                "values": output.values.model_dump(mode="json", exclude_unset=True),
+                "heatmap_path": str(work.heatmap_path),
+                "model_name": model.card.name,
+                "model_version": model.card.version,
+                "weights_digest": model.weights_digest,
+                "demo_model": model.card.demo,
             }
-            # the reference of the patient's sex reads the patient's model; with the sex unknown, each its own
-            if age.months is not None and (sex == patient_sex or not known_sex):
-                comparison = compare_with_chronological_age(
-                    estimate.age_months, age.months, sex, self.settings.bone_age_flag_sds
-                )
-                values |= {
-                    "difference_months": comparison.difference_months,
-                    "reference_sd_months": comparison.reference_sd_months,
-                    "z_score": comparison.z_score,
-                    "assessment": comparison.assessment,
-                    "reference": REFERENCE_NAME,
-                    "flag_sds": self.settings.bone_age_flag_sds,
-                }
-            word = "male" if sex == "M" else "female"
-            summary = (
-                f"bone age {estimate.age_years:.1f} years ({estimate.age_months:.0f} +- "
-                f"{estimate.sigma_months:.0f} months), {word} model"
-            )
-            self._add_row(work, "bone_age", word, sex == patient_sex, summary, values, estimate.heatmap, model)
-
-    @staticmethod
-    def _add_row(
-        work: _Work, task: str, output: str, primary: bool, summary: str, values: dict, heatmap: Heatmap, model: Model
-    ) -> None:
-        row = {
-            "instance_pk": work.job.instance_pk,
-            "task": task,
-            "output": output,
-            "is_primary": primary,
-            "summary": summary,
-            "values": values,
-            "heatmap_path": str(work.heatmap_path),
-            "model_name": model.card.name,
-            "model_version": model.card.version,
-            "weights_digest": model.weights_digest,
-            "demo_model": model.card.demo,
-        }
-        work.heatmaps[heatmap_name(task, output)] = heatmap
-        work.rows.append(row)
+        )
+        work.heatmaps[heatmap_name(task, output.output)] = output.heatmap
 
     def _record(self, batch: list[_Work]) -> dict[int, Exception]:
         """Write each instance's heatmaps file, side by side (it is mostly waiting for the disk), then record the
@@ -397,13 +336,3 @@ class InferenceJobs:
         note = work.route.reason if not work.route.tasks else f"ran {', '.join(work.route.tasks)} ({work.route.reason})"
         finish(session, work.job, note)
         return True
-
-
-def _peak(heatmap: Heatmap) -> list[float] | None:
-    """Where the heatmap peaks in image pixels; None for an empty map, which points nowhere."""
-    return list(heatmap.peak()) if heatmap.values.max() > 0 else None
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value).strip() if value not in (None, "") else None

@@ -42,7 +42,7 @@ from dicom_node.part10 import dataset_offset
 from dicom_node.routing import route
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore, InvalidIdentifier, patient_key
-from dicom_node.task_engine import TASKS, inference_queue
+from dicom_node.task_engine import inference_queue
 from inference.pixels import ImageTooLarge, UnsupportedImage, check_pixel_count
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class Ingestor:
         try:
             return inference_queue(route(ds, self.routing).tasks)
         except Exception:
-            return inference_queue(TASKS)
+            return inference_queue(self.routing.tasks)
 
     def _check(
         self, header: InstanceHeader, file_meta: FileMetaDataset, expected_sop_class_uid: str | None

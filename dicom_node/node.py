@@ -27,7 +27,14 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OutputJobs
 from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
-from dicom_node.task_engine import DELIVER_QUEUE, OUTPUTS_QUEUE, TRACK_QUEUE, all_queues, models_of_queues
+from dicom_node.task_engine import (
+    DELIVER_QUEUE,
+    OUTPUTS_QUEUE,
+    TRACK_QUEUE,
+    all_queues,
+    inference_queue,
+    models_of_queues,
+)
 from dicom_node.task_worker import EngineTask, TaskWorker, WorkerOptions
 from dicom_node.tracking import TRACK_TASK, InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
@@ -169,9 +176,10 @@ class Node:
                 settings.inference.batch_size,
                 self.foreground,
             )
-        unknown = sorted(set(self.queues) - set(all_queues()))
+        tasks = list(settings.inference.tasks)
+        unknown = sorted(set(self.queues) - set(all_queues(tasks)))
         if unknown:
-            raise ConfigError(f"no such queue: {', '.join(unknown)} (the queues: {', '.join(all_queues())})")
+            raise ConfigError(f"no such queue: {', '.join(unknown)} (the queues: {', '.join(all_queues(tasks))})")
         lacking = models_of_queues(self.queues) - set(self.models.loaded() if self.models is not None else ())
         if lacking:
             raise ConfigError(f"queues {', '.join(self.queues)} need the models of {', '.join(sorted(lacking))}")
@@ -185,12 +193,13 @@ class Node:
             heartbeat_interval=settings.workers.heartbeat_interval,
             stalled_after=settings.workers.stalled_after,
             stalled_check=settings.workers.heartbeat_interval,
+            every_model_queue=inference_queue(tasks),
         )
-        tasks = [
+        engine_tasks = [
             EngineTask(DELIVER_TASK, DELIVER_QUEUE, self.sender.send_to, self.sender.schedule_waiting),
             EngineTask(TRACK_TASK, TRACK_QUEUE, self.tracker.track, self.tracker.schedule_waiting),
         ]
-        return TaskWorker(settings.database.url, self.sessions, self.handlers, options, tasks)
+        return TaskWorker(settings.database.url, self.sessions, self.handlers, options, engine_tasks)
 
     def wake_workers(self) -> None:
         """Look for due jobs now (the one-process node; PostgreSQL notifies its workers itself)."""

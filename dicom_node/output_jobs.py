@@ -25,6 +25,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.ai_tasks.registry import task_type
 from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
@@ -44,8 +45,8 @@ from inference.predict import Heatmap, heatmap_from_bytes
 log = logging.getLogger(__name__)
 
 # Series numbers of the node's series in a study: high, so that PACS viewers list them after the acquisitions.
-SERIES_NUMBERS = {("hallux_valgus", "foot"): 9001, ("bone_age", "male"): 9002, ("bone_age", "female"): 9003}
-MAP_SERIES_NUMBERS = {key: number + 100 for key, number in SERIES_NUMBERS.items()}
+# Each task numbers the Secondary Captures of its outputs (Task.series_numbers); their maps follow 100 later.
+MAP_SERIES_OFFSET = 100
 REPORT_SERIES_NUMBER = 9010
 
 
@@ -192,7 +193,7 @@ class OutputJobs:
             result,
             self.identity,
             series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
-            series_number=SERIES_NUMBERS[(result.task, result.output)],
+            series_number=_series_number(result),
             sop_instance_uid=uids.derived(source.SOPInstanceUID, "sc", result.task, result.output, _named(result)),
             instance_number=_instance_number(source),
             max_size=self.settings.outputs.max_image_size,
@@ -207,7 +208,7 @@ class OutputJobs:
             result,
             self.identity,
             series_instance_uid=uids.derived(source.StudyInstanceUID, "map", result.task, result.output),
-            series_number=MAP_SERIES_NUMBERS[(result.task, result.output)],
+            series_number=_series_number(result) + MAP_SERIES_OFFSET,
             sop_instance_uid=uids.derived(source.SOPInstanceUID, "map", result.task, result.output, _named(result)),
             frame_of_reference_uid=uids.derived(source.SOPInstanceUID, "frame of reference"),
             instance_number=_instance_number(source),
@@ -288,6 +289,14 @@ def _named(result: InferenceResult) -> str:
     """A result as output UIDs name it: its row and when it was recorded, so that an index made again (whose ids
     start again) never names another result the same."""
     return f"{result.id}@{result.created_at.isoformat()}"
+
+
+def _series_number(result: InferenceResult) -> int:
+    """The Series Number of the result's Secondary Captures, as its task numbers them."""
+    numbers = task_type(result.task).series_numbers
+    if result.output not in numbers:
+        raise ValueError(f"task {result.task!r} has no output {result.output!r}; it has {', '.join(numbers)}")
+    return numbers[result.output]
 
 
 def _report_header(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:

@@ -5,8 +5,8 @@ image acknowledged has its job; one refused has none): no broker and no relay be
 attempts are Procrastinate's; ``job_outcomes`` keeps what Procrastinate does not: the note of what it did, why
 its last attempt failed, and whether its effects were committed (:mod:`dicom_node.migrations.task_engine`).
 
-Queues: an inference job waits in the queue of the models its image is routed to (``infer.bone_age``,
-``infer.hallux_valgus``, ``infer.hallux_valgus+bone_age``, or ``infer.none`` when no model reads it), so that
+Queues: an inference job waits in the queue of the models its image is routed to (``infer.<task>``,
+``infer.<task>+<task>`` for an image routed to two, or ``infer.none`` when no model reads it), so that
 a worker takes only jobs it has the models for; outputs jobs wait in ``outputs``; ``deliver`` holds one job per
 destination with objects due (:mod:`dicom_node.delivery`), ``track`` the one job that logs the runs MLflow lacks
 (:mod:`dicom_node.tracking`).
@@ -23,7 +23,7 @@ import datetime as dt
 import zlib
 from collections.abc import Collection, Iterable
 from itertools import combinations
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
 from procrastinate import App, SyncPsycopgConnector
 from procrastinate.exceptions import AlreadyEnqueued
@@ -37,7 +37,6 @@ from dicom_node.migrations.task_engine import job_outcomes
 if TYPE_CHECKING:
     from dicom_node.jobs import ClaimedJob
 
-TASKS: tuple[TaskName, ...] = get_args(TaskName)
 OUTPUTS_QUEUE = "outputs"
 DELIVER_QUEUE = "deliver"
 TRACK_QUEUE = "track"
@@ -73,15 +72,16 @@ _deferrer = App(connector=SyncPsycopgConnector())
 
 
 def inference_queue(tasks: Iterable[TaskName]) -> str:
-    """The queue of an inference job whose image is routed to ``tasks``."""
-    wanted = set(tasks)
-    return "infer." + "+".join(task for task in TASKS if task in wanted) if wanted else NO_MODEL_QUEUE
+    """The queue of an inference job whose image is routed to ``tasks``: their names sorted, so that every role of a
+    site names it alike, whatever the order of its ``inference.tasks`` (revision 0003 sorted the older names)."""
+    return "infer." + "+".join(sorted(set(tasks))) if tasks else NO_MODEL_QUEUE
 
 
 def inference_queues(models: Collection[TaskName]) -> list[str]:
     """The inference queues a worker with ``models`` can take: those of every route they cover."""
-    covered = [combination for size in range(1, len(TASKS) + 1) for combination in combinations(TASKS, size)]
-    return [NO_MODEL_QUEUE] + [inference_queue(route) for route in covered if set(route) <= set(models)]
+    ordered = sorted(models)
+    covered = [combination for size in range(1, len(ordered) + 1) for combination in combinations(ordered, size)]
+    return [NO_MODEL_QUEUE] + [inference_queue(route) for route in covered]
 
 
 def models_of_queues(queues: Iterable[str]) -> set[TaskName]:
@@ -89,11 +89,11 @@ def models_of_queues(queues: Iterable[str]) -> set[TaskName]:
     needed: set[TaskName] = set()
     for queue in queues:
         if queue.startswith("infer.") and queue != NO_MODEL_QUEUE:
-            needed |= {task for task in TASKS if task in queue.removeprefix("infer.").split("+")}
+            needed |= set(queue.removeprefix("infer.").split("+"))
     return needed
 
 
-def all_queues(models: Collection[TaskName] = TASKS) -> list[str]:
+def all_queues(models: Collection[TaskName]) -> list[str]:
     return [*inference_queues(models), OUTPUTS_QUEUE, DELIVER_QUEUE, TRACK_QUEUE]
 
 

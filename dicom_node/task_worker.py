@@ -157,6 +157,7 @@ class WorkerOptions:
     heartbeat_interval: float
     stalled_after: float  # seconds without a heartbeat after which a worker counts as dead
     stalled_check: float
+    every_model_queue: str  # where a job moves that this worker lacks a model for
 
 
 class TaskWorker:
@@ -240,7 +241,7 @@ class TaskWorker:
     def _move_to_a_worker_with_every_model(self, job: ClaimedJob, reason: JobMustWait) -> None:
         """An image this worker lacks a model for (the ingest node routed it with other settings): a new job in
         the queue of every model takes its place, uncounted, and this one ends with why."""
-        queue = task_engine.inference_queue(task_engine.TASKS)
+        queue = self.options.every_model_queue
         with self.sessions.begin() as session:
             task_engine.record_note(session, job, f"{reason}; moved to {queue}")
             task_engine.defer(session, job.kind, job.instance_pk, queue)

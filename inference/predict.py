@@ -66,6 +66,10 @@ class Heatmap:
         y, x = np.unravel_index(int(np.argmax(inside)), inside.shape)
         return self.letterbox.point_to_image(x + x0 + 0.5, y + y0 + 0.5)
 
+    def peak_or_none(self) -> list[float] | None:
+        """:meth:`peak` as a list, or None for an empty map, which points nowhere."""
+        return list(self.peak()) if self.values.max() > 0 else None
+
 
 def heatmaps_to_bytes(heatmaps: Mapping[str, Heatmap]) -> bytes:
     """Named heatmaps and their placements as one ``.npz`` file's bytes (a few hundred bytes a map): an instance's
@@ -152,7 +156,19 @@ class Model:
     ) -> Model:
         """Load and check a card's network; ``runtime`` onnxruntime exports it once into ``cache_dir``."""
         card = read_card(card_path)
-        network = load_network(card, card_path)
+        return cls.of_network(card, load_network(card, card_path), card_path, runtime, cache_dir, threads)
+
+    @classmethod
+    def of_network(
+        cls,
+        card: ModelCard,
+        network: torch.nn.Module,
+        card_path: Path,
+        runtime: RuntimeName = "torch",
+        cache_dir: Path | None = None,
+        threads: int = 0,
+    ) -> Model:
+        """The model of a checked card and its loaded network (:func:`inference.model_card.load_network`)."""
         # load_network verified a weights file against the card's digest; an MLflow model has only a URI,
         # which may name other weights tomorrow, so its digest is that of the weights loaded now
         digest = card.weights.sha256 or state_dict_digest(network)

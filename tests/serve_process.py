@@ -24,8 +24,10 @@ from tests.dicom_peers import free_port
 REPO = Path(__file__).resolve().parents[1]
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
 DEMO_CARDS = {
-    "hallux_valgus_card": REPO / "models" / "hallux-valgus-demo.yaml",
-    "bone_age_card": REPO / "models" / "bone-age-demo.yaml",
+    "tasks": {
+        "hallux_valgus": {"card": REPO / "models" / "hallux-valgus-demo.yaml"},
+        "bone_age": {"card": REPO / "models" / "bone-age-demo.yaml"},
+    },
 }
 
 
@@ -69,7 +71,10 @@ class ServeProcess:
                 "DICOM_NODE_WEB__PORT": str(self.web_port),
                 "DICOM_NODE_STORAGE__ROOT": str(storage),
             }
-            | {f"DICOM_NODE_INFERENCE__{key.upper()}": str(card) for key, card in DEMO_CARDS.items()}
+            | {
+                f"DICOM_NODE_INFERENCE__TASKS__{task.upper()}__CARD": str(section["card"])
+                for task, section in DEMO_CARDS["tasks"].items()
+            }
             | (environment or {})
         )
         self._output = tempfile.TemporaryFile(mode="w+")

@@ -39,7 +39,7 @@ IMAGES = 100
 SENDERS_PER_INGEST = 2
 SEND_PAUSE = 0.15
 EVERY_OBJECT_TO_ORTHANC = {SecondaryCaptureImageStorage: ("pacs",), Comprehensive3DSRStorage: ("pacs",)}
-INFERENCE_QUEUES = "infer.none,infer.hallux_valgus,infer.bone_age,infer.hallux_valgus+bone_age"
+INFERENCE_QUEUES = "infer.none,infer.hallux_valgus,infer.bone_age,infer.bone_age+hallux_valgus"
 _databases = itertools.count()
 
 pytestmark = pytest.mark.slow

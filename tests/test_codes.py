@@ -5,14 +5,17 @@ docs/conformance.md."""
 from __future__ import annotations
 
 import re
+import sys
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from highdicom.sr import CodedConcept
 from pydicom.sr._concepts_dict import concepts as pydicom_concepts
 from pydicom.sr.coding import Code
 
+from dicom_node.ai_tasks.registry import installed_tasks
 from dicom_node.outputs import codes
 from tests.validators import pixelmed_context_groups
 
@@ -20,9 +23,18 @@ CONFORMANCE = Path(__file__).parents[1] / "docs" / "conformance.md"
 
 
 def concepts_of_codes_module() -> list[tuple[str, CodedConcept | Code]]:
-    """Every coded concept in :mod:`dicom_node.outputs.codes`, by where it is named."""
+    """Every coded concept in :mod:`dicom_node.outputs.codes` and in the module of each installed task, by where
+    it is named."""
     found = []
-    for name, value in vars(codes).items():
+    modules = {"": codes} | {f"{task.__module__}.": sys.modules[task.__module__] for task in installed_tasks().values()}
+    for prefix, module in modules.items():
+        found += [(prefix + name, concept) for name, concept in _concepts_of(module)]
+    return found
+
+
+def _concepts_of(module: ModuleType) -> list[tuple[str, CodedConcept | Code]]:
+    found = []
+    for name, value in vars(module).items():
         if isinstance(value, (CodedConcept, Code)):
             found.append((name, value))
         elif isinstance(value, dict):

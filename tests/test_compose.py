@@ -21,6 +21,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from dicom_node.ai_tasks.registry import node_tasks
 from dicom_node.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from dicom_node.node import ROLES
 from dicom_node.task_engine import all_queues
@@ -380,7 +381,7 @@ def test_the_image_holds_the_model_cards_and_weights_config_yaml_names(monkeypat
         if words[0] == "COPY" and not words[1].startswith("--")
     }
     settings = _settings_with(monkeypatch, _dockerfile_environment())
-    for card in (settings.inference.hallux_valgus_card, settings.inference.bone_age_card):
+    for card in (task.card for task in settings.inference.tasks.values()):
         in_image = workdir / card
         sources = [
             source / in_image.relative_to(target)
@@ -419,7 +420,8 @@ def test_the_cluster_runs_every_role_and_serves_every_queue() -> None:
     roles = sorted(_option(command, "--role") or command[0] for command in processes.values())
     assert roles == ["db", "ingest", "ingest", "web", "worker", "worker", "worker"]
     served = {queue for command in processes.values() for queue in (_option(command, "--queues") or "").split(",")}
-    assert set(all_queues()) <= served, f"queues no worker takes: {set(all_queues()) - served}"
+    queues = set(all_queues(node_tasks()))
+    assert queues <= served, f"queues no worker takes: {queues - served}"
     for name, command in processes.items():
         assert command[-2:] == ["--config", "/app/config.yaml"], name
         if command[0] == "serve":

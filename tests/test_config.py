@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dicom_node.ai_tasks.registry import node_tasks, task_type
 from dicom_node.config import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +128,42 @@ def test_a_list_that_is_not_json_is_named(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("DICOM_NODE_DICOM__ALLOWED_CALLING_AETS", "ORTHANC")
     with pytest.raises(ConfigError, match=r"DICOM_NODE_DICOM__\*: cannot parse"):
         load_settings(CONFIG)
+
+
+def test_config_yaml_lists_each_of_the_nodes_tasks_with_every_setting() -> None:
+    tasks = yaml.safe_load(CONFIG.read_text())["inference"]["tasks"]
+    assert list(tasks) == list(node_tasks())
+    for name, section in tasks.items():
+        assert set(section) == set(task_type(name).settings_type.model_fields), name
+
+
+def test_the_keys_of_releases_before_task_sections_still_configure_their_task(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "inference:\n  hallux_valgus_card: /models/foot.yaml\n  hallux_valgus_threshold: 0.2\n"
+        "  bone_age_flag_sds: 2.5\n  bone_age_augmentations: 4\n"
+    )
+    tasks = load_settings(old).inference.tasks
+    assert (tasks["hallux_valgus"].card, tasks["hallux_valgus"].threshold) == (Path("/models/foot.yaml"), 0.2)
+    assert (tasks["bone_age"].flag_sds, tasks["bone_age"].augmentations) == (2.5, 4)
+    assert tasks["bone_age"].card == Path("models/bone-age-demo.yaml"), "keys not given keep the task's default"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("inference:\n  tasks: {fracture: {}}\n", "no task 'fracture' is installed"),
+        ("inference:\n  tasks: {hallux_valgus: {threshold: 1.5}}\n", "tasks.hallux_valgus.threshold: Input should be"),
+        ("inference:\n  tasks: {bone_age: {cards: x.yaml}}\n", "tasks.bone_age.cards: unknown key"),
+        (
+            "inference:\n  tasks: {bone_age: {}}\n  undecided_tasks: [hallux_valgus]\n",
+            "undecided_tasks: 'hallux_valgus'",
+        ),
+    ],
+)
+def test_a_bad_task_section_is_a_one_line_error(tmp_path: Path, yaml_text: str, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        load_settings(path)
+    assert "\n" not in str(raised.value)

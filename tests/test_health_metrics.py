@@ -50,7 +50,9 @@ def test_health_names_the_models_and_counts_the_queues(node: Node) -> None:
     assert response.status_code == 200
     health = response.json()
     assert health["status"] == "ok"
-    cards = {(model.card.name, model.card.version) for model in (node.models.hallux_valgus, node.models.bone_age)}
+    cards = {
+        (model.card.name, model.card.version) for model in (node.models.of("hallux_valgus"), node.models.of("bone_age"))
+    }
     assert {(model["name"], model["version"]) for model in health["models"]} == cards
     assert all(model["demo"] for model in health["models"]), "the committed cards are demo models"
     assert health["jobs"] == {"done": 2} and health["deliveries"] == {}, "no destination configured"

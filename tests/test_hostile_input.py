@@ -693,7 +693,7 @@ def inference_job_of(ds: Dataset, root: Path, max_image_pixels: int) -> Job:
     path = root / "stored.dcm"
     ds.save_as(path, enforce_file_format=True)
     node.ingestor.ingest(pydicom.filereader.read_file_meta_info(path), [encoded_dataset(path)], "MODALITY")
-    models = InferenceModels(object(), object())  # never reached: the image is refused before
+    models = InferenceModels(dict.fromkeys(node.settings.inference.tasks, object()))  # never reached: refused before
     node.workers.handlers[INFERENCE_JOB] = InferenceJobs(
         node.settings.inference, models, node.store, node.sessions, max_image_pixels=max_image_pixels
     )

@@ -86,8 +86,8 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
     jobs = finished_jobs(node, len(labels))
     assert all(job.state == JobState.DONE for job in jobs)
     assert sorted(job.note for job in jobs) == sorted(
-        ["ran bone_age (rule 2 matched BodyPartExamined)"] * 2
-        + ["ran hallux_valgus (rule 1 matched BodyPartExamined)"] * 2
+        ["ran bone_age (rule 1 matched BodyPartExamined)"] * 2  # a rule per task, in the order of the tasks
+        + ["ran hallux_valgus (rule 2 matched BodyPartExamined)"] * 2
     )
 
     results = results_by_file(node)
@@ -104,7 +104,9 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
             stored = heatmap_from_bytes(node.store.absolute(row.heatmap_path).read_bytes(), row.heatmap_name)
             assert stored.letterbox.rows == ds.Rows and stored.letterbox.columns == ds.Columns
         if label.task == "foot":
-            [expected] = predict_hallux_valgus(models.hallux_valgus, models.hallux_valgus.inputs([image], shape), 0.3)
+            [expected] = predict_hallux_valgus(
+                models.of("hallux_valgus"), models.of("hallux_valgus").inputs([image], shape), 0.3
+            )
             assert set(rows) == {"foot"}
             values = rows["foot"].values
             assert values["prediction"] == expected.prediction and rows["foot"].is_primary
@@ -115,7 +117,7 @@ def test_received_xrays_get_the_models_results_with_heatmaps(node: Node, models:
             )
             np.testing.assert_allclose(stored.values, expected.heatmap.values, atol=1e-3)
         else:
-            [expected] = predict_bone_age(models.bone_age, models.bone_age.inputs([image], shape))
+            [expected] = predict_bone_age(models.of("bone_age"), models.of("bone_age").inputs([image], shape))
             assert set(rows) == {"male", "female"}
             assert rows["male"].is_primary == (label.sex == "M") and rows["female"].is_primary == (label.sex == "F")
             for sex, word in (("M", "male"), ("F", "female")):
@@ -175,10 +177,10 @@ def test_a_model_failure_on_one_image_fails_that_job_only(
     handler = node.workers.handlers["inference"]
     predict = handler._predict
 
-    def fragile(task, images):  # the model cannot take one odd image; in a batch, the whole batch raises
+    def fragile(task, images, headers):  # the model cannot take one odd image; in a batch, the whole batch raises
         if any((box.rows, box.columns) == (256, 250) for box in images.letterboxes):
             raise RuntimeError("the runtime refused an input")
-        return predict(task, images)
+        return predict(task, images, headers)
 
     monkeypatch.setattr(handler, "_predict", fragile)
     datasets = [synthetic_dx("FRAGILE", side=256, seed=n, body_part=others) for n in range(3)]

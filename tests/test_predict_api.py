@@ -248,7 +248,7 @@ def test_model_info_reports_the_cards_metrics(served: Served, with_node: bool) -
     assert response.status_code == 200, response.text
     body = response.json()
     inference = served.node.settings.inference
-    for task, path in (("hallux_valgus", inference.hallux_valgus_card), ("bone_age", inference.bone_age_card)):
+    for task, path in ((task, settings.card) for task, settings in inference.tasks.items()):
         card = read_card(path)
         info = body[task]
         assert (info["task"], info["name"], info["version"], info["input_size"]) == (

@@ -15,6 +15,8 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
+from dicom_node.ai_tasks import bone_age as hand_task
+from dicom_node.ai_tasks import hallux_valgus as foot_task
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import NodeIdentity
@@ -179,7 +181,7 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
     assert observer.observer_identifying_attributes.uid == NODE.device_uid
 
     *feet, male, female = sr.content.get_image_measurement_groups()
-    assert [group.finding_type for group in feet] == list(codes.FOOT_FINDINGS.values())
+    assert [group.finding_type for group in feet] == list(foot_task.FINDINGS.values())
     for group in (*feet, male, female):
         [site] = group.finding_sites
         assert site.laterality == codes.LATERALITIES["R"], "the source is a right foot and hand"
@@ -190,7 +192,7 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
     assert ("Algorithm Parameters", "model of female patients") in _algorithm_rows(female)
     assert not any(group.get_qualitative_evaluations() for group in (male, female)), "the model's sex is no finding"
 
-    [bone_age] = male.get_measurements(name=codes.BONE_AGE)
+    [bone_age] = male.get_measurements(name=hand_task.BONE_AGE)
     assert (bone_age.value, bone_age.unit) == (150.0, codes.MONTHS)
     assert _properties(bone_age) == {
         "+/-, range of measurement uncertainty": (9.5, "month"),
@@ -199,10 +201,10 @@ def test_the_saved_report_reads_back_with_its_values_and_references(tmp_path: Pa
         "Standard deviation of population": (10.0, "month"),
         "Z-Score of measurement": (1.95, "no units"),
         "Population description": f"boys aged 130.5 months, {REFERENCE}",
-        "Reference Authority": codes.REFERENCE_AUTHORITIES[REFERENCE].meaning,
+        "Reference Authority": hand_task.REFERENCE_AUTHORITIES[REFERENCE].meaning,
     }
     assert _measurements(male)["Subject Age"] == (130.5, "month")
-    [female_age] = female.get_measurements(name=codes.BONE_AGE)
+    [female_age] = female.get_measurements(name=hand_task.BONE_AGE)
     assert _properties(female_age) == {"+/-, range of measurement uncertainty": (10.5, "month")}
     illustrated = {
         (result.task, result.output): [
@@ -257,15 +259,15 @@ def _with_values(original: InferenceResult, **changes: object) -> InferenceResul
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (lambda: result("fracture", "hand", {}), "unknown task"),
-        (lambda: _with_values(foot_result(), probabilities=...), "lacks the values probabilities"),
+        (lambda: result("fracture", "hand", {}), "no task 'fracture' is installed"),
+        (lambda: _with_values(foot_result(), probabilities=...), "result lack probabilities"),
         (lambda: _with_values(foot_result(), prediction="Gout"), "heatmap's class 'Gout' is not a class"),
         (lambda: _with_values(foot_result(), probabilities={"Gout": 1.0}), "probabilities must name"),
-        (lambda: _with_values(bone_age_results(True)[1], sigma_months=...), "lacks the values sigma_months"),
+        (lambda: _with_values(bone_age_results(True)[1], sigma_months=...), "result lack sigma_months"),
         (lambda: _with_values(bone_age_results(True)[0], reference=...), "lacks the values reference"),
-        (lambda: _with_values(bone_age_results(True)[0], assessment="tall"), "assessment 'tall'"),
+        (lambda: _with_values(bone_age_results(True)[0], assessment="tall"), "assessment: .* \\(got 'tall'\\)"),
         (lambda: _with_values(bone_age_results(True)[0], reference="Tanner"), "reference 'Tanner' is not one of"),
-        (lambda: _with_values(bone_age_results(True)[1], sex="X"), "sex must be"),
+        (lambda: _with_values(bone_age_results(True)[1], sex="X"), "sex: Input should be 'M' or 'F' \\(got 'X'\\)"),
     ],
 )
 def test_an_invalid_result_raises_value_error(bad, message: str) -> None:
@@ -330,6 +332,7 @@ def foot_with(probabilities: dict[str, float], threshold: float) -> InferenceRes
         {
             "probabilities": probabilities,
             "prediction": max(probabilities, key=probabilities.__getitem__),
+            "confidence": max(probabilities.values()),
             "threshold": threshold,
             "hallux_valgus_detected": probabilities["Hallux Valgus"] >= threshold,
         },
@@ -365,7 +368,7 @@ FOOT_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
 def test_no_foot_group_contradicts_another_whatever_the_class_and_threshold(top: str, threshold: float) -> None:
     probabilities = _probabilities(top)
     presence = _presence(report(source_image("FOOT"), [foot_with(probabilities, threshold)]))
-    meaning = {name: concept.meaning for name, concept in codes.FOOT_FINDINGS.items()}
+    meaning = {name: concept.meaning for name, concept in foot_task.FINDINGS.items()}
     present = {name for name in FOOT_CLASSES if presence[meaning[name]] == "Present"}
     assert set(presence.values()) <= {"Present", "Absent"} and len(presence) == 4
     assert present == reported_foot_findings(probabilities, threshold)
@@ -393,7 +396,7 @@ def test_the_reported_foot_findings_follow_one_rule(probabilities, threshold: fl
 def test_pixelmed_still_checks_the_bone_ages_properties(tmp_path: Path, monkeypatch) -> None:
     """The validator's wrapper sets aside PixelMed's reports of TID 310 items against TID 300's any-concept rows
     (tests/validators.py); TID 310 itself still judges them."""
-    monkeypatch.setitem(codes.ASSESSMENTS, "within range", codes.PRESENT)  # not a CID 222 normality
+    monkeypatch.setitem(hand_task.ASSESSMENTS, "within range", codes.PRESENT)  # not a CID 222 normality
     source, results = hand_compared()
     report(source, results).save_as(tmp_path / "report.dcm")
     [error] = sr_validator_errors(tmp_path / "report.dcm")

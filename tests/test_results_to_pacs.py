@@ -16,6 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
+from dicom_node.ai_tasks import bone_age as hand_task
+from dicom_node.ai_tasks import hallux_valgus as foot_task
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.models import Delivery, DeliveryState, Instance, Job
@@ -105,7 +107,8 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     bone_ages = [
         item.MeasuredValueSequence[0]
         for item in content_items(report)
-        if concept(item) == (codes.BONE_AGE.value, codes.BONE_AGE.scheme_designator) and "MeasuredValueSequence" in item
+        if concept(item) == (hand_task.BONE_AGE.value, hand_task.BONE_AGE.scheme_designator)
+        and "MeasuredValueSequence" in item
     ]
     assert len(bone_ages) >= 2, "a bone age from the male and from the female model"
     assert all(0 < float(value.NumericValue) < 240 for value in bone_ages)
@@ -118,13 +121,13 @@ def test_orthanc_gets_heatmaps_and_reports_in_the_studies_it_sent(pacs_and_node:
     findings = [
         concept(item, "ConceptCodeSequence") for item in content_items(report) if concept(item) == ("121071", "DCM")
     ]
-    assert findings == [(code.value, code.scheme_designator) for code in codes.FOOT_FINDINGS.values()]
+    assert findings == [(code.value, code.scheme_designator) for code in foot_task.FINDINGS.values()]
     with node.sessions() as session:
         [foot_result] = [r for i in session.scalars(select(Instance)) for r in i.results if r.task == "hallux_valgus"]
         values = foot_result.values
     present = {
         name
-        for name, code in codes.FOOT_FINDINGS.items()
+        for name, code in foot_task.FINDINGS.items()
         for item in content_items(report)
         if concept(item) == (code.value, code.scheme_designator)
         and concept(item, "ConceptCodeSequence") == (codes.PRESENT.value, codes.PRESENT.scheme_designator)

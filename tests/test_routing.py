@@ -28,9 +28,9 @@ def header(sop_class=DigitalXRayImageStorageForPresentation, pixels: bool = True
         ({"BodyPartExamined": "", "SeriesDescription": "Left hand PA"}, ("bone_age",)),
         ({"StudyDescription": "XR BONE AGE"}, ("bone_age",)),
         ({"ProtocolName": "Foot DP weight bearing"}, ("hallux_valgus",)),
-        ({"BodyPartExamined": "CHEST"}, ("hallux_valgus", "bone_age")),  # undecided: both, as configured
-        ({}, ("hallux_valgus", "bone_age")),
-        ({"SeriesDescription": "FOOTBALL INJURY KNEE"}, ("hallux_valgus", "bone_age")),  # words, not substrings
+        ({"BodyPartExamined": "CHEST"}, ("bone_age", "hallux_valgus")),  # undecided: both, as configured
+        ({}, ("bone_age", "hallux_valgus")),
+        ({"SeriesDescription": "FOOTBALL INJURY KNEE"}, ("bone_age", "hallux_valgus")),  # words, not substrings
     ],
 )
 def test_the_first_matching_rule_decides_else_the_undecided_tasks_run(attributes: dict, tasks: tuple) -> None:

@@ -21,8 +21,9 @@ from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
 
 from dicom_node.config import RoutingRule, Settings
-from dicom_node.database import open_index, session_factory
+from dicom_node.database import create_index_engine, open_index, session_factory
 from dicom_node.delivery import schedule_sending
+from dicom_node.index_schema import downgrade_index, upgrade_index
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue
@@ -34,7 +35,7 @@ from dicom_node.synthetic import synthetic_dx
 from dicom_node.task_engine import NO_MODEL_QUEUE, defer, inference_queue, inference_queues, models_of_queues
 from dicom_node.task_worker import Batch, NodeRetry
 from tests.dicom_peers import free_port
-from tests.postgres import migrated_database, psycopg_url, running_postgres
+from tests.postgres import create_database, migrated_database, psycopg_url, running_postgres
 from tests.serve_process import DEMO_CARDS, DICOM_NODE
 from web.app import create_app, create_health_app
 from web.dependencies import WebContext
@@ -126,18 +127,37 @@ def test_one_sending_job_waits_per_destination_and_new_work_brings_a_later_one_f
 # --- queues --------------------------------------------------------------------------------------------------
 
 
+def test_revision_0003_moves_the_jobs_of_a_queue_named_in_the_old_order_to_the_sorted_name(
+    postgres_server: str,
+) -> None:
+    url = create_database(postgres_server, f"engine_{next(_numbers)}")
+    engine = create_index_engine(url)
+    sessions = session_factory(engine)
+    try:
+        upgrade_index(engine, "0002")
+        with sessions.begin() as session:
+            defer(session, INFERENCE_JOB, 1, "infer.hallux_valgus+bone_age")  # the order of the node before tasks
+            defer(session, INFERENCE_JOB, 2, "infer.hallux_valgus")
+        upgrade_index(engine)
+        assert [job[1] for job in engine_jobs(url)] == ["infer.bone_age+hallux_valgus", "infer.hallux_valgus"]
+        downgrade_index(engine, "0002")
+        assert [job[1] for job in engine_jobs(url)] == ["infer.hallux_valgus+bone_age", "infer.hallux_valgus"]
+    finally:
+        engine.dispose()
+
+
 def test_a_worker_takes_the_queues_of_the_routes_its_models_cover() -> None:
     assert inference_queue(["bone_age"]) == "infer.bone_age"
-    assert inference_queue(["bone_age", "hallux_valgus"]) == "infer.hallux_valgus+bone_age"
+    assert inference_queue(["hallux_valgus", "bone_age"]) == "infer.bone_age+hallux_valgus"  # sorted
     assert inference_queue([]) == "infer.none"
     assert inference_queues(["hallux_valgus"]) == ["infer.none", "infer.hallux_valgus"]
     assert inference_queues(["hallux_valgus", "bone_age"]) == [
         "infer.none",
-        "infer.hallux_valgus",
         "infer.bone_age",
-        "infer.hallux_valgus+bone_age",
+        "infer.hallux_valgus",
+        "infer.bone_age+hallux_valgus",
     ]
-    assert models_of_queues(["infer.hallux_valgus+bone_age", "outputs"]) == {"hallux_valgus", "bone_age"}
+    assert models_of_queues(["infer.bone_age+hallux_valgus", "outputs"]) == {"hallux_valgus", "bone_age"}
     assert models_of_queues(["infer.none", "outputs", "deliver"]) == set()
 
 
@@ -275,7 +295,7 @@ def test_a_worker_without_a_model_never_takes_its_jobs_and_they_run_once_a_worke
 ) -> None:
     foot, hand = receive(ingest_node, tmp_path, "FOOT", 1), receive(ingest_node, tmp_path, "HAND", 2)
     without_bone_age = cluster_settings.model_copy(deep=True)
-    without_bone_age.inference.bone_age_card = tmp_path / "absent" / "bone-age.yaml"
+    without_bone_age.inference.tasks["bone_age"].card = tmp_path / "absent" / "bone-age.yaml"
     without_bone_age.inference.on_missing_model = "degraded"
 
     with worker(without_bone_age, onnx_graphs) as foot_worker:
@@ -383,14 +403,14 @@ def test_an_image_routed_elsewhere_by_the_worker_moves_to_the_queue_of_every_mod
     job moves, uncounted, to where a worker with every model takes it."""
     foot = receive(ingest_node, tmp_path, "FOOT", 1)
     misrouting = cluster_settings.model_copy(deep=True)
-    misrouting.inference.bone_age_card = tmp_path / "absent" / "bone-age.yaml"
+    misrouting.inference.tasks["bone_age"].card = tmp_path / "absent" / "bone-age.yaml"
     misrouting.inference.on_missing_model = "degraded"
     misrouting.inference.rules = [RoutingRule(pattern="FOOT", tasks=["bone_age"])]
     with worker(misrouting, onnx_graphs):
         wait_for(lambda: len(engine_jobs(cluster_settings.database.url)) == 2)
     first, moved = engine_jobs(cluster_settings.database.url)
     assert first[1:3] == ("infer.hallux_valgus", "succeeded") and moved[1:4] == (
-        "infer.hallux_valgus+bone_age",
+        "infer.bone_age+hallux_valgus",
         "todo",
         0,
     )

@@ -8,7 +8,7 @@ decodes. Anything else is refused with 415. The decoded image is held to :data:`
 
 A DICOM upload is ingested as it was sent (it carries its own identity). A picture becomes a Secondary Capture
 (8-bit MONOCHROME2 from the image's luminance) with the given PatientID and sex, new UIDs, and BodyPartExamined
-FOOT or HAND from the task, so that the node's routing runs that task.
+the task declares (FOOT, HAND ...), so that the node's routing runs that task.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dicom_node.ai_tasks.registry import task_type
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.routing import Route, route
 
@@ -43,7 +44,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 ENVELOPE_BYTES = 256 * 1024
 MAX_PATIENT_ID = 64  # VR LO
 DEFAULT_PATIENT_PREFIX = "UPLOAD-"
-BODY_PARTS: dict[TaskName, str] = {"hallux_valgus": "FOOT", "bone_age": "HAND"}
 _PREAMBLE_LENGTH = 128
 _PREFIX = b"DICM"
 
@@ -95,6 +95,10 @@ def prepare(
         UploadRefused: 413 too large once decoded, 415 not an accepted kind, 422 corrupt, or a DICOM file that
         contradicts ``patient_id`` or ``sex``, or that no model (or not ``task``) runs on.
     """
+    if task is not None and task not in settings.tasks:
+        raise UploadRefused(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"no task {task!r} runs here (tasks: {', '.join(settings.tasks)})"
+        )
     if is_dicom(data):
         prepared = _dicom_upload(data, settings, max_inflated_bytes, patient_id, sex)
     else:
@@ -225,7 +229,7 @@ def secondary_capture(
     ds.Modality = "OT"
     ds.ConversionType = "WSD"  # workstation: a picture sent to the API
     if task is not None:
-        ds.BodyPartExamined = BODY_PARTS[task]
+        ds.BodyPartExamined = task_type(task).body_part
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""

@@ -1,4 +1,5 @@
-"""The coded concepts of the node's structured report (PS3.16 TID 1500), each from a standard coding scheme
+"""The coded concepts of the node's structured report (PS3.16 TID 1500) that every task shares (each task
+declares its own findings and measurements in its module), each from a standard coding scheme
 where the dictionaries that ship with the node confirm it (pydicom's code dictionary, PixelMed's context
 groups: ``tests/test_codes.py`` checks every one), else from the node's private scheme ``99DCMNODE``, declared
 in the report's Coding Scheme Identification Sequence (PS3.3 C.12.1.1.2; designators beginning with "99" are
@@ -14,7 +15,6 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 from dicom_node.outputs.identity import MANUFACTURER
-from inference.ages import REFERENCE_NAME
 
 PRIVATE_SCHEME = "99DCMNODE"
 PRIVATE_CODING_SCHEME = CodingSchemeIdentificationItem(
@@ -24,7 +24,8 @@ PRIVATE_CODING_SCHEME = CodingSchemeIdentificationItem(
 )
 
 
-def _private(value: str, meaning: str) -> CodedConcept:
+def private(value: str, meaning: str) -> CodedConcept:
+    """A code of the node's private scheme; each must have its row in docs/conformance.md, section 8.3.2."""
     return CodedConcept(value, PRIVATE_SCHEME, meaning)
 
 
@@ -32,9 +33,7 @@ def _private(value: str, meaning: str) -> CodedConcept:
 # (43468-8, LN, "XR unspecified body region") is in pydicom's CID 100 but not in PixelMed's, which rejects it.
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 
-# Finding sites (TID 1501 row 6; CID 4031 Common Anatomic Regions) and their laterality (row 7; CID 244)
-HAND = CodedConcept("85562004", "SCT", "Hand")
-FOOT = CodedConcept("56459004", "SCT", "Foot")
+# The laterality of a finding site (TID 1501 row 7; CID 244)
 LATERALITIES: dict[str, CodedConcept] = {
     "R": CodedConcept("24028007", "SCT", "Right"),
     "L": CodedConcept("7771000", "SCT", "Left"),
@@ -47,41 +46,10 @@ NO_UNITS = CodedConcept("1", "UCUM", "no units")
 PIXELS = CodedConcept("{pixels}", "UCUM", "pixels")
 MILLIMETRES = CodedConcept("mm", "UCUM", "millimeter")
 
-# The foot classes of the hallux valgus model, each the finding of its own measurement group (TID 1501 row 3b).
-# Normal is "No abnormality", a finding, not the qualifier "Normal". A foot ulcer is "Ulcer" at the finding site
-# Foot. No code of pes planus or of hallux valgus could be verified here (SNOMED CT 202855006, which some public
-# code labels hallux valgus, is lateral epicondylitis): they stay private.
-FOOT_FINDINGS: dict[str, CodedConcept] = {
-    "Normal": CodedConcept("111286", "DCM", "No abnormality"),
-    "Flatfoot": _private("PES-PLANUS", "Pes planus"),
-    "Foot Ulcer": CodedConcept("56208002", "SCT", "Ulcer"),
-    "Hallux Valgus": _private("HALLUX-VALGUS", "Hallux valgus"),
-}
+# Shared by the tasks' measurement groups: a class's probability, and a finding present or absent (CID 240)
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
-HALLUX_VALGUS_ANGLE = _private("HV-ANGLE", "Hallux valgus angle")
-PRESENT = codes.SCT.Present  # CID 240 Normal-Abnormal / Present-Absent
+PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
-
-# Bone age. LOINC has a code of it, but none that the dictionaries here confirm: it stays private.
-BONE_AGE = _private("BONE-AGE", "Bone age")
-SUBJECT_AGE = CodedConcept("121033", "DCM", "Subject Age")
-# TID 310 properties of the bone age: the model's uncertainty (CID 225) and its normality (CID 222, written by
-# highdicom under (121402, DCM, "Normality"))
-MEASUREMENT_UNCERTAINTY = CodedConcept("371884006", "SCT", "+/-, range of measurement uncertainty")
-ASSESSMENTS: dict[str, CodedConcept] = {  # the node's assessments of a bone age, as CID 222 Normality Codes
-    "advanced": CodedConcept("371879000", "SCT", "Abnormally high"),
-    "delayed": CodedConcept("371880002", "SCT", "Abnormally low"),
-    "within range": CodedConcept("17621005", "SCT", "Normal"),
-}
-# TID 311: the reference population at the patient's chronological age (CID 226, CID 227) and its authority
-MEAN_OF_POPULATION = CodedConcept("373098007", "SCT", "Mean Value of population")
-STANDARD_DEVIATION_OF_POPULATION = CodedConcept("121414", "DCM", "Standard deviation of population")
-Z_SCORE_OF_MEASUREMENT = CodedConcept("121416", "DCM", "Z-Score of measurement")
-POPULATION_DESCRIPTION = CodedConcept("121405", "DCM", "Population description")
-REFERENCE_AUTHORITY = CodedConcept("121406", "DCM", "Reference Authority")
-REFERENCE_AUTHORITIES: dict[str, CodedConcept] = {
-    REFERENCE_NAME: _private("GREULICH-PYLE-1959", "Greulich and Pyle, Radiographic Atlas, 2nd ed. 1959"),
-}
 
 # The node's Secondary Capture images and Parametric Maps, referenced in each measurement group (TID 1501 row 10b)
 ILLUSTRATION_OF_FINDING = CodedConcept("125201", "DCM", "Illustration of Finding")

@@ -19,6 +19,7 @@ from highdicom import VOILUTTransformation
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.ai_tasks.registry import task_type
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import NodeIdentity
@@ -76,6 +77,7 @@ def build_parametric_map(
     check_source(source)
     check_heatmap(heatmap, source)
     algorithm = algorithm_identity(result)
+    title = task_type(result.task).title
     values = np.rint(heatmap.on_image() * LEVELS).astype(np.uint16)
     parametric_map = ParametricMap(
         source_images=[_source_in_the_maps_frame(source, frame_of_reference_uid)],
@@ -93,10 +95,10 @@ def build_parametric_map(
         voi_lut_transformations=[VOILUTTransformation(window_center=LEVELS / 2, window_width=LEVELS + 1)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="HEATMAP",
-        content_description=f"Grad-CAM, {result.task.replace('_', ' ')} {result.output}"[:64],
+        content_description=f"Grad-CAM, {title} {result.output}"[:64],
         contributing_equipment=[model_as_equipment(algorithm, node)],
     )
-    parametric_map.SeriesDescription = f"AI {result.task.replace('_', ' ')} parametric map, {result.output}"
+    parametric_map.SeriesDescription = f"AI {title} parametric map, {result.output}"
     parametric_map.Laterality = series_laterality(source)  # Type 2C for a paired body part: empty when unknown
     parametric_map.DeviceUID = node.device_uid
     parametric_map.StationName = node.ae_title

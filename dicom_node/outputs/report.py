@@ -49,35 +49,25 @@ from highdicom.sr import (
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
-    Measurement,
-    MeasurementProperties,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
-    MeasurementStatisticalProperties,
     NumContentItem,
     ObservationContext,
     ObserverContext,
-    QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
     TextContentItem,
-    TrackingIdentifier,
 )
 from pydicom.sr.codedict import codes as dicom_codes
 
+from dicom_node.ai_tasks.interface import ReportContext
+from dicom_node.ai_tasks.registry import task_type
 from dicom_node.models import InferenceResult
 from dicom_node.outputs import codes
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
 from dicom_node.outputs.source_header import pair, series_laterality, with_patient_and_study
 from dicom_node.outputs.uids import InstallationUids
-from inference.model_card import HALLUX_VALGUS_CLASSES
-from inference.predict import reported_foot_findings
 
 SERIES_DESCRIPTION = "AI results (structured report)"
-HALLUX_VALGUS_KEYS = ("probabilities", "prediction", "threshold")
-BONE_AGE_KEYS = ("sex", "age_months", "sigma_months")
-ASSESSMENT_KEYS = ("chronological_age_months", "reference_sd_months", "z_score", "assessment", "reference", "flag_sds")
-SEXES = {"M": "male", "F": "female"}
 IMAGING_MEASUREMENTS = "126010"  # TID 1500 row 8, the container the image library goes before
 
 Illustrations = Mapping[tuple[str, str], Sequence[pydicom.Dataset]]
@@ -155,152 +145,10 @@ def measurement_groups(
     uids: InstallationUids,
     illustrations: Sequence[pydicom.Dataset] = (),
 ) -> list[MeasurementsAndQualitativeEvaluations]:
-    """The TID 1501 Measurement Groups of one result, by its task, with the images that illustrate it."""
-    if result.task == "hallux_valgus":
-        return foot_groups(result, source, uids, illustrations)
-    if result.task == "bone_age":
-        return [bone_age_group(result, source, uids, illustrations)]
-    raise ValueError(f"result {result.task!r}/{result.output!r}: unknown task, expected hallux_valgus or bone_age")
-
-
-def foot_groups(
-    result: InferenceResult,
-    source: pydicom.Dataset,
-    uids: InstallationUids,
-    illustrations: Sequence[pydicom.Dataset] = (),
-) -> list[MeasurementsAndQualitativeEvaluations]:
-    """One group per class of the foot model: the class as the finding, its probability, and present or absent
-    by :func:`inference.predict.reported_foot_findings`; the illustrations go to the class their heatmap shows."""
-    values = _required_values(result, HALLUX_VALGUS_KEYS)
-    probabilities, threshold = values["probabilities"], values["threshold"]
-    try:
-        present = reported_foot_findings(probabilities, threshold)
-    except ValueError as error:
-        raise ValueError(f"result hallux_valgus/{result.output}: {error}") from None
-    shown = values.get("heatmap_of", values["prediction"])
-    if shown not in HALLUX_VALGUS_CLASSES:
-        raise ValueError(f"result hallux_valgus/{result.output}: the heatmap's class {shown!r} is not a class")
-    groups = []
-    for name in HALLUX_VALGUS_CLASSES:
-        finding = codes.FOOT_FINDINGS[name]
-        measurements = [Measurement(name=codes.PROBABILITY, value=probabilities[name], unit=codes.NO_UNITS)]
-        if name == "Hallux Valgus" and values.get("hallux_valgus_angle_deg") is not None:
-            measurements.append(
-                Measurement(name=codes.HALLUX_VALGUS_ANGLE, value=values["hallux_valgus_angle_deg"], unit=codes.DEGREES)
-            )
-        group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output, name),
-                identifier=f"foot: {name.lower()}",
-            ),
-            finding_type=finding,
-            finding_sites=[finding_site(codes.FOOT, source)],
-            algorithm_id=algorithm_identification(
-                result,
-                f"hallux valgus present from a probability of {threshold}",
-                "flatfoot or foot ulcer present when the most probable class",
-                "no abnormality present when no other class is",
-            ),
-            measurements=measurements,
-            qualitative_evaluations=[
-                QualitativeEvaluation(finding, codes.PRESENT if name in present else codes.ABSENT)
-            ],
-            source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
-        )
-        if name == shown:
-            _add_illustrations(group, illustrations)
-        groups.append(group)
-    return groups
-
-
-def bone_age_group(
-    result: InferenceResult,
-    source: pydicom.Dataset,
-    uids: InstallationUids,
-    illustrations: Sequence[pydicom.Dataset] = (),
-) -> MeasurementsAndQualitativeEvaluations:
-    """The bone age read by one sex model, with its properties (:func:`bone_age_properties`), and the
-    chronological age where known."""
-    values = _required_values(result, BONE_AGE_KEYS)
-    if values["sex"] not in SEXES:
-        raise ValueError(f"result bone_age/{result.output}: sex must be 'M' or 'F', got {values['sex']!r}")
-    model = SEXES[values["sex"]]
-    measurements = [
-        Measurement(
-            name=codes.BONE_AGE, value=values["age_months"], unit=codes.MONTHS, properties=bone_age_properties(result)
-        )
-    ]
-    if values.get("chronological_age_months") is not None:
-        measurements.append(
-            Measurement(name=codes.SUBJECT_AGE, value=values["chronological_age_months"], unit=codes.MONTHS)
-        )
-    parameters = [f"model of {model} patients"]
-    if values.get("z_score") is not None:
-        parameters.append(f"abnormal beyond {values['flag_sds']} reference SD")
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=uids.derived(source.SOPInstanceUID, "tracking", result.task, result.output),
-            identifier=f"bone age, {model} model" + (" (the patient's sex)" if result.is_primary else ""),
-        ),
-        finding_sites=[finding_site(codes.HAND, source)],
-        algorithm_id=algorithm_identification(result, *parameters),
-        measurements=measurements,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
-    )
-    _add_illustrations(group, illustrations)
-    return group
-
-
-def bone_age_properties(result: InferenceResult) -> MeasurementProperties:
-    """TID 310 of a bone age: where the node compared it with the chronological age against the reference's SD at
-    that age, the normality (CID 222) and the reference population (:func:`reference_population`); and always the
-    model's sigma as the range of measurement uncertainty (CID 225), in months."""
-    values = result.values or {}
-    normality, population = None, None
-    if values.get("z_score") is not None:
-        values = _required_values(result, ASSESSMENT_KEYS)
-        if values["assessment"] not in codes.ASSESSMENTS:
-            raise ValueError(
-                f"result bone_age/{result.output}: assessment {values['assessment']!r} is not one of "
-                f"{sorted(codes.ASSESSMENTS)}"
-            )
-        normality = codes.ASSESSMENTS[values["assessment"]]
-        population = reference_population(result)
-    properties = MeasurementProperties(normality=normality, measurement_statistical_properties=population)
-    properties.append(_property(codes.MEASUREMENT_UNCERTAINTY, values["sigma_months"], codes.MONTHS))
-    return properties
-
-
-def reference_population(result: InferenceResult) -> MeasurementStatisticalProperties:
-    """TID 311: the children of the model's sex at the patient's chronological age, as the reference sees them:
-    their mean bone age (the reference sets it to the chronological age), its SD, the Z-score of this bone age,
-    a description and the reference as the authority."""
-    values = _required_values(result, ASSESSMENT_KEYS)
-    authority = codes.REFERENCE_AUTHORITIES.get(values["reference"])
-    if authority is None:
-        raise ValueError(
-            f"result bone_age/{result.output}: reference {values['reference']!r} is not one of "
-            f"{sorted(codes.REFERENCE_AUTHORITIES)}"
-        )
-    age = values["chronological_age_months"]
-    population = MeasurementStatisticalProperties(
-        values=[
-            _property(codes.MEAN_OF_POPULATION, age, codes.MONTHS),
-            _property(codes.STANDARD_DEVIATION_OF_POPULATION, values["reference_sd_months"], codes.MONTHS),
-            _property(codes.Z_SCORE_OF_MEASUREMENT, values["z_score"], codes.NO_UNITS),
-        ]
-    )
-    children = "boys" if values["sex"] == "M" else "girls"
-    description = f"{children} aged {age:.1f} months, {values['reference']}"
-    population.append(
-        TextContentItem(
-            codes.POPULATION_DESCRIPTION, description, relationship_type=RelationshipTypeValues.HAS_PROPERTIES
-        )
-    )
-    population.append(
-        CodeContentItem(codes.REFERENCE_AUTHORITY, authority, relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
-    )
-    return population
+    """The TID 1501 Measurement Groups of one result, as its task makes them, with the images that illustrate
+    it; ValueError for a result of a task not installed, or one whose values the task cannot read."""
+    task = task_type(result.task)
+    return task.measurement_groups(result, task.values(result), ReportContext(source, uids, illustrations))
 
 
 def finding_site(anatomy: highdicom.sr.CodedConcept, source: pydicom.Dataset) -> FindingSite:
@@ -385,7 +233,7 @@ def _add_image_library(content: MeasurementReport, source: pydicom.Dataset) -> N
     items.insert(position, image_library(source))
 
 
-def _property(name: highdicom.sr.CodedConcept, value: float, unit: highdicom.sr.CodedConcept) -> NumContentItem:
+def property_item(name: highdicom.sr.CodedConcept, value: float, unit: highdicom.sr.CodedConcept) -> NumContentItem:
     return NumContentItem(name, value, unit, relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
 
 
@@ -398,15 +246,7 @@ def _algorithms(results: Sequence[InferenceResult]) -> list[AlgorithmIdentity]:
     return list(dict.fromkeys(_algorithm(result) for result in results))
 
 
-def _required_values(result: InferenceResult, keys: Sequence[str]) -> dict:
-    values = result.values or {}
-    missing = [key for key in keys if values.get(key) is None]
-    if missing:
-        raise ValueError(f"result {result.task}/{result.output} lacks the values {', '.join(missing)}")
-    return values
-
-
-def _add_illustrations(group: MeasurementsAndQualitativeEvaluations, images: Sequence[pydicom.Dataset]) -> None:
+def add_illustrations(group: MeasurementsAndQualitativeEvaluations, images: Sequence[pydicom.Dataset]) -> None:
     """Reference the node's images of the group's result (TID 1501 row 10b)."""
     for image in images:
         group[0].ContentSequence.append(

@@ -13,8 +13,6 @@ joins the study of the radiograph in a new series, and says where it comes from:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import pydicom
 from highdicom import ContributingEquipment
@@ -23,6 +21,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.ai_tasks.registry import task_type
 from dicom_node.models import InferenceResult
 from dicom_node.outputs.identity import AlgorithmIdentity, NodeIdentity
 from dicom_node.outputs.preview import preview
@@ -32,13 +31,6 @@ from inference.pixels import radiograph_pixels
 from inference.predict import Heatmap
 
 NOT_FOR_DIAGNOSTIC_USE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
-
-# the keys of InferenceResult.values that the picture's words are made of, by task
-REQUIRED_VALUES = {
-    "hallux_valgus": ("probabilities", "prediction", "confidence", "hallux_valgus_detected", "threshold"),
-    "bone_age": ("sex", "age_years", "sigma_months"),
-}
-OUTPUTS = {"hallux_valgus": ("foot",), "bone_age": ("male", "female")}
 
 # highdicom takes single letters only; C.7.6.1.1.1 also allows e.g. "FL", so the source's value replaces this
 _ORIENTATION_STAND_IN = ("L", "F")
@@ -132,48 +124,15 @@ def caption(result: InferenceResult) -> Caption:
     warnings = (NOT_FOR_DIAGNOSTIC_USE,)
     if algorithm.disclaimer is not None:
         warnings += (f"DEMO MODEL: {algorithm.disclaimer.upper()}",)
-    values = result.values
-    if result.task == "hallux_valgus":
-        lines, shown = _hallux_valgus_lines(values), str(values.get("heatmap_of", values["prediction"]))
-    else:
-        lines, shown = _bone_age_lines(values, result.output), "the bone age estimate"
+    task = task_type(result.task)
+    lines, shown = task.caption(result.output, task.values(result))
     model = f"Model: {algorithm.name} {algorithm.version}"
     return Caption(warnings, (*lines, model), f"Colours: Grad-CAM of {shown}")
 
 
 def series_description(result: InferenceResult) -> str:
-    """E.g. "AI hallux valgus heatmap" or "AI bone age heatmap, male model"."""
-    task = result.task.replace("_", " ")
-    return f"AI {task} heatmap" if result.task == "hallux_valgus" else f"AI {task} heatmap, {result.output} model"
-
-
-def _hallux_valgus_lines(values: Mapping) -> tuple[str, ...]:
-    probabilities = values["probabilities"]
-    lines = [f"{values['prediction']} {_percent(values['confidence'])}"]
-    if values["hallux_valgus_detected"] and values["prediction"] != "Hallux Valgus":
-        lines.append(f"Hallux valgus flagged: {_percent(probabilities['Hallux Valgus'])}")
-    if values["prediction"] == "Hallux Valgus" and not values["hallux_valgus_detected"]:  # as the report says
-        lines.append(f"Below the hallux valgus threshold {_percent(values['threshold'])}: no abnormality reported")
-    if values.get("hallux_valgus_angle_deg") is not None:
-        lines.append(f"Hallux valgus angle {values['hallux_valgus_angle_deg']:.0f} deg")
-    lines.append("All classes: " + ", ".join(f"{name} {_percent(p)}" for name, p in probabilities.items()))
-    return tuple(lines)
-
-
-def _bone_age_lines(values: Mapping, output: str) -> tuple[str, ...]:
-    lines = [f"Bone age {values['age_years']:.1f} y +- {values['sigma_months'] / 12:.1f} y ({output} model)"]
-    if values.get("chronological_age_months") is not None:
-        comparison = f"Chronological age {values['chronological_age_months'] / 12:.1f} y"
-        if values.get("z_score") is not None:
-            comparison += f", Z-score {values['z_score']:+.1f}"
-        if values.get("assessment"):
-            comparison += f" ({values['assessment']})"
-        lines.append(comparison)
-    return tuple(lines)
-
-
-def _percent(probability: float) -> str:
-    return f"{round(100 * float(probability))} %"
+    """As the result's task names its series, e.g. "AI bone age heatmap, male model"."""
+    return task_type(result.task).series_description(result.output)
 
 
 def check_source(source: pydicom.Dataset) -> None:
@@ -196,19 +155,7 @@ def check_heatmap(heatmap: Heatmap, source: pydicom.Dataset) -> None:
 
 
 def _check_result(result: InferenceResult) -> None:
-    if result.task not in REQUIRED_VALUES:
-        raise ValueError(f"unknown task {result.task!r}; known: {', '.join(REQUIRED_VALUES)}")
-    if result.output not in OUTPUTS[result.task]:
-        raise ValueError(
-            f"task {result.task!r} has no output {result.output!r}; it has {', '.join(OUTPUTS[result.task])}"
-        )
-    if not isinstance(result.values, Mapping):
-        raise ValueError(f"the result's values must be a mapping, not {type(result.values).__name__}")
-    missing = [key for key in REQUIRED_VALUES[result.task] if key not in result.values]
-    if missing:
-        raise ValueError(f"the values of a {result.task} result lack {', '.join(missing)}")
-    if result.task == "hallux_valgus" and "Hallux Valgus" not in result.values["probabilities"]:
-        raise ValueError("the probabilities of a hallux_valgus result lack 'Hallux Valgus'")
+    task_type(result.task).values(result)  # the words of the picture are made of them
     for attribute in ("model_name", "model_version", "weights_digest"):
         if not getattr(result, attribute):
             raise ValueError(f"the result has no {attribute}: the SC image could not name its model")

@@ -232,10 +232,7 @@ def _cards(context: WebContext) -> dict[TaskName, ModelCard]:
         return {task: model.card for task, model in models.loaded().items()}
     inference = context.settings.inference
     try:
-        return {
-            "hallux_valgus": read_card(inference.hallux_valgus_card),
-            "bone_age": read_card(inference.bone_age_card),
-        }
+        return {name: read_card(task.card) for name, task in inference.tasks.items()}
     except ModelLoadError as error:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
 

@@ -1,0 +1,151 @@
+"""What a task declares, and what the node does with it.
+
+A task is a subclass of :class:`Task`. The node (inference jobs, outputs, tracking, web) knows tasks only
+through this interface:
+
+- its name, its settings (``inference.tasks.<name>`` in config.yaml, with the path of its model card) and the
+  pattern of its default routing rule;
+- :meth:`Task.predict`: a batch of model inputs and the images' headers in, one :class:`TaskOutput` per output
+  and image out: a summary in words, the values as a pydantic model (:attr:`Task.values_type`), and a heatmap;
+- the Secondary Capture's words (:meth:`Task.caption`) and series (:attr:`Task.series_numbers`);
+- the TID 1501 Measurement Groups of the structured report (:meth:`Task.measurement_groups`);
+- the fields of the seed projects' ``/predict`` responses (:attr:`Task.seed_fields_type`,
+  :meth:`Task.seed_fields`) and the viewer's fragment (:attr:`Task.viewer_template`).
+
+The outputs are built from the values recorded in the index, never from today's settings: a report made
+again says what the model said then.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    import pydicom
+    from highdicom.sr import MeasurementsAndQualitativeEvaluations
+
+    from dicom_node.models import InferenceResult
+    from dicom_node.outputs.uids import InstallationUids
+    from inference.predict import Heatmap, Model, ModelInputs
+
+
+class TaskSettings(BaseModel):
+    """A task's section of ``inference.tasks``: its model card (YAML beside its weights, relative to the working
+    directory), and whatever else the task declares in its subclass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    card: Path
+
+
+class TaskValues(BaseModel):
+    """The values of one result as the index keeps them (``InferenceResult.values``, JSON). Keys written by
+    another version of the node that this one does not know are ignored on reading."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    heatmap_peak_xy: list[float] | None = None  # where the heatmap peaks, in image pixels; None for an empty map
+
+
+SettingsT = TypeVar("SettingsT", bound=TaskSettings)
+ValuesT = TypeVar("ValuesT", bound=TaskValues)
+
+
+@dataclass(frozen=True)
+class TaskOutput(Generic[ValuesT]):
+    """One output of a task for one image: one row of the index's results, one Secondary Capture, one map."""
+
+    output: str  # one of the task's series_numbers, e.g. "foot" or "male"
+    is_primary: bool  # the output that answers for the image (of two sex models, the patient's)
+    summary: str  # the result in a line of words, free of patient data
+    values: ValuesT
+    heatmap: Heatmap
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What a task's measurement groups refer to: the source image, the installation's UIDs, and the node's own
+    images (Secondary Capture, Parametric Map) of the result."""
+
+    source: pydicom.Dataset
+    uids: InstallationUids
+    illustrations: Sequence[pydicom.Dataset] = ()
+
+
+class Task(ABC, Generic[SettingsT, ValuesT]):
+    """An AI task: one model card, the outputs it gives for an image, and how the node shows them."""
+
+    name: ClassVar[str]  # the key in config.yaml, the index and MLflow: lowercase letters, digits and "_"
+    title: ClassVar[str]  # in words, for series descriptions: "hallux valgus"
+    body_part: ClassVar[str]  # BodyPartExamined (PS3.16 CID 4031) of an uploaded picture routed to it
+    routing_pattern: ClassVar[str]  # the default rule: a regular expression on the routed attributes
+    series_numbers: ClassVar[Mapping[str, int]]  # output -> the Series Number of its Secondary Captures
+    settings_type: ClassVar[type[TaskSettings]]
+    values_type: ClassVar[type[TaskValues]]
+    moved_settings: ClassVar[Mapping[str, str]] = {}  # an old key of ``inference`` -> its key in the task's section
+
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings = settings
+
+    # --- inference -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def predict(
+        self, model: Model, inputs: ModelInputs, headers: Sequence[pydicom.Dataset]
+    ) -> list[list[TaskOutput[ValuesT]]]:
+        """For each image of ``inputs`` (whose headers are ``headers``), its outputs."""
+
+    # --- reading recorded results ----------------------------------------------------------------------------
+
+    @classmethod
+    def values(cls, result: InferenceResult) -> ValuesT:
+        """``result``'s values as :attr:`values_type`; ValueError naming what is missing or wrong."""
+        if result.output not in cls.series_numbers:
+            raise ValueError(
+                f"task {cls.name!r} has no output {result.output!r}; it has {', '.join(cls.series_numbers)}"
+            )
+        if not isinstance(result.values, Mapping):
+            raise ValueError(f"the result's values must be a mapping, not {type(result.values).__name__}")
+        try:
+            return cls.values_type.model_validate(result.values)
+        except ValidationError as error:
+            missing = [str(item["loc"][0]) for item in error.errors() if item["type"] == "missing"]
+            if missing:
+                raise ValueError(f"the values of a {cls.name} result lack {', '.join(missing)}") from None
+            item = error.errors()[0]
+            where = "".join(f"{part}: " for part in item["loc"][:1])
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item['input']!r})" if isinstance(item.get("input"), str | int | float) else ""
+            raise ValueError(f"the values of a {cls.name} result: {where}{message}{got}") from None
+
+    # --- the Secondary Capture -------------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def caption(cls, output: str, values: ValuesT) -> tuple[tuple[str, ...], str]:
+        """The lines of words that state the result, and what the heatmap's colours show ("the bone age
+        estimate")."""
+
+    @classmethod
+    def series_description(cls, output: str) -> str:
+        """The Secondary Captures' series: "AI hallux valgus heatmap", or, for a task of several outputs,
+        "AI bone age heatmap, male model"."""
+        if len(cls.series_numbers) == 1:
+            return f"AI {cls.title} heatmap"
+        return f"AI {cls.title} heatmap, {output} model"
+
+    # --- the structured report -------------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def measurement_groups(
+        cls, result: InferenceResult, values: ValuesT, context: ReportContext
+    ) -> list[MeasurementsAndQualitativeEvaluations]:
+        """The TID 1501 Measurement Groups of one result (:mod:`dicom_node.outputs.report` has the parts every
+        group shares)."""
