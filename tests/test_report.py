@@ -296,6 +296,16 @@ def _image_library_descriptors(sr: pydicom.Dataset) -> dict[str, object]:
     return values
 
 
+@pytest.mark.parametrize(
+    ("modality", "meaning"), [("DX", "Digital Radiography"), ("OT", "Other"), ("ZZ", "Other"), ("", "Other")]
+)
+def test_the_sources_modality_is_coded_from_cid_29_else_as_other(modality: str, meaning: str) -> None:
+    """An uploaded picture's Secondary Capture has Modality OT, which is in CID 33 only."""
+    source = source_image("FOOT")
+    source.Modality = modality
+    assert _image_library_descriptors(report(source, [foot_result()]))["Modality"] == meaning
+
+
 def test_the_image_library_names_the_source_with_the_descriptors_it_has(tmp_path: Path) -> None:
     full = report(source_image("HAND"), bone_age_results(chronological=False))
     assert _image_library_descriptors(full) == {

@@ -13,6 +13,7 @@ from __future__ import annotations
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.outputs.identity import MANUFACTURER
 
@@ -73,6 +74,6 @@ def modality(value: str | None) -> CodedConcept:
     for group in (codes.cid29, codes.cid33):
         for keyword in dir(group):
             code = getattr(group, keyword)
-            if code.value == value:
+            if isinstance(code, Code) and code.value == value:  # the group's codes, not its methods
                 return CodedConcept(code.value, code.scheme_designator, code.meaning)
     return CodedConcept("OT", "DCM", "Other")
