@@ -18,6 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.database import create_index_engine, session_factory
 from dicom_node.delivery import DeliveryQueue
+from dicom_node.demo_models import add_demo_model_commands, positive
+from dicom_node.exit_codes import EXIT_CONFIG_ERROR, EXIT_FORCED, EXIT_START_FAILED
 from dicom_node.index_schema import (
     IndexNotReady,
     SchemaChange,
@@ -32,15 +34,11 @@ from dicom_node.node import ROLES, Node, Role
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import models_of_queues
 from inference.model_card import ModelLoadError
-from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
 from web.app import create_app, create_health_app
 from web.dependencies import WebContext
 
 log = logging.getLogger("dicom_node")
 
-EXIT_CONFIG_ERROR = 2
-EXIT_START_FAILED = 1
-EXIT_FORCED = 130
 _WEB_START_TIMEOUT = 30.0
 
 
@@ -64,18 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument(
         "--queues",
         type=_names,
-        help="comma-separated: infer.hallux_valgus, infer.bone_age, infer.hallux_valgus+bone_age, infer.none, "
-        "outputs, deliver, track (default: all that the models found allow); only their models are loaded",
+        help="comma-separated: infer.<task>, infer.<task>+<task> (names sorted), infer.none, outputs, deliver, "
+        "track (default: all that the models found allow); only their models are loaded",
     )
     worker.add_argument(
-        "--concurrency", type=_positive, help="jobs at once (default: workers.count x inference.batch_size)"
+        "--concurrency", type=positive, help="jobs at once (default: workers.count x inference.batch_size)"
     )
     worker.set_defaults(run=_worker_command)
 
     resend = commands.add_parser("resend", help="queue failed deliveries again (a running node sends them)")
     resend.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML configuration file")
     resend.add_argument("--destination", help="only the failed deliveries to this destination")
-    resend.add_argument("--id", type=_positive, action="append", default=[], help="only this delivery (repeatable)")
+    resend.add_argument("--id", type=positive, action="append", default=[], help="only this delivery (repeatable)")
     resend.set_defaults(run=_resend_command)
 
     db = commands.add_parser("db", help="the index's schema: its revision, upgrades, the history of revisions")
@@ -93,56 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             db_command.add_argument("--revision", default="head", required=name == "downgrade")
         db_command.set_defaults(run=run)
 
-    phantoms = commands.add_parser("phantoms", help="write synthetic hand and foot X-rays with labels.csv")
-    phantoms.add_argument("--out", type=Path, required=True, help="directory for the DICOM files and labels.csv")
-    phantoms.add_argument("--n", type=_positive, required=True, help="number of images")
-    phantoms.add_argument("--seed", type=int, required=True, help="seed; disjoint seeds give disjoint sets")
-    phantoms.add_argument("--task", choices=["hand", "foot", "both"], default="both")
-    phantoms.add_argument("--compress", choices=["none", "jpeg-ls", "rle"], default="none", help="lossless pixels")
-    phantoms.add_argument("--workers", type=_positive, default=1, help="processes drawing images in parallel")
-    phantoms.set_defaults(run=_phantoms_command)
-
-    train = commands.add_parser("train", help="train a model (MONAI DenseNet121), tracked in MLflow")
-    train.add_argument("task", choices=["hallux-valgus", "bone-age"])
-    train.add_argument("--data", type=Path, required=True, help="directory of labelled images")
-    train.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
-    train.add_argument("--out", type=Path, default=Path("models"), help="where the weights and card go")
-    train.add_argument("--name", help="model name (default: <task>-demo for phantoms, <task> otherwise)")
-    train.add_argument("--version", default="1.0.0")
-    train.add_argument("--input-size", type=_positive, default=160)
-    train.add_argument("--epochs", type=_positive, default=10)
-    train.add_argument("--batch-size", type=_positive, default=16)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument(
-        "--feature-stride", type=int, choices=[16, 32], default=32, help="input pixels per heatmap cell (16: finer)"
-    )
-    train.add_argument(
-        "--localisation-weight",
-        type=float,
-        default=0.0,
-        help="weight of the term that asks the true class's heatmap to lie in the labelled finding box",
-    )
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs with AVX512-BF16 or AMX only)")
-    train.add_argument("--max-steps", type=_positive, help="stop after this many steps (a smoke test)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--workers", type=_positive, default=2, help="processes that decode the images")
-    train.add_argument("--mlflow-uri", default="sqlite:///storage/mlflow/mlflow.db")
-    train.add_argument("--experiment", default="training")
-    train.set_defaults(run=_train_command)
-
-    evaluate = commands.add_parser("evaluate", help="measure the models on a labelled phantom set")
-    evaluate.add_argument("--data", type=Path, required=True, help="a labelled set, e.g. from dicom-node phantoms")
-    evaluate.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
-    evaluate.add_argument("--foot-card", type=Path, default=Path("models/hallux-valgus-demo.yaml"))
-    evaluate.add_argument("--hand-card", type=Path, default=Path("models/bone-age-demo.yaml"))
-    evaluate.add_argument("--out", type=Path, default=Path("models/EVALUATION.md"), help="the Markdown report")
-    evaluate.add_argument(
-        "--threshold", type=float, default=DEFAULT_HALLUX_VALGUS_THRESHOLD, help="Hallux Valgus probability that flags"
-    )
-    evaluate.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
-    evaluate.add_argument("--mlflow-uri", default="sqlite:///storage/mlflow/mlflow.db")
-    evaluate.add_argument("--experiment", default="evaluation")
-    evaluate.set_defaults(run=_evaluate_command)
+    add_demo_model_commands(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)
@@ -153,13 +102,6 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("name at least one")
     return names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _settings_or_none(config: Path) -> Settings | None:
@@ -265,89 +207,6 @@ def _db_check_command(args: argparse.Namespace) -> int:
 
 def _db_history_command(args: argparse.Namespace) -> int:
     print("\n".join(history()))
-    return 0
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    from inference.training.datasets import DatasetError
-    from inference.training.run import run_training
-    from inference.training.trainer import TrainingOptions
-
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    task = args.task.replace("-", "_")
-    name = args.name or (f"{args.task}-demo" if args.format == "phantom" else args.task)
-    options = TrainingOptions(
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        feature_stride=args.feature_stride,
-        localisation_weight=args.localisation_weight,
-        bf16=args.bf16,
-    )
-    try:
-        trained = run_training(
-            task,
-            args.data,
-            args.format,
-            args.out,
-            name,
-            args.version,
-            options,
-            args.mlflow_uri,
-            args.experiment,
-            args.workers,
-        )
-    except DatasetError as error:
-        print(f"dicom-node: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    print(f"wrote {trained.card_path} (MLflow run {trained.run_id}): {trained.validation}")
-    return 0
-
-
-def _evaluate_command(args: argparse.Namespace) -> int:
-    from inference.predict import Model
-    from inference.training.datasets import DatasetError
-    from inference.training.evaluate import evaluate, log_to_mlflow, write_report
-    from inference.training.run import use_tracking
-    from inference.training.trainer import write_card
-
-    try:
-        foot, hand = Model.load(args.foot_card), Model.load(args.hand_card)
-        evaluation = evaluate(args.data, args.format, foot, hand, args.out.parent / "evaluation", args.threshold)
-    except (ModelLoadError, DatasetError) as error:
-        print(f"dicom-node: {error}", file=sys.stderr)
-        return EXIT_START_FAILED
-    about = {
-        "evaluation set": f"{args.data.resolve().name} ({args.format} layout)",
-        "foot model": f"{foot.card.name} {foot.card.version}, weights {foot.weights_digest}",
-        "hand model": f"{hand.card.name} {hand.card.version}, weights {hand.weights_digest}",
-        "hallux valgus threshold": str(args.threshold),
-    }
-    write_report(args.out, evaluation, about, demo=foot.card.demo or hand.card.demo)
-    use_tracking(args.mlflow_uri, args.experiment)
-    run_id = log_to_mlflow(evaluation.metrics, args.out, evaluation.plots, about)
-    if args.update_cards:
-        for model, card_path in ((foot, args.foot_card), (hand, args.hand_card)):
-            prefixes = (
-                ("bone_age", "hand") if model.card.task == "bone_age" else ("hallux", "flatfoot", "foot", "normal")
-            )
-            measured = {f"evaluation_{k}": round(v, 4) for k, v in evaluation.metrics.items() if k.startswith(prefixes)}
-            metrics = {**model.card.metrics, **measured, "evaluation_report": args.out.name, "evaluation_run": run_id}
-            write_card(model.card.model_copy(update={"metrics": metrics}), card_path)
-    print(f"wrote {args.out} (MLflow run {run_id})")
-    for key, value in sorted(evaluation.metrics.items()):
-        print(f"  {key}: {value:.4f}")
-    return 0
-
-
-def _phantoms_command(args: argparse.Namespace) -> int:
-    from dicom_node.phantoms import generate_phantoms
-
-    labels = generate_phantoms(args.out, args.n, args.seed, args.task, args.compress, args.workers)
-    print(f"wrote {len(labels)} phantoms and labels.csv to {args.out} (synthetic images, not patients)")
     return 0
 
 

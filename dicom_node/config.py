@@ -207,7 +207,7 @@ class InferenceSettings(Section):
     @classmethod
     def _tasks_by_their_own_settings(cls, data: Any) -> Any:
         """Each task's section read by the task's settings class; the keys of releases before tasks had sections
-        (``hallux_valgus_card`` ...) moved into them, as each task declares (``Task.moved_settings``)."""
+        (``<task>_card`` ...) moved into them, as each task declares (``Task.moved_settings``)."""
         if not isinstance(data, Mapping):
             return data
         from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type

@@ -38,7 +38,7 @@ from dicom_node.outputs.preview import preview, preview_bytes, preview_path, sou
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE
-from inference.model_card import ModelMissingError, load_network, read_card
+from inference.model_card import ModelLoadError, ModelMissingError, load_network, read_card
 from inference.pixels import (
     DEFAULT_PICTURE_SIZE,
     DEFERRED_PIXEL_DATA,
@@ -76,6 +76,8 @@ class InferenceModels:
                 continue
             try:
                 card = read_card(task_settings.card)
+                if card.task != task:
+                    raise ModelLoadError(f"{task_settings.card}: a card of the task {card.task!r}, not of {task!r}")
                 networks[task] = (card, load_network(card, task_settings.card), task_settings.card)
             except ModelMissingError as error:
                 if settings.on_missing_model == "refuse":

@@ -126,16 +126,16 @@ class Job(Base):
 
 
 class InferenceResult(Base):
-    """One output of a model for one instance: the foot classification, or the bone age read by the male or
-    the female head. Running an instance's job again replaces its results."""
+    """One output of a task's model for one instance (a task may have several, such as one per head of its
+    model). Running an instance's job again replaces its results."""
 
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("instance_pk", "task", "output"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
-    task: Mapped[str] = mapped_column(String(32))  # hallux_valgus | bone_age
-    output: Mapped[str] = mapped_column(String(16))  # foot | male | female
+    task: Mapped[str] = mapped_column(String(32))  # the task's name (dicom_node.ai_tasks)
+    output: Mapped[str] = mapped_column(String(16))  # one of the task's outputs
     is_primary: Mapped[bool] = mapped_column(doc="The result to show first, e.g. the model of the patient's sex.")
     summary: Mapped[str] = mapped_column(String(160), doc="The result in words, for lists and logs.")
     values: Mapped[dict] = mapped_column(JSON)

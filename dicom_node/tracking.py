@@ -237,7 +237,7 @@ def _add_value(key: str, value: object, metrics: dict[str, float], tags: dict[st
 
 
 def _name(text: str) -> str:
-    """A key part: ``Hallux Valgus`` -> ``hallux_valgus``."""
+    """A key part: ``Foot Ulcer`` -> ``foot_ulcer``."""
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
 
 

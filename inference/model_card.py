@@ -70,7 +70,7 @@ class TargetScaling(Strict):
 class ModelCard(Strict):
     name: str
     version: str
-    task: Literal["hallux_valgus", "bone_age"]
+    task: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="The task whose outputs these are.")
     architecture: Literal["monai.DenseNet121"] = "monai.DenseNet121"
     in_channels: Literal[1, 3] = 1
     input_size: int = Field(ge=32, le=1024)
@@ -96,7 +96,7 @@ class ModelCard(Strict):
                 raise ValueError(
                     f"hallux_valgus outputs must be {list(HALLUX_VALGUS_CLASSES)} [+ {HALLUX_VALGUS_ANGLE}]"
                 )
-        elif tuple(self.outputs) != BONE_AGE_OUTPUTS:
+        elif self.task == "bone_age" and tuple(self.outputs) != BONE_AGE_OUTPUTS:
             raise ValueError(f"bone_age outputs must be {list(BONE_AGE_OUTPUTS)}")
         if self.demo and DEMO_DISCLAIMER not in self.disclaimer:
             raise ValueError(f"a demo model's disclaimer must say '{DEMO_DISCLAIMER}'")

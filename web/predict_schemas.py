@@ -1,18 +1,18 @@
 """Request and response models of the seed projects' endpoints (``/predict``, ``/predict_base64``,
 ``/results/{patient_id}``, ``/model_info``), with their field names.
 
-One response carries the fields of both seeds: the hallux valgus seed's (``prediction``, ``confidence``,
-``hallux_valgus_detected``, ``probabilities``) when the foot model ran, the bone-age seed's
-(``male_prediction``, ``female_prediction``) when the bone-age model ran; the fields of a task that did not run
-are null.
+One response carries the fields of every installed task, as each declares them
+(:attr:`dicom_node.ai_tasks.interface.Task.prediction_fields_type`) and named as its seed project names them; the
+fields of a task that did not run are null.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, create_model
 
+from dicom_node.ai_tasks.registry import TaskRegistryError, installed_tasks
 from dicom_node.config import TaskName
 from web.schemas import UtcDatetime
 
@@ -23,9 +23,9 @@ def empty_as_none(value: object) -> object:
 
 
 OptionalTask = Annotated[
-    TaskName | None,
+    Annotated[TaskName, Field(max_length=32)] | None,
     BeforeValidator(empty_as_none),
-    Field(description="Run this task only: hallux_valgus (foot) or bone_age (hand); none = as the node routes it."),
+    Field(description="Run this task only (one of the node's tasks, as /model_info lists them); none = as routed."),
 ]
 OptionalSex = Annotated[
     Literal["M", "F"] | None,
@@ -63,20 +63,8 @@ class ModelBrief(BaseModel):
     disclaimer: str | None = Field(description="Set for demo weights: trained on synthetic phantoms.")
 
 
-class BoneAgePrediction(BaseModel):
-    """The bone age on one sex's scale, in years as the bone-age seed gave it (and in months)."""
-
-    age: float = Field(description="Bone age in years.")
-    uncertainty_sigma: float = Field(description="The model's sigma of the age, in years.")
-    age_months: float
-    uncertainty_sigma_months: float
-    is_primary: bool = Field(description="The scale of the patient's sex (false for both when it is unknown).")
-    gradcam_url: str = Field(description="The class activation map as an RGBA PNG to lay over the image.")
-    timestamp: UtcDatetime = Field(description="When the result was recorded.")
-
-
-class PredictionOut(BaseModel):
-    """The results of one uploaded (or received) image."""
+class PredictionCore(BaseModel):
+    """The fields of every prediction, whichever tasks ran."""
 
     status: Literal["success"] = "success"
     patient_id: str
@@ -93,27 +81,33 @@ class PredictionOut(BaseModel):
     )
     model_info: dict[TaskName, ModelBrief] = Field(description="The model of each task that ran.")
     instance_url: str = Field(description="The image, its jobs and results in the API (shown in the viewer).")
-    # the hallux valgus seed's fields; null when the foot model did not run
-    prediction: str | None = Field(description="Normal, Flatfoot, Foot Ulcer or Hallux Valgus.")
-    confidence: float | None = Field(description="The probability of the predicted class.")
-    hallux_valgus_detected: bool | None = Field(
-        description="Hallux Valgus probability >= inference.hallux_valgus_threshold (set low, for recall)."
-    )
-    probabilities: dict[str, float] | None = Field(description="The probability of each class.")
-    hallux_valgus_angle_deg: float | None = Field(description="The model's regression of the angle, if it has one.")
-    hallux_valgus_gradcam_url: str | None = Field(description="The predicted class's activation map (RGBA PNG).")
-    # the bone-age seed's fields; null when the hand model did not run
-    male_prediction: BoneAgePrediction | None
-    female_prediction: BoneAgePrediction | None
 
 
-class PatientPrediction(PredictionOut):
-    """A listed prediction, with the bone-age seed's flat fields (years; null without a bone-age result)."""
+def _with_the_fields_of_every_task(name: str, base: type[BaseModel], of_task: str, doc: str) -> type[BaseModel]:
+    """``base`` with the fields each installed task declares (``Task.<of_task>``), named as its seed names them."""
+    parts = [getattr(task, of_task) for task in installed_tasks().values() if getattr(task, of_task) is not None]
+    seen: dict[str, str] = {}
+    for part in (base, *parts):
+        for field in part.model_fields:
+            if field in seen:
+                raise TaskRegistryError(f"{part.__name__} and {seen[field]} both declare the field {field!r}")
+            seen[field] = part.__name__
+    return create_model(name, __base__=(base, *parts), __doc__=doc, __module__=__name__)
 
-    male_age: float | None
-    male_uncertainty: float | None
-    female_age: float | None
-    female_uncertainty: float | None
+
+PredictionOut = _with_the_fields_of_every_task(
+    "PredictionOut",
+    PredictionCore,
+    "prediction_fields_type",
+    "The results of one uploaded (or received) image: the fields of every prediction, and those of each task, "
+    "null where the task did not run.",
+)
+PatientPrediction = _with_the_fields_of_every_task(
+    "PatientPrediction",
+    PredictionOut,
+    "listing_fields_type",
+    "A listed prediction, with the fields each task adds to a listing.",
+)
 
 
 class PatientResults(BaseModel):
@@ -143,6 +137,9 @@ class ModelCardInfo(BaseModel):
     metrics_note: str | None = Field(description="Set when the card records no metrics.")
 
 
-class ModelInfo(BaseModel):
-    hallux_valgus: ModelCardInfo
-    bone_age: ModelCardInfo
+ModelInfo = create_model(
+    "ModelInfo",
+    __doc__="The card of each task's model.",
+    __module__=__name__,
+    **{name: (ModelCardInfo | None, None) for name in installed_tasks()},
+)

@@ -17,13 +17,14 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.ai_tasks.registry import installed_tasks
 from dicom_node.config import TaskName
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState, as_utc
 from dicom_node.node import Node
 from dicom_node.workers import WorkerPool
 from inference.model_card import DEMO_DISCLAIMER
-from web.predict_schemas import BoneAgePrediction, ModelBrief, PatientPrediction, PredictionOut
+from web.predict_schemas import ModelBrief, PatientPrediction, PredictionOut
 
 INFERENCE_WAIT_S = 60.0  # how long a request waits for a worker that claimed the job first
 _POLL_S = 0.05
@@ -84,7 +85,7 @@ def prediction_fields(
     instance: Instance, results: Sequence[InferenceResult], run_id: str | None, task: TaskName | None = None
 ) -> dict:
     """The fields of :class:`PredictionOut` from an instance (its series, study and patient loaded) and its
-    results, of ``task`` only when given."""
+    results, of ``task`` only when given: those of every prediction, then each installed task's."""
     results = [result for result in results if task is None or result.task == task]
     study = instance.series.study
     by_task: dict[str, list[InferenceResult]] = {}
@@ -94,42 +95,15 @@ def prediction_fields(
         "patient_id": study.patient.patient_id,
         "prediction_id": instance.sop_instance_uid,
         "study_instance_uid": study.study_instance_uid,
-        "tasks": [name for name in ("hallux_valgus", "bone_age") if name in by_task],
+        "tasks": list(by_task),
         "mlflow_run_id": run_id,
         "timestamp": max(result.created_at for result in results),
         "inference_time": round(sum(results[0].timings_ms.values()) / 1000.0, 4),
         "model_info": {name: _model_brief(rows[0]) for name, rows in by_task.items()},
         "instance_url": f"/api/instances/{instance.sop_instance_uid}",
-        "prediction": None,
-        "confidence": None,
-        "hallux_valgus_detected": None,
-        "probabilities": None,
-        "hallux_valgus_angle_deg": None,
-        "hallux_valgus_gradcam_url": None,
-        "male_prediction": None,
-        "female_prediction": None,
     }
-    for result in by_task.get("hallux_valgus", [])[:1]:
-        values = result.values
-        fields |= {
-            "prediction": values["prediction"],
-            "confidence": values["confidence"],
-            "hallux_valgus_detected": values["hallux_valgus_detected"],
-            "probabilities": values["probabilities"],
-            "hallux_valgus_angle_deg": values.get("hallux_valgus_angle_deg"),
-            "hallux_valgus_gradcam_url": _heatmap_url(result),
-        }
-    for result in by_task.get("bone_age", []):
-        values = result.values
-        fields[f"{result.output}_prediction"] = BoneAgePrediction(
-            age=round(values["age_months"] / 12.0, 3),
-            uncertainty_sigma=round(values["sigma_months"] / 12.0, 3),
-            age_months=values["age_months"],
-            uncertainty_sigma_months=values["sigma_months"],
-            is_primary=result.is_primary,
-            gradcam_url=_heatmap_url(result),
-            timestamp=result.created_at,
-        )
+    for name, installed in installed_tasks().items():
+        fields |= installed.prediction_fields(by_task.get(name, []), _heatmap_url)
     return fields
 
 
@@ -139,10 +113,8 @@ def prediction_out(instance: Instance, results: Sequence[InferenceResult], run_i
 
 def patient_prediction(instance: Instance, run_id: str | None) -> PatientPrediction:
     fields = prediction_fields(instance, instance.results, run_id)
-    for sex in ("male", "female"):
-        estimate: BoneAgePrediction | None = fields[f"{sex}_prediction"]
-        fields[f"{sex}_age"] = estimate.age if estimate else None
-        fields[f"{sex}_uncertainty"] = estimate.uncertainty_sigma if estimate else None
+    for installed in installed_tasks().values():
+        fields |= installed.listing_fields(fields)
     return PatientPrediction(**fields)
 
 

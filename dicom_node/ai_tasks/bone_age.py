@@ -3,11 +3,18 @@
 Two outputs per image, "male" and "female"; the one of the patient's sex is primary. Where the chronological age
 is known (PatientBirthDate and StudyDate, or PatientAge), the estimate of the patient's sex (of both when the sex
 is unknown) is compared with it against the Greulich-Pyle reference SD at that age (:mod:`inference.ages`).
+
+In the structured report: one measurement group per sex model (the model's sex is an algorithm parameter, not a
+finding): the bone age in months with its properties (TID 310): the model's sigma as the range of measurement
+uncertainty (CID 225) and, where the node compared it with the chronological age, the reference population
+(TID 311: its mean, SD and the Z-score, its description and coded authority) and the normality (CID 222); the
+chronological age as "Subject Age" where known.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -23,9 +30,10 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from dicom_node.ai_tasks.interface import ReportContext, Task, TaskOutput, TaskSettings, TaskValues
+from dicom_node.ai_tasks.interface import ReportContext, ResultView, Task, TaskOutput, TaskSettings, TaskValues
+from dicom_node.models import as_utc
 from dicom_node.outputs import codes
 from dicom_node.outputs.report import add_illustrations, algorithm_identification, finding_site, property_item
 from inference.ages import REFERENCE_NAME, Sex, chronological_age, compare_with_chronological_age
@@ -84,6 +92,34 @@ class BoneAgeValues(TaskValues):
     flag_sds: float | None = None
 
 
+class BoneAgePrediction(BaseModel):
+    """The bone age on one sex's scale, in years as the bone-age seed gave it (and in months)."""
+
+    age: float = Field(description="Bone age in years.")
+    uncertainty_sigma: float = Field(description="The model's sigma of the age, in years.")
+    age_months: float
+    uncertainty_sigma_months: float
+    is_primary: bool = Field(description="The scale of the patient's sex (false for both when it is unknown).")
+    gradcam_url: str = Field(description="The class activation map as an RGBA PNG to lay over the image.")
+    timestamp: dt.datetime = Field(description="When the result was recorded (UTC).")
+
+
+class BoneAgeFields(BaseModel):
+    """The bone-age seed's fields of a response; null when the hand model did not run."""
+
+    male_prediction: BoneAgePrediction | None
+    female_prediction: BoneAgePrediction | None
+
+
+class BoneAgeListingFields(BaseModel):
+    """The bone-age seed's flat fields of a listed prediction, in years; null without a bone-age result."""
+
+    male_age: float | None
+    male_uncertainty: float | None
+    female_age: float | None
+    female_uncertainty: float | None
+
+
 class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
     name = "bone_age"
     title = "bone age"
@@ -97,6 +133,24 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
         "bone_age_flag_sds": "flag_sds",
         "bone_age_augmentations": "augmentations",
     }
+    prediction_fields_type = BoneAgeFields
+    listing_fields_type = BoneAgeListingFields
+    viewer_template = Path(__file__).with_name("templates") / "bone_age.html"
+
+    @classmethod
+    def viewer_context(cls, results: Sequence[ResultView]) -> dict[str, object]:
+        """The readings, the patient's sex first; the chronological age (the same for each model); those compared
+        with it."""
+        bone_ages = sorted(results, key=lambda result: (not result.is_primary, result.output))
+        return {
+            "bone_ages": bone_ages,
+            "chronological": bone_ages[0].values if bone_ages else None,
+            "comparisons": [result for result in bone_ages if result.values.get("difference_months") is not None],
+        }
+
+    @classmethod
+    def label(cls, output: str, values: Mapping[str, object]) -> str:
+        return f"Bone age, {output} model"
 
     def predict(
         self, model: Model, inputs: ModelInputs, headers: Sequence[pydicom.Dataset]
@@ -156,6 +210,24 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
         return tuple(lines), "the bone age estimate"
 
     @classmethod
+    def prediction_fields(
+        cls, results: Sequence[InferenceResult], heatmap_url: Callable[[InferenceResult], str]
+    ) -> dict[str, object]:
+        fields: dict[str, object] = dict.fromkeys(BoneAgeFields.model_fields)
+        for result in results:
+            fields[f"{result.output}_prediction"] = _prediction(result, heatmap_url)
+        return fields
+
+    @classmethod
+    def listing_fields(cls, prediction: Mapping[str, object]) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        for model in MODELS.values():
+            estimate = prediction[f"{model}_prediction"]
+            fields[f"{model}_age"] = estimate.age if estimate else None
+            fields[f"{model}_uncertainty"] = estimate.uncertainty_sigma if estimate else None
+        return fields
+
+    @classmethod
     def measurement_groups(
         cls, result: InferenceResult, values: BoneAgeValues, context: ReportContext
     ) -> list[MeasurementsAndQualitativeEvaluations]:
@@ -188,6 +260,19 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
         )
         add_illustrations(group, context.illustrations)
         return [group]
+
+
+def _prediction(result: InferenceResult, heatmap_url: Callable[[InferenceResult], str]) -> BoneAgePrediction:
+    values = BoneAgeTask.values(result)
+    return BoneAgePrediction(
+        age=round(values.age_months / 12.0, 3),
+        uncertainty_sigma=round(values.sigma_months / 12.0, 3),
+        age_months=values.age_months,
+        uncertainty_sigma_months=values.sigma_months,
+        is_primary=result.is_primary,
+        gradcam_url=heatmap_url(result),
+        timestamp=as_utc(result.created_at),
+    )
 
 
 def bone_age_properties(result: InferenceResult, values: BoneAgeValues) -> MeasurementProperties:

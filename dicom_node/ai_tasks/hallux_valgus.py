@@ -4,11 +4,15 @@ One output per image ("foot"): the probability of each class, the most probable 
 probability reaches the threshold (set low, for recall), the hallux valgus angle where the model regresses it,
 and the CAM of the most probable class. What the node reports present follows one rule,
 :func:`inference.predict.reported_foot_findings`, in the picture and the report alike.
+
+In the structured report: one measurement group per class of the model, its finding the class, its
+"Probability", and the class present or absent by that rule; the hallux valgus group also has the hallux valgus
+angle where the model gives one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +24,7 @@ from highdicom.sr import (
     SourceImageForMeasurementGroup,
     TrackingIdentifier,
 )
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from dicom_node.ai_tasks.interface import ReportContext, Task, TaskOutput, TaskSettings, TaskValues
 from dicom_node.outputs import codes
@@ -82,6 +86,19 @@ class FootValues(TaskValues):
         return self.heatmap_of or self.prediction
 
 
+class HalluxValgusFields(BaseModel):
+    """The hallux valgus seed's fields of a response; null when the foot model did not run."""
+
+    prediction: str | None = Field(description="Normal, Flatfoot, Foot Ulcer or Hallux Valgus.")
+    confidence: float | None = Field(description="The probability of the predicted class.")
+    hallux_valgus_detected: bool | None = Field(
+        description="Hallux Valgus probability >= inference.tasks.hallux_valgus.threshold (set low, for recall)."
+    )
+    probabilities: dict[str, float] | None = Field(description="The probability of each class.")
+    hallux_valgus_angle_deg: float | None = Field(description="The model's regression of the angle, if it has one.")
+    hallux_valgus_gradcam_url: str | None = Field(description="The predicted class's activation map (RGBA PNG).")
+
+
 class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
     name = "hallux_valgus"
     title = "hallux valgus"
@@ -91,6 +108,8 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
     settings_type = HalluxValgusSettings
     values_type = FootValues
     moved_settings = {"hallux_valgus_card": "card", "hallux_valgus_threshold": "threshold"}
+    prediction_fields_type = HalluxValgusFields
+    viewer_template = Path(__file__).with_name("templates") / "hallux_valgus.html"
 
     def predict(
         self, model: Model, inputs: ModelInputs, headers: Sequence[pydicom.Dataset]
@@ -172,6 +191,27 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
                 add_illustrations(group, context.illustrations)
             groups.append(group)
         return groups
+
+    @classmethod
+    def prediction_fields(
+        cls, results: Sequence[InferenceResult], heatmap_url: Callable[[InferenceResult], str]
+    ) -> dict[str, object]:
+        if not results:
+            return dict.fromkeys(HalluxValgusFields.model_fields)
+        [result] = results
+        values = cls.values(result)
+        return {
+            "prediction": values.prediction,
+            "confidence": values.confidence,
+            "hallux_valgus_detected": values.hallux_valgus_detected,
+            "probabilities": values.probabilities,
+            "hallux_valgus_angle_deg": values.hallux_valgus_angle_deg,
+            "hallux_valgus_gradcam_url": heatmap_url(result),
+        }
+
+    @classmethod
+    def label(cls, output: str, values: Mapping[str, object]) -> str:
+        return f"Hallux valgus: {values.get('heatmap_of') or values.get('prediction')}"
 
 
 def _percent(probability: float) -> str:

@@ -9,8 +9,9 @@ through this interface:
   and image out: a summary in words, the values as a pydantic model (:attr:`Task.values_type`), and a heatmap;
 - the Secondary Capture's words (:meth:`Task.caption`) and series (:attr:`Task.series_numbers`);
 - the TID 1501 Measurement Groups of the structured report (:meth:`Task.measurement_groups`);
-- the fields of the seed projects' ``/predict`` responses (:attr:`Task.seed_fields_type`,
-  :meth:`Task.seed_fields`) and the viewer's fragment (:attr:`Task.viewer_template`).
+- the fields it adds to the seed projects' responses (``/predict``, ``/predict_base64``, ``/results``:
+  :attr:`Task.prediction_fields_type`, :attr:`Task.listing_fields_type`) and its part of the viewer's image page
+  (:attr:`Task.viewer_template`, a Jinja template beside the task's module).
 
 The outputs are built from the values recorded in the index, never from today's settings: a report made
 again says what the model said then.
@@ -19,10 +20,10 @@ again says what the model said then.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -53,6 +54,16 @@ class TaskValues(BaseModel):
     heatmap_peak_xy: list[float] | None = None  # where the heatmap peaks, in image pixels; None for an empty map
 
 
+class ResultView(Protocol):
+    """A recorded result as the viewer has it."""
+
+    id: int
+    output: str
+    is_primary: bool
+    summary: str
+    values: dict[str, Any]
+
+
 SettingsT = TypeVar("SettingsT", bound=TaskSettings)
 ValuesT = TypeVar("ValuesT", bound=TaskValues)
 
@@ -61,7 +72,7 @@ ValuesT = TypeVar("ValuesT", bound=TaskValues)
 class TaskOutput(Generic[ValuesT]):
     """One output of a task for one image: one row of the index's results, one Secondary Capture, one map."""
 
-    output: str  # one of the task's series_numbers, e.g. "foot" or "male"
+    output: str  # one of the task's series_numbers (at most 16 characters)
     is_primary: bool  # the output that answers for the image (of two sex models, the patient's)
     summary: str  # the result in a line of words, free of patient data
     values: ValuesT
@@ -82,7 +93,7 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
     """An AI task: one model card, the outputs it gives for an image, and how the node shows them."""
 
     name: ClassVar[str]  # the key in config.yaml, the index and MLflow: lowercase letters, digits and "_"
-    title: ClassVar[str]  # in words, for series descriptions: "hallux valgus"
+    title: ClassVar[str]  # in words, for series descriptions: "fracture detection"
     body_part: ClassVar[str]  # BodyPartExamined (PS3.16 CID 4031) of an uploaded picture routed to it
     routing_pattern: ClassVar[str]  # the default rule: a regular expression on the routed attributes
     series_numbers: ClassVar[Mapping[str, int]]  # output -> the Series Number of its Secondary Captures
@@ -129,13 +140,12 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
     @classmethod
     @abstractmethod
     def caption(cls, output: str, values: ValuesT) -> tuple[tuple[str, ...], str]:
-        """The lines of words that state the result, and what the heatmap's colours show ("the bone age
-        estimate")."""
+        """The lines of words that state the result, and what the heatmap's colours show ("the fracture")."""
 
     @classmethod
     def series_description(cls, output: str) -> str:
-        """The Secondary Captures' series: "AI hallux valgus heatmap", or, for a task of several outputs,
-        "AI bone age heatmap, male model"."""
+        """The Secondary Captures' series: "AI <title> heatmap", or, for a task of several outputs,
+        "AI <title> heatmap, <output> model"."""
         if len(cls.series_numbers) == 1:
             return f"AI {cls.title} heatmap"
         return f"AI {cls.title} heatmap, {output} model"
@@ -149,3 +159,34 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
     ) -> list[MeasurementsAndQualitativeEvaluations]:
         """The TID 1501 Measurement Groups of one result (:mod:`dicom_node.outputs.report` has the parts every
         group shares)."""
+
+    # --- the HTTP API and the viewer -------------------------------------------------------------------------
+
+    prediction_fields_type: ClassVar[type[BaseModel] | None] = None  # its fields of a /predict response
+    listing_fields_type: ClassVar[type[BaseModel] | None] = None  # and of a prediction listed by /results
+    viewer_template: ClassVar[Path | None] = None  # None: the viewer shows each result's summary
+
+    @classmethod
+    def prediction_fields(
+        cls, results: Sequence[InferenceResult], heatmap_url: Callable[[InferenceResult], str]
+    ) -> dict[str, object]:
+        """The values of :attr:`prediction_fields_type`'s fields from the task's results of one image, every field
+        None when there are none (the task did not run)."""
+        return {}
+
+    @classmethod
+    def listing_fields(cls, prediction: Mapping[str, object]) -> dict[str, object]:
+        """The values of :attr:`listing_fields_type`'s fields, from those of :meth:`prediction_fields`."""
+        return {}
+
+    @classmethod
+    def label(cls, output: str, values: Mapping[str, object]) -> str:
+        """A result in a few words, as the viewer heads it: "<Title>, <output>"."""
+        return f"{cls.title.capitalize()}, {output}"
+
+    @classmethod
+    def viewer_context(cls, results: Sequence[ResultView]) -> dict[str, object]:
+        """What :attr:`viewer_template` is rendered with, from the task's results of one image (the API's
+        ``ResultOut``: ``id``, ``output``, ``is_primary``, ``summary``, ``values`` ...); it also gets the macros
+        ``result_meta(result)`` and ``result_label(result)``."""
+        return {"results": list(results)}

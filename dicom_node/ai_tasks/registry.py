@@ -31,10 +31,15 @@ def installed_tasks() -> dict[str, type[Task]]:
     """Every installed task by name, the node's own first (in the order of its entry points)."""
     found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda point: _distribution(point) != NODE_DISTRIBUTION)
     tasks: dict[str, type[Task]] = {}
+    series: dict[int, str] = {}
     for point in found:
         task = _load(point)
         if task.name in tasks:
             raise TaskRegistryError(f"entry point {point.value}: a task named {task.name!r} is installed twice")
+        for number in task.series_numbers.values():
+            if number in series:
+                raise TaskRegistryError(f"entry point {point.value}: series number {number} is {series[number]}'s")
+            series[number] = task.name
         tasks[task.name] = task
     return tasks
 
@@ -66,6 +71,9 @@ def _load(point: EntryPoint) -> type[Task]:
         raise TaskRegistryError(f"entry point {point.value}: a task's name is 1-32 of a-z, 0-9 and _, from a letter")
     if point.name != task.name:
         raise TaskRegistryError(f"entry point {point.name!r} names a task called {task.name!r}: use one name")
+    long = [output for output in task.series_numbers if not 1 <= len(output) <= 16]
+    if not task.series_numbers or long:
+        raise TaskRegistryError(f"entry point {point.value}: a task has outputs of 1-16 characters, not {long}")
     return task
 
 

@@ -8,16 +8,8 @@ The content tree, top to bottom:
 - the image library (TID 1600): the source image, with each TID 1602 / TID 1603 descriptor the source has;
 - Measurement Groups (TID 1501), each with its tracking identifier, finding site and laterality, the algorithm
   that computed it (TID 4019), the source image, and the node's Secondary Capture and Parametric Map images of
-  that result as illustrations:
-
-  - the foot: one group per class of the model, its finding the class, its "Probability", and the class
-    present or absent by the one rule of :func:`inference.predict.reported_foot_findings`; the hallux valgus
-    group also has the hallux valgus angle where the model gives one;
-  - the hand: one group per sex model (the model's sex is an algorithm parameter, not a finding): the bone
-    age in months with its properties (TID 310): the model's sigma as the range of measurement uncertainty
-    (CID 225) and, where the node compared it with the chronological age against the reference's SD at that
-    age, the reference population (TID 311: its mean, SD and the Z-score, its description and coded
-    authority) and the normality (CID 222); the chronological age as "Subject Age" where known.
+  that result as illustrations. Each task makes its own groups (``Task.measurement_groups``, whose module
+  describes them) from the parts below: finding sites, algorithm identification, properties, illustrations.
 
 Built by hand where highdicom cannot: the uncertainty in months (highdicom's ``MeasurementProperties`` writes
 its uncertainties with the unit "1"), the population description and the coded reference authority (highdicom

@@ -131,7 +131,7 @@ def caption(result: InferenceResult) -> Caption:
 
 
 def series_description(result: InferenceResult) -> str:
-    """As the result's task names its series, e.g. "AI bone age heatmap, male model"."""
+    """As the result's task names its series (``Task.series_description``)."""
     return task_type(result.task).series_description(result.output)
 
 

@@ -56,7 +56,7 @@ UPLOAD_ERRORS = {
     # a corrupt image, or FastAPI's validation errors of the form or JSON fields
     status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": InvalidRequest},
 }
-_TASK = "Run this task only: hallux_valgus (foot) or bone_age (hand); none = as the node routes the image."
+_TASK = "Run this task only (one of the node's tasks, as /model_info lists them); none = as the node routes it."
 _PATIENT_ID = (
     "PatientID (free text, 1-64 characters) of a picture's Secondary Capture; none = a new one (UPLOAD-...). "
     "A DICOM upload is stored as sent: a given value must match its PatientID."
@@ -84,11 +84,11 @@ def predict(
         str | None, BeforeValidator(empty_as_none), Form(max_length=64, description=_PATIENT_ID)
     ] = None,
     sex: Annotated[Sex | None, BeforeValidator(empty_as_none), Form(description=_SEX)] = None,
-    task: Annotated[TaskName | None, BeforeValidator(empty_as_none), Form(description=_TASK)] = None,
+    task: Annotated[TaskName | None, BeforeValidator(empty_as_none), Form(max_length=32, description=_TASK)] = None,
 ) -> PredictionOut:
-    """Store the image like a received one, run the models on it and answer with their results: the hallux
-    valgus seed's fields for a foot, the bone-age seed's for a hand (the fields of a task that did not run are
-    null). A picture is stored as a Secondary Capture; BodyPartExamined FOOT or HAND from ``task`` routes it.
+    """Store the image like a received one, run the models on it and answer with their results: each task's
+    fields, named as its seed project names them (null for a task that did not run). A picture is stored as a
+    Secondary Capture; the BodyPartExamined that ``task`` declares (FOOT, HAND ...) routes it.
 
     413 larger than ``web.max_upload_mb`` (or decoding to more than 50 million pixels, or a DICOM image of more
     than ``dicom.max_image_pixels``), 415 not one of the accepted kinds, 422 corrupt or truncated, or an image no
@@ -127,7 +127,7 @@ def predict_base64(context: ContextDep, request: PredictBase64Request) -> Predic
 )
 def get_results(patient_id: IndexText, session: SessionDep) -> PatientResults:
     """The patient's images that have results, the most recently recorded first, each in the shape of
-    ``POST /predict``'s response plus the bone-age seed's flat fields; 404 for an unknown PatientID."""
+    ``POST /predict``'s response plus the fields each task adds to a listing; 404 for an unknown PatientID."""
     patient = session.scalar(select(Patient).where(Patient.patient_id == patient_id))
     if patient is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no patient with this PatientID")

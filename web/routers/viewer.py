@@ -1,10 +1,10 @@
 """The results viewer: server-rendered pages over the node's index, readable without JavaScript.
 
 ``/patients`` lists who was received, ``/patients/{id}`` shows a patient's studies, series and images, and
-``/instances/{uid}`` one image with its results: the heatmap laid over the X-ray (switchable per result),
-the hallux valgus probabilities, the bone ages against the chronological age, the jobs and the deliveries of
-the objects the node wrote. The pages read the same records as the JSON API (they call its route functions),
-so that they show what the API returns. Every page carries the "not for diagnostic use" banner.
+``/instances/{uid}`` one image with its results: the heatmap laid over the X-ray (switchable per result), each
+task's results in the task's own template (``Task.viewer_template``), the jobs and the deliveries of the objects
+the node wrote. The pages read the same records as the JSON API (they call its route functions), so that they
+show what the API returns. Every page carries the "not for diagnostic use" banner.
 
 With ``web.api_token`` set the pages ask for it too (they show patient data): as the API's bearer header, or
 as the ``dicom_node_token`` cookie that the ``/login`` form sets (HttpOnly, SameSite=Strict); the API's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
@@ -28,6 +29,7 @@ from fastapi.templating import Jinja2Templates
 from pydicom.uid import UID
 from sqlalchemy import select
 
+from dicom_node.ai_tasks.registry import installed_tasks
 from dicom_node.config import Settings
 from dicom_node.models import InferenceResult, Instance, Patient
 from inference.model_card import DEMO_DISCLAIMER
@@ -88,8 +90,19 @@ def _dicom_name(name: str | None) -> str:
 
 
 def _environment() -> jinja2.Environment:
+    # each task's template under the task's name: "<task>/<file>.html"
+    task_templates = jinja2.PrefixLoader(
+        {
+            name: jinja2.FileSystemLoader(task.viewer_template.parent)
+            for name, task in installed_tasks().items()
+            if task.viewer_template is not None
+        }
+    )
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIRECTORY), autoescape=True, trim_blocks=True, lstrip_blocks=True
+        loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(TEMPLATES_DIRECTORY), task_templates]),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     environment.filters.update(
         segment=_segment, utc=_utc, slug=_slug, sop_class=_sop_class, safe_href=_safe_href, dicom_name=_dicom_name
@@ -251,8 +264,33 @@ def _shown_result(results: list[ResultOut], choice: str | None) -> ResultOut | N
     return next((result for result in results if result.is_primary), results[0])
 
 
-def _bone_age_sort_key(result: ResultOut) -> tuple[bool, str]:
-    return (not result.is_primary, result.output)
+@dataclass(frozen=True)
+class _TaskSection:
+    """A task's part of the image page: its template, its results and what the task makes of them."""
+
+    template: str
+    results: list[ResultOut]
+    context: dict[str, object]
+
+
+def _task_sections(results: list[ResultOut]) -> tuple[list[_TaskSection], list[ResultOut]]:
+    """The sections of the tasks with a template, in the order of their first result; the other results."""
+    sections, others = {}, []
+    for result in results:
+        task = installed_tasks().get(result.task)
+        if task is None or task.viewer_template is None:
+            others.append(result)
+        else:
+            sections.setdefault(task, []).append(result)
+    return [
+        _TaskSection(f"{task.name}/{task.viewer_template.name}", of_task, task.viewer_context(of_task))
+        for task, of_task in sections.items()
+    ], others
+
+
+def _label(result: ResultOut) -> str:
+    task = installed_tasks().get(result.task)
+    return task.label(result.output, result.values) if task is not None else f"{result.task}, {result.output}"
 
 
 @router.get("/instances/{sop_uid}", response_class=HTMLResponse, dependencies=ViewerAccess)
@@ -271,17 +309,15 @@ def instance_page(
         return _not_found(request, settings, "There is no instance with this SOP Instance UID.")
     patient = session.scalar(select(Patient).where(Patient.patient_id == instance.patient_id))
     results = instance.results
-    bone_ages = sorted((item for item in results if item.task == "bone_age"), key=_bone_age_sort_key)
+    sections, other_results = _task_sections(results)
     context = {
         "instance": instance,
         "patient": patient,
         "results": results,
         "shown": _shown_result(results, result) if instance.image_url else None,
-        "hallux_valgus": [item for item in results if item.task == "hallux_valgus"],
-        "bone_ages": bone_ages,
-        "chronological": bone_ages[0].values if bone_ages else None,  # the same for each model
-        "comparisons": [item for item in bone_ages if item.values.get("difference_months") is not None],
-        "other_results": [item for item in results if item.task not in ("hallux_valgus", "bone_age")],
+        "task_sections": sections,
+        "other_results": other_results,
+        "labels": {item.id: _label(item) for item in results},
         "any_demo": any(item.demo_model for item in results),
     }
     return _render(request, settings, "instance.html", context)
