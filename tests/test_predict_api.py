@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from dicom_node.node import Node
 from dicom_node.phantoms.generator import render_phantom
 from inference.model_card import read_card
 from inference.pixels import radiograph_pixels
+from tests.seed_responses import BONE_AGE_SEED, HALLUX_VALGUS_SEED
 from web import uploads
 from web.app import create_app
 from web.dependencies import WebContext
@@ -50,7 +52,7 @@ SEED_FIELDS = {
     "inference_time",
     "model_info",
 }
-BONE_AGE_FIELDS = {"age", "uncertainty_sigma", "gradcam_url", "timestamp"}
+BONE_AGE_FIELDS = {"age", "uncertainty_sigma", "gradcam_url", "gradcam_path", "timestamp"}
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,9 @@ def test_a_picture_of_a_hand_gets_both_bone_age_scales_with_the_seed_fields(
     # the foot model did not run: its fields are null
     assert body["prediction"] is body["confidence"] is body["hallux_valgus_detected"] is body["probabilities"] is None
     assert body["inference_time"] > 0
-    assert body["model_info"]["bone_age"]["name"] == "bone-age-demo" and body["model_info"]["bone_age"]["demo"]
-    assert set(body["model_info"]) == {"bone_age"}
+    assert body["models"]["bone_age"]["name"] == "bone-age-demo" and body["models"]["bone_age"]["demo"]
+    assert set(body["models"]) == {"bone_age"}
+    assert body["model_info"] is None, "the hallux valgus seed's model_info: its model did not run"
 
 
 def test_the_picture_is_stored_as_a_secondary_capture_and_shows_in_the_viewer(
@@ -161,14 +164,16 @@ def test_the_picture_is_stored_as_a_secondary_capture_and_shows_in_the_viewer(
     assert patient.json()["sex"] == "F"
     [study] = patient.json()["studies"]
     received = [i for series in study["series"] for i in series["instances"] if not i["node_written"]]
-    assert [i["sop_instance_uid"] for i in received] == [hand_response["prediction_id"]]
+    assert [i["sop_instance_uid"] for i in received] == [hand_response["sop_instance_uid"]]
     assert received[0]["body_part_examined"] == "HAND" and received[0]["job_states"]["inference"] == "done"
     instance = client.get(hand_response["instance_url"]).json()
     assert instance["calling_ae"] == "HTTP-UPLOAD"
     assert instance["sop_class_uid"] == uid.SecondaryCaptureImageStorage
-    assert client.get(f"/api/instances/{hand_response['prediction_id']}/image.png").status_code == 200
+    assert client.get(f"/api/instances/{hand_response['sop_instance_uid']}/image.png").status_code == 200
     with served.node.sessions() as session:
-        path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == hand_response["prediction_id"]))
+        path = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == hand_response["sop_instance_uid"])
+        )
     ds = pydicom.dcmread(served.node.store.absolute(path))
     assert (ds.PhotometricInterpretation, ds.BitsAllocated, ds.PatientID) == ("MONOCHROME2", 8, PICTURE_PATIENT)
 
@@ -176,15 +181,16 @@ def test_the_picture_is_stored_as_a_secondary_capture_and_shows_in_the_viewer(
 def test_a_dicom_foot_gets_the_hallux_valgus_fields(foot_response: dict, served: Served) -> None:
     body = foot_response
     assert SEED_FIELDS <= set(body)
-    assert body["patient_id"] == FOOT_PATIENT and body["prediction_id"] == served.foot_ds.SOPInstanceUID
+    assert body["patient_id"] == FOOT_PATIENT and body["sop_instance_uid"] == served.foot_ds.SOPInstanceUID
     assert body["tasks"] == ["hallux_valgus"]  # BodyPartExamined FOOT routes it
     assert body["prediction"] in body["probabilities"]
     assert set(body["probabilities"]) == {"Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus"}
     assert body["confidence"] == pytest.approx(body["probabilities"][body["prediction"]])
     assert isinstance(body["hallux_valgus_detected"], bool)
     assert body["inference_time"] > 0
-    assert body["model_info"]["hallux_valgus"]["name"] == "hallux-valgus-demo"
-    assert "not for clinical use" in body["model_info"]["hallux_valgus"]["disclaimer"]
+    assert body["models"]["hallux_valgus"]["name"] == "hallux-valgus-demo"
+    assert "not for clinical use" in body["models"]["hallux_valgus"]["disclaimer"]
+    assert "not for clinical use" in body["model_info"]["name"], "the seed's model_info names the demo too"
     assert body["male_prediction"] is None and body["female_prediction"] is None
 
 
@@ -216,6 +222,78 @@ def test_predict_base64_of_a_picture_gives_the_same_predictions(
     for sex in ("male", "female"):
         for key in ("age", "uncertainty_sigma"):
             assert body[f"{sex}_prediction"][key] == pytest.approx(hand_response[f"{sex}_prediction"][key], abs=1e-3)
+
+
+def json_type(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return repr(type(value).__name__)
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "string", dict: "object", list: "array"}[type(value)]
+
+
+_ACCEPTED = {"number": {"number", "integer"}}  # a fractional number of the seed's may come out whole
+
+
+def unlike_the_seed(example: dict, actual: dict, where: str = "") -> list[str]:
+    """Each field of the seed's ``example`` that ``actual`` lacks or gives as another JSON type (an integer where
+    the seed has one; a number may be an integer where the seed's is fractional)."""
+    problems = []
+    for key, expected in example.items():
+        if key not in actual:
+            problems.append(f"{where}{key}: missing")
+        elif isinstance(expected, dict) and isinstance(actual[key], dict):
+            problems += unlike_the_seed(expected, actual[key], f"{where}{key}.")
+        elif json_type(actual[key]) not in _ACCEPTED.get(json_type(expected), {json_type(expected)}):
+            problems.append(f"{where}{key}: {json_type(actual[key])}, the seed's is {json_type(expected)}")
+    return problems
+
+
+def test_a_foot_answers_as_the_hallux_valgus_seeds_readme_shows_it(
+    client: TestClient, served: Served, foot_response: dict
+) -> None:
+    encoded = client.post("/predict_base64", json={"image": base64.b64encode(served.foot).decode()}).json()
+    for body in (foot_response, encoded):
+        assert unlike_the_seed(HALLUX_VALGUS_SEED, body) == []
+        probabilities = body["probabilities"]
+        assert set(probabilities) == set(HALLUX_VALGUS_SEED["probabilities"]), "the seed's class names"
+        assert sum(probabilities.values()) == pytest.approx(100, abs=0.05), "percent, as the seed's"
+        assert body["confidence"] == probabilities[body["prediction"]] > 25
+        assert body["confidence"] == pytest.approx(100 * body["confidence_fraction"], abs=0.005)
+        assert body["probability_fractions"][body["prediction"]] == body["confidence_fraction"]
+        assert re.fullmatch(r"\d{1,3}\.\d%", body["model_info"]["accuracy"]), "measured, as percent text"
+        assert re.fullmatch(r"\d{1,3}\.\d%", body["model_info"]["hallux_valgus_recall"])
+
+
+def test_a_hand_answers_as_the_bone_age_seeds_readme_shows_it(
+    client: TestClient, served: Served, hand_response: dict
+) -> None:
+    request = {"image": base64.b64encode(served.hand_png).decode(), "task": "bone_age"}
+    encoded = client.post("/predict_base64", json=request).json()
+    for body in (hand_response, encoded):
+        # the MLflow run is logged after the answer, in the background: its id is null until then (MLflow is off
+        # here; tests/test_task_interface.py reads it from /results once logged)
+        assert unlike_the_seed(BONE_AGE_SEED, body | {"mlflow_run_id": "logged later"}) == []
+        assert body["mlflow_run_id"] is None
+        assert body["message"] == "Male & Female Bone Age Results"
+        for sex in ("male", "female"):
+            estimate = body[f"{sex}_prediction"]
+            assert estimate["age"] == pytest.approx(estimate["age_months"] / 12, abs=1e-3), "years, as the seed's"
+            assert estimate["uncertainty_sigma"] == pytest.approx(estimate["uncertainty_sigma_months"] / 12, abs=1e-3)
+            assert client.get(estimate["gradcam_path"]).status_code == 200
+
+
+def test_the_comparison_with_the_seed_finds_a_field_in_another_unit_or_type() -> None:
+    fractions = HALLUX_VALGUS_SEED | {"confidence": "0.968", "prediction_id": 1.5}
+    assert unlike_the_seed(HALLUX_VALGUS_SEED | {"prediction_id": 1}, fractions) == [
+        "confidence: string, the seed's is number",
+        "prediction_id: number, the seed's is integer",
+    ]
+    assert unlike_the_seed(BONE_AGE_SEED, BONE_AGE_SEED | {"male_prediction": {"age": 12.5}}) == [
+        "male_prediction.uncertainty_sigma: missing",
+        "male_prediction.gradcam_path: missing",
+        "male_prediction.gradcam_url: missing",
+    ]
 
 
 # --- GET /results/{patient_id} ------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_a_task_installed_from_its_own_package_runs_through_the_whole_node(
             body = response.json()
             # the API: the task's own field beside those of every prediction, the node's tasks' fields null
             assert body["tasks"] == ["example"] and 0 < body["example_score"] < 1
-            assert body["model_info"]["example"]["name"] == "example-demo"
+            assert body["models"]["example"]["name"] == "example-demo"
             assert body["prediction"] is None and body["male_prediction"] is None
             assert (
                 "example_score"
@@ -171,8 +171,12 @@ def test_a_task_installed_from_its_own_package_runs_through_the_whole_node(
                 f"example score {body['example_score']:.2f}",
             )
 
+            # the seeds' listing: the MLflow run's id, a string as the seeds gave it, once logged
+            [listed] = client.get(f"/results/{body['patient_id']}").json()["predictions"]
+            assert isinstance(listed["mlflow_run_id"], str) and detail["mlflow_url"].endswith(listed["mlflow_run_id"])
+
             # the viewer: the task's own template
-            page = client.get(f"/instances/{body['prediction_id']}").text
+            page = client.get(f"/instances/{body['sop_instance_uid']}").text
             assert f'data-testid="example-score" data-value="{result["values"]["score"]}"' in page
             assert "Example score" in page
     finally:
@@ -194,7 +198,7 @@ def test_a_task_installed_from_its_own_package_runs_through_the_whole_node(
     # MLflow: the run of the image, with the task's values as metrics
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'storage' / 'mlflow' / 'mlflow.db'}")
     [run] = mlflow.search_runs(experiment_names=["inference"], output_format="list")
-    assert run.data.params["tasks"] == "example"
+    assert run.data.params["tasks"] == "example" and run.info.run_id == listed["mlflow_run_id"]
     assert run.data.metrics["example.main.score"] == pytest.approx(body["example_score"])
 
 

@@ -68,7 +68,8 @@ class PredictionCore(BaseModel):
 
     status: Literal["success"] = "success"
     patient_id: str
-    prediction_id: str = Field(description="The SOP Instance UID of the stored image.")
+    prediction_id: int = Field(description="The image's number in the node's index (an integer, as the seeds had it).")
+    sop_instance_uid: str = Field(description="The SOP Instance UID of the stored image.")
     study_instance_uid: str
     tasks: list[TaskName] = Field(description="The tasks whose results this holds.")
     mlflow_run_id: str | None = Field(
@@ -79,7 +80,7 @@ class PredictionCore(BaseModel):
     inference_time: float = Field(
         description="Seconds the inference job spent on the image: reading and decoding it, the models, recording."
     )
-    model_info: dict[TaskName, ModelBrief] = Field(description="The model of each task that ran.")
+    models: dict[TaskName, ModelBrief] = Field(description="The model of each task that ran.")
     instance_url: str = Field(description="The image, its jobs and results in the API (shown in the viewer).")
 
 

@@ -93,13 +93,14 @@ def prediction_fields(
         by_task.setdefault(result.task, []).append(result)
     fields: dict = {
         "patient_id": study.patient.patient_id,
-        "prediction_id": instance.sop_instance_uid,
+        "prediction_id": instance.id,
+        "sop_instance_uid": instance.sop_instance_uid,
         "study_instance_uid": study.study_instance_uid,
         "tasks": list(by_task),
         "mlflow_run_id": run_id,
         "timestamp": max(result.created_at for result in results),
         "inference_time": round(sum(results[0].timings_ms.values()) / 1000.0, 4),
-        "model_info": {name: _model_brief(rows[0]) for name, rows in by_task.items()},
+        "models": {name: _model_brief(rows[0]) for name, rows in by_task.items()},
         "instance_url": f"/api/instances/{instance.sop_instance_uid}",
     }
     for name, installed in installed_tasks().items():

@@ -101,6 +101,7 @@ class BoneAgePrediction(BaseModel):
     uncertainty_sigma_months: float
     is_primary: bool = Field(description="The scale of the patient's sex (false for both when it is unknown).")
     gradcam_url: str = Field(description="The class activation map as an RGBA PNG to lay over the image.")
+    gradcam_path: str = Field(description="Where that PNG is: its path in the node's HTTP API (the seed's file path).")
     timestamp: dt.datetime = Field(description="When the result was recorded (UTC).")
 
 
@@ -109,6 +110,7 @@ class BoneAgeFields(BaseModel):
 
     male_prediction: BoneAgePrediction | None
     female_prediction: BoneAgePrediction | None
+    message: str | None = Field(description='What the results are, e.g. "Male & Female Bone Age Results".')
 
 
 class BoneAgeListingFields(BaseModel):
@@ -216,6 +218,9 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
         fields: dict[str, object] = dict.fromkeys(BoneAgeFields.model_fields)
         for result in results:
             fields[f"{result.output}_prediction"] = _prediction(result, heatmap_url)
+        models = [model for model in MODELS.values() if fields[f"{model}_prediction"] is not None]
+        if models:  # as the seed worded it
+            fields["message"] = " & ".join(model.capitalize() for model in models) + " Bone Age Results"
         return fields
 
     @classmethod
@@ -271,6 +276,7 @@ def _prediction(result: InferenceResult, heatmap_url: Callable[[InferenceResult]
         uncertainty_sigma_months=values.sigma_months,
         is_primary=result.is_primary,
         gradcam_url=heatmap_url(result),
+        gradcam_path=heatmap_url(result),
         timestamp=as_utc(result.created_at),
     )
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from dicom_node.ai_tasks.interface import ReportContext, Task, TaskOutput, TaskSettings, TaskValues
 from dicom_node.outputs import codes
 from dicom_node.outputs.report import add_illustrations, algorithm_identification, finding_site
-from inference.model_card import HALLUX_VALGUS_CLASSES
+from inference.model_card import DEMO_DISCLAIMER, HALLUX_VALGUS_CLASSES
 from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD, Model, ModelInputs, predict_hallux_valgus
 from inference.predict import reported_foot_findings as reported_findings
 
@@ -71,6 +71,9 @@ class FootValues(TaskValues):
     threshold: float
     hallux_valgus_angle_deg: float | None = None
     heatmap_of: str | None = None  # the class whose CAM the heatmap is (results before it had the prediction's)
+    # the model's figures as `dicom-node evaluate` measured them into its card, when the result was made
+    model_accuracy: float | None = None
+    model_hallux_valgus_recall: float | None = None
 
     @model_validator(mode="after")
     def _classes_are_the_models(self) -> FootValues:
@@ -86,15 +89,27 @@ class FootValues(TaskValues):
         return self.heatmap_of or self.prediction
 
 
+class HalluxValgusModelInfo(BaseModel):
+    """The foot model as the hallux valgus seed described it: figures as percent text."""
+
+    name: str = Field(description="The model's name and version, with the demo disclaimer where it applies.")
+    accuracy: str = Field(description='Its accuracy on the held-out evaluation set, e.g. "98.8%"; "not measured".')
+    hallux_valgus_recall: str = Field(description='Its recall of Hallux Valgus there, e.g. "99.6%"; "not measured".')
+
+
 class HalluxValgusFields(BaseModel):
-    """The hallux valgus seed's fields of a response; null when the foot model did not run."""
+    """The hallux valgus seed's fields of a response, in its units (percent); beside them the node's own, under
+    names of their own. Null when the foot model did not run."""
 
     prediction: str | None = Field(description="Normal, Flatfoot, Foot Ulcer or Hallux Valgus.")
-    confidence: float | None = Field(description="The probability of the predicted class.")
+    confidence: float | None = Field(description="The probability of the predicted class, in percent (0-100).")
     hallux_valgus_detected: bool | None = Field(
         description="Hallux Valgus probability >= inference.tasks.hallux_valgus.threshold (set low, for recall)."
     )
-    probabilities: dict[str, float] | None = Field(description="The probability of each class.")
+    probabilities: dict[str, float] | None = Field(description="The probability of each class, in percent (0-100).")
+    model_info: HalluxValgusModelInfo | None = Field(description="The foot model, as the seed described it.")
+    confidence_fraction: float | None = Field(description="The probability of the predicted class, 0-1.")
+    probability_fractions: dict[str, float] | None = Field(description="The probability of each class, 0-1.")
     hallux_valgus_angle_deg: float | None = Field(description="The model's regression of the angle, if it has one.")
     hallux_valgus_gradcam_url: str | None = Field(description="The predicted class's activation map (RGBA PNG).")
 
@@ -115,6 +130,7 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
         self, model: Model, inputs: ModelInputs, headers: Sequence[pydicom.Dataset]
     ) -> list[list[TaskOutput[FootValues]]]:
         threshold = self.settings.threshold
+        measured = model.card.metrics
         outputs = []
         for result in predict_hallux_valgus(model, inputs, threshold):
             values = FootValues(
@@ -126,6 +142,8 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
                 hallux_valgus_angle_deg=result.hallux_valgus_angle_deg,
                 heatmap_of=result.prediction,
                 heatmap_peak_xy=result.heatmap.peak_or_none(),
+                model_accuracy=measured.get("evaluation_hallux_valgus_accuracy"),
+                model_hallux_valgus_recall=measured.get("evaluation_hallux_valgus_recall"),
             )
             summary = f"{result.prediction} ({result.confidence:.0%})"
             if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
@@ -200,11 +218,19 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
             return dict.fromkeys(HalluxValgusFields.model_fields)
         [result] = results
         values = cls.values(result)
+        model = f"{result.model_name} {result.model_version} (MONAI DenseNet121)"
         return {
             "prediction": values.prediction,
-            "confidence": values.confidence,
+            "confidence": _in_percent(values.confidence),
             "hallux_valgus_detected": values.hallux_valgus_detected,
-            "probabilities": values.probabilities,
+            "probabilities": {name: _in_percent(p) for name, p in values.probabilities.items()},
+            "model_info": HalluxValgusModelInfo(
+                name=model + (f" ({DEMO_DISCLAIMER})" if result.demo_model else ""),
+                accuracy=_percent_text(values.model_accuracy),
+                hallux_valgus_recall=_percent_text(values.model_hallux_valgus_recall),
+            ),
+            "confidence_fraction": values.confidence,
+            "probability_fractions": values.probabilities,
             "hallux_valgus_angle_deg": values.hallux_valgus_angle_deg,
             "hallux_valgus_gradcam_url": heatmap_url(result),
         }
@@ -216,3 +242,13 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
 
 def _percent(probability: float) -> str:
     return f"{round(100 * float(probability))} %"
+
+
+def _in_percent(probability: float) -> float:
+    """As the seed gave probabilities: percent, to two decimals."""
+    return round(100 * probability, 2)
+
+
+def _percent_text(fraction: float | None) -> str:
+    """A measured figure as the seed's model_info wrote its figures: "98.8%"."""
+    return f"{100 * fraction:.1f}%" if fraction is not None else "not measured"
