@@ -22,6 +22,7 @@ from pydantic import (
     FilePath,
     IPvAnyNetwork,
     SecretStr,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
@@ -172,6 +173,7 @@ class WorkerSettings(Section):
 
 
 TaskName = str  # an installed task's name (:mod:`dicom_node.ai_tasks.registry`)
+QUEUE_NAME_LENGTH = 128  # of Procrastinate's queue_name column, which names the tasks an image is routed to
 RoutedAttribute = Literal["BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName"]
 ROUTED_ATTRIBUTES: tuple[RoutedAttribute, ...] = (
     "BodyPartExamined",
@@ -194,7 +196,7 @@ class InferenceSettings(Section):
     task declares them), the node's own tasks when none is listed. ``rules`` default to one rule per task, from
     the pattern it declares; ``undecided_tasks`` to every task."""
 
-    tasks: dict[TaskName, TaskSettings] = Field(default_factory=dict)
+    tasks: dict[TaskName, SerializeAsAny[TaskSettings]] = Field(default_factory=dict)
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     threads: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
@@ -213,7 +215,7 @@ class InferenceSettings(Section):
         from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
 
         data = dict(data)
-        tasks = dict(data.get("tasks") or {name: {} for name in node_tasks()})
+        tasks = dict(data["tasks"] if data.get("tasks") is not None else {name: {} for name in node_tasks()})
         for name, task in installed_tasks().items():
             for old, new in task.moved_settings.items():
                 if old not in data:
@@ -244,6 +246,12 @@ class InferenceSettings(Section):
 
         if not self.tasks:
             raise ValueError("tasks: list at least one task")
+        every_task = "infer." + "+".join(sorted(self.tasks))  # the queue of an image for every task (PostgreSQL)
+        if len(every_task) > QUEUE_NAME_LENGTH:
+            raise ValueError(
+                f"tasks: their names make a queue name of {len(every_task)} characters, more than the task engine's "
+                f"{QUEUE_NAME_LENGTH}: shorten them"
+            )
         if self.rules is None:
             self.rules = [RoutingRule(pattern=task_type(name).routing_pattern, tasks=[name]) for name in self.tasks]
         if self.undecided_tasks is None:
@@ -412,6 +420,7 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"{path}{line}: not valid YAML") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _with_the_node_tasks_unless_listed(file_values)
     unknown = _unknown_environment_variables(os.environ)
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a setting (expected {ENV_PREFIX}<SECTION>__<KEY>)")
@@ -426,6 +435,17 @@ def load_settings(path: Path | None = None) -> Settings:
         ) from None
 
 
+def _with_the_node_tasks_unless_listed(file_values: dict[str, Any]) -> None:
+    """A file that lists no ``inference.tasks`` runs the node's own tasks: they are filled in before the
+    environment is laid over the file, so that a variable that sets one task's key adds to them, not replaces
+    them."""
+    from dicom_node.ai_tasks.registry import node_tasks
+
+    inference = file_values.setdefault("inference", {})
+    if isinstance(inference, dict) and inference.get("tasks") is None:
+        inference["tasks"] = {name: {} for name in node_tasks()}
+
+
 def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
     """``DICOM_NODE_*`` variables that name no setting; pydantic-settings would ignore them silently."""
     from dicom_node.ai_tasks.registry import installed_tasks
@@ -437,9 +457,10 @@ def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
         section, separator, key = name[len(ENV_PREFIX) :].lower().partition("__")
         field = Settings.model_fields.get(section)
         known = set(getattr(field.annotation, "model_fields", {})) if field is not None else set()
-        if section == "inference":
+        if section == "inference":  # the tasks' sections, and the old keys that moved into them
             known |= {old for task in installed_tasks().values() for old in task.moved_settings}
-        if field is None or (separator and key.partition("__")[0] not in known):
+            key = key.partition("__")[0] if key.startswith("tasks__") else key
+        if field is None or (separator and key not in known):
             unknown.append(name)
     return unknown
 

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.ai_tasks.interface import TaskOutput
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
-from dicom_node.models import InferenceResult, Instance, heatmap_name
+from dicom_node.models import SUMMARY_LENGTH, InferenceResult, Instance, heatmap_name
 from dicom_node.outputs.preview import preview, preview_bytes, preview_path, source_stamp
 from dicom_node.routing import Route, route
 from dicom_node.storage import InstanceStore
@@ -250,6 +250,12 @@ class InferenceJobs:
         return self.tasks[task].predict(self.models.of(task), images, headers)
 
     def _add_row(self, work: _Work, task: TaskName, output: TaskOutput) -> None:
+        outputs = self.tasks[task].series_numbers
+        if output.output not in outputs or len(output.summary) > SUMMARY_LENGTH:  # no retry gives another answer
+            raise PermanentJobError(
+                f"task {task} answered output {output.output!r} (it declares {', '.join(outputs)}) with a summary of "
+                f"{len(output.summary)} characters (at most {SUMMARY_LENGTH})"
+            )
         model = self.models.of(task)
         work.rows.append(
             {

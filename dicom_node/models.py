@@ -125,6 +125,9 @@ class Job(Base):
     instance: Mapped[Instance] = relationship(back_populates="jobs")
 
 
+SUMMARY_LENGTH = 160  # of a result's summary in words
+
+
 class InferenceResult(Base):
     """One output of a task's model for one instance (a task may have several, such as one per head of its
     model). Running an instance's job again replaces its results."""
@@ -137,7 +140,7 @@ class InferenceResult(Base):
     task: Mapped[str] = mapped_column(String(32))  # the task's name (dicom_node.ai_tasks)
     output: Mapped[str] = mapped_column(String(16))  # one of the task's outputs
     is_primary: Mapped[bool] = mapped_column(doc="The result to show first, e.g. the model of the patient's sex.")
-    summary: Mapped[str] = mapped_column(String(160), doc="The result in words, for lists and logs.")
+    summary: Mapped[str] = mapped_column(String(SUMMARY_LENGTH), doc="The result in words, for lists and logs.")
     values: Mapped[dict] = mapped_column(JSON)
     heatmap_path: Mapped[str] = mapped_column(
         String(512), doc="The instance's heatmaps file (all its results' maps), relative to the storage root."

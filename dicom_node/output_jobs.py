@@ -25,7 +25,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.ai_tasks.registry import task_type
+from dicom_node.ai_tasks.interface import MAP_SERIES_OFFSET, REPORT_SERIES_NUMBER
+from dicom_node.ai_tasks.registry import installed_tasks, task_type
 from dicom_node.config import OutputKind, Settings
 from dicom_node.delivery import destinations_for, schedule_sending
 from dicom_node.ingest import InstanceHeader, index_series
@@ -43,11 +44,6 @@ from inference.pixels import DEFERRED_PIXEL_DATA
 from inference.predict import Heatmap, heatmap_from_bytes
 
 log = logging.getLogger(__name__)
-
-# Series numbers of the node's series in a study: high, so that PACS viewers list them after the acquisitions.
-# Each task numbers the Secondary Captures of its outputs (Task.series_numbers); their maps follow 100 later.
-MAP_SERIES_OFFSET = 100
-REPORT_SERIES_NUMBER = 9010
 
 
 @dataclass(frozen=True)
@@ -109,8 +105,11 @@ class OutputJobs:
                     .order_by(Instance.id)
                 )
             ]
+        # results of a task no longer installed: its outputs cannot be made, the other tasks' still are
+        left_out = sorted({result.task for result in results} - set(installed_tasks()))
+        results = [result for result in results if result.task in installed_tasks()]
         if not results:
-            self._note(job, "no results to report")
+            self._note(job, "no results to report" + _left_out(left_out))
             return
         # the Pixel Data stays in the file: the pictures are drawn from the preview the inference job kept
         stored_file = self.store.absolute(path)
@@ -139,7 +138,7 @@ class OutputJobs:
             note = f"wrote {len(written)} objects; {len(queued)} deliveries queued"
             if not queued:
                 note += " (no destination: see delivery.default_destination)"
-            finish(session, job, note)
+            finish(session, job, note + _left_out(left_out))
         self.store.absolute(preview_path(results[0].heatmap_path)).unlink(missing_ok=True)  # drawn: no longer needed
         if queued:
             self.on_queued()
@@ -289,6 +288,10 @@ def _named(result: InferenceResult) -> str:
     """A result as output UIDs name it: its row and when it was recorded, so that an index made again (whose ids
     start again) never names another result the same."""
     return f"{result.id}@{result.created_at.isoformat()}"
+
+
+def _left_out(tasks: list[str]) -> str:
+    return f"; the results of {', '.join(tasks)} left out: not installed" if tasks else ""
 
 
 def _series_number(result: InferenceResult) -> int:

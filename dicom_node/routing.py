@@ -3,7 +3,7 @@
 Objects that carry no image for the models (structured reports, presentation states, key object selections)
 and derived images (among them the node's own Secondary Captures coming back from the PACS) are skipped with
 a reason that the job records. Otherwise the first configured rule whose pattern matches one of its
-attributes decides; an instance that no rule decides runs ``undecided_tasks`` (by default both tasks).
+attributes decides; an instance that no rule decides runs ``undecided_tasks`` (by default every task).
 """
 
 from __future__ import annotations

@@ -167,3 +167,23 @@ def test_a_bad_task_section_is_a_one_line_error(tmp_path: Path, yaml_text: str, 
     with pytest.raises(ConfigError, match=re.escape(message)) as raised:
         load_settings(path)
     assert "\n" not in str(raised.value)
+
+
+def test_a_task_key_in_the_environment_adds_to_the_nodes_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DICOM_NODE_INFERENCE__TASKS__HALLUX_VALGUS__THRESHOLD", "0.4")
+    for path in (None, _old_config(tmp_path)):
+        tasks = load_settings(path).inference.tasks
+        assert list(tasks) == list(node_tasks()), "no task dropped"
+        assert tasks["hallux_valgus"].threshold == 0.4
+
+
+def test_a_dumped_configuration_keeps_each_tasks_own_settings() -> None:
+    settings = Settings(inference={"tasks": {"bone_age": {"flag_sds": 2.5}}})
+    assert Settings(**settings.model_dump()).inference.tasks["bone_age"].flag_sds == 2.5
+
+
+def _old_config(directory: Path) -> Path:
+    """A config.yaml of a release before task sections."""
+    path = directory / "old.yaml"
+    path.write_text("inference:\n  bone_age_card: models/bone-age-demo.yaml\n  runtime: torch\n")
+    return path

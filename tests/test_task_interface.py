@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,9 +21,18 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.filereader import read_file_meta_info
+from sqlalchemy import select, update
 
 from dicom_node.ai_tasks.registry import installed_tasks, node_tasks
-from tests.serve_process import REPO, ServeProcess, with_onnx_graphs
+from dicom_node.ingest import INFERENCE_JOB
+from dicom_node.jobs import PermanentJobError
+from dicom_node.models import InferenceResult, Instance, Job, JobState
+from dicom_node.node import Node
+from dicom_node.part10 import encoded_dataset
+from dicom_node.synthetic import synthetic_dx
+from tests.serve_process import DICOM_NODE, REPO, ServeProcess, with_onnx_graphs
+from tests.test_output_uids import _node
 
 EXAMPLE_PACKAGE = Path(__file__).parent / "example_task"
 CORE = [REPO / "dicom_node", REPO / "web"]
@@ -206,3 +218,73 @@ def _items(item: pydicom.Dataset):
     yield item
     for child in item.get("ContentSequence", []):
         yield from _items(child)
+
+
+def test_a_task_that_cannot_be_loaded_stops_only_a_node_configured_to_run_it(tmp_path: Path) -> None:
+    """An entry point whose module is missing: the node's own tasks are still there, and a node that lists it
+    stops with one line naming it."""
+    info = tmp_path / "site" / "broken_task-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-task\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[dicom_node.tasks]\nbroken = broken_task_module:BrokenTask\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    listed = subprocess.run(
+        [sys.executable, "-c", "from dicom_node.ai_tasks.registry import installed_tasks; print(*installed_tasks())"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    assert listed.stdout.split() == list(node_tasks())
+    assert "broken_task_module:BrokenTask: cannot load: ModuleNotFoundError" in listed.stderr
+    configured = subprocess.run(
+        [DICOM_NODE, "db", "current", "--config", REPO / "config.yaml"],
+        capture_output=True,
+        text=True,
+        env=environment | {"DICOM_NODE_INFERENCE__TASKS__BROKEN__CARD": "x.yaml"},
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert configured.returncode == 2
+    [line] = configured.stderr.strip().splitlines()[-1:]
+    assert "broken_task_module:BrokenTask: cannot load" in line and "Traceback" not in configured.stderr
+
+
+# --- what a task answers, and results of a task no longer installed -----------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path: Path, onnx_graphs: Path) -> Iterator[Node]:
+    node = _node(tmp_path, onnx_graphs)
+    source = tmp_path / "source.dcm"
+    synthetic_dx("TASKS-1", side=128, seed=5, body_part="CHEST").save_as(source, enforce_file_format=True)  # every task
+    node.ingestor.ingest(read_file_meta_info(source), [encoded_dataset(source)], "MODALITY")
+    yield node
+    node.engine.dispose()
+
+
+def test_an_output_a_task_does_not_declare_fails_the_job_at_once(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = node.workers.handlers[INFERENCE_JOB]
+    task = handler.tasks["hallux_valgus"]
+    predict = task.predict
+    monkeypatch.setattr(
+        task,
+        "predict",
+        lambda *arguments: [[replace(output, output="bogus") for output in outputs] for outputs in predict(*arguments)],
+    )
+    [failure] = handler(node.queue.claim_batch([INFERENCE_JOB], 8)).values()
+    assert isinstance(failure, PermanentJobError) and "answered output 'bogus'" in str(failure)
+
+
+def test_the_results_of_a_task_no_longer_installed_are_left_out_of_the_outputs(node: Node) -> None:
+    assert node.workers.handlers[INFERENCE_JOB](node.queue.claim_batch([INFERENCE_JOB], 8)) == {}
+    with node.sessions.begin() as session:
+        session.execute(update(InferenceResult).where(InferenceResult.task == "bone_age").values(task="retired"))
+    while node.workers.run_once():
+        pass
+    with node.sessions() as session:
+        [job] = session.scalars(select(Job).where(Job.kind == "outputs")).all()
+        written = session.scalars(select(Instance.path).where(Instance.source_instance_pk.is_not(None))).all()
+    assert job.state == JobState.DONE and job.note.endswith("the results of retired left out: not installed")
+    series = {pydicom.dcmread(node.store.absolute(path)).SeriesNumber for path in written}
+    assert series == {9001, 9101, 9010}, "the foot's Secondary Capture, map and the report"

@@ -8,13 +8,17 @@ fields of a task that did not run are null.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, create_model
 
-from dicom_node.ai_tasks.registry import TaskRegistryError, installed_tasks
+from dicom_node.ai_tasks.interface import Task
+from dicom_node.ai_tasks.registry import installed_tasks
 from dicom_node.config import TaskName
 from web.schemas import UtcDatetime
+
+log = logging.getLogger(__name__)
 
 
 def empty_as_none(value: object) -> object:
@@ -84,30 +88,45 @@ class PredictionCore(BaseModel):
     instance_url: str = Field(description="The image, its jobs and results in the API (shown in the viewer).")
 
 
-def _with_the_fields_of_every_task(name: str, base: type[BaseModel], of_task: str, doc: str) -> type[BaseModel]:
-    """``base`` with the fields each installed task declares (``Task.<of_task>``), named as its seed names them."""
-    parts = [getattr(task, of_task) for task in installed_tasks().values() if getattr(task, of_task) is not None]
-    seen: dict[str, str] = {}
-    for part in (base, *parts):
-        for field in part.model_fields:
-            if field in seen:
-                raise TaskRegistryError(f"{part.__name__} and {seen[field]} both declare the field {field!r}")
-            seen[field] = part.__name__
-    return create_model(name, __base__=(base, *parts), __doc__=doc, __module__=__name__)
+def _tasks_in_the_responses() -> list[type[Task]]:
+    """The installed tasks whose fields take no name of every prediction's nor of an earlier task's; one that
+    does is left out of the responses, with the reason in the log, and the others answer as ever."""
+    taken = set(PredictionCore.model_fields)
+    tasks = []
+    for task in installed_tasks().values():
+        names = [name for model in _field_models(task) for name in model.model_fields]
+        clashes = sorted(taken & set(names))
+        if clashes:
+            log.error("task %s is left out of the HTTP responses: its fields %s are taken", task.name, clashes)
+            continue
+        taken |= set(names)
+        tasks.append(task)
+    return tasks
 
 
-PredictionOut = _with_the_fields_of_every_task(
+def _field_models(task: type[Task]) -> list[type[BaseModel]]:
+    return [model for model in (task.prediction_fields_type, task.listing_fields_type) if model is not None]
+
+
+TASKS_IN_THE_RESPONSES = _tasks_in_the_responses()
+PredictionOut = create_model(
     "PredictionOut",
-    PredictionCore,
-    "prediction_fields_type",
-    "The results of one uploaded (or received) image: the fields of every prediction, and those of each task, "
-    "null where the task did not run.",
+    __base__=(
+        PredictionCore,
+        *(task.prediction_fields_type for task in TASKS_IN_THE_RESPONSES if task.prediction_fields_type is not None),
+    ),
+    __doc__="The results of one uploaded (or received) image: the fields of every prediction, and those of each "
+    "task, null where the task did not run.",
+    __module__=__name__,
 )
-PatientPrediction = _with_the_fields_of_every_task(
+PatientPrediction = create_model(
     "PatientPrediction",
-    PredictionOut,
-    "listing_fields_type",
-    "A listed prediction, with the fields each task adds to a listing.",
+    __base__=(
+        PredictionOut,
+        *(task.listing_fields_type for task in TASKS_IN_THE_RESPONSES if task.listing_fields_type is not None),
+    ),
+    __doc__="A listed prediction, with the fields each task adds to a listing.",
+    __module__=__name__,
 )
 
 

@@ -17,14 +17,13 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.ai_tasks.registry import installed_tasks
 from dicom_node.config import TaskName
 from dicom_node.ingest import INFERENCE_JOB
 from dicom_node.models import InferenceResult, Instance, Job, JobState, TrackedRun, TrackingState, as_utc
 from dicom_node.node import Node
 from dicom_node.workers import WorkerPool
 from inference.model_card import DEMO_DISCLAIMER
-from web.predict_schemas import ModelBrief, PatientPrediction, PredictionOut
+from web.predict_schemas import TASKS_IN_THE_RESPONSES, ModelBrief, PatientPrediction, PredictionOut
 
 INFERENCE_WAIT_S = 60.0  # how long a request waits for a worker that claimed the job first
 _POLL_S = 0.05
@@ -103,8 +102,8 @@ def prediction_fields(
         "models": {name: _model_brief(rows[0]) for name, rows in by_task.items()},
         "instance_url": f"/api/instances/{instance.sop_instance_uid}",
     }
-    for name, installed in installed_tasks().items():
-        fields |= installed.prediction_fields(by_task.get(name, []), _heatmap_url)
+    for installed in TASKS_IN_THE_RESPONSES:
+        fields |= installed.prediction_fields(by_task.get(installed.name, []), _heatmap_url)
     return fields
 
 
@@ -114,7 +113,7 @@ def prediction_out(instance: Instance, results: Sequence[InferenceResult], run_i
 
 def patient_prediction(instance: Instance, run_id: str | None) -> PatientPrediction:
     fields = prediction_fields(instance, instance.results, run_id)
-    for installed in installed_tasks().values():
+    for installed in TASKS_IN_THE_RESPONSES:
         fields |= installed.listing_fields(fields)
     return PatientPrediction(**fields)
 

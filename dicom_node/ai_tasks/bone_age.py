@@ -8,7 +8,9 @@ In the structured report: one measurement group per sex model (the model's sex i
 finding): the bone age in months with its properties (TID 310): the model's sigma as the range of measurement
 uncertainty (CID 225) and, where the node compared it with the chronological age, the reference population
 (TID 311: its mean, SD and the Z-score, its description and coded authority) and the normality (CID 222); the
-chronological age as "Subject Age" where known.
+chronological age as "Subject Age" where known. Built by hand where highdicom cannot: the uncertainty in months,
+the population description and the coded reference authority (highdicom writes a code meaning PixelMed does
+not know, and the authority as text only).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
     ) -> dict[str, object]:
         fields: dict[str, object] = dict.fromkeys(BoneAgeFields.model_fields)
         for result in results:
-            fields[f"{result.output}_prediction"] = _prediction(result, heatmap_url)
+            fields[f"{result.output}_prediction"] = _prediction(cls, result, heatmap_url)
         models = [model for model in MODELS.values() if fields[f"{model}_prediction"] is not None]
         if models:  # as the seed worded it
             fields["message"] = " & ".join(model.capitalize() for model in models) + " Bone Age Results"
@@ -267,8 +269,10 @@ class BoneAgeTask(Task[BoneAgeSettings, BoneAgeValues]):
         return [group]
 
 
-def _prediction(result: InferenceResult, heatmap_url: Callable[[InferenceResult], str]) -> BoneAgePrediction:
-    values = BoneAgeTask.values(result)
+def _prediction(
+    task: type[BoneAgeTask], result: InferenceResult, heatmap_url: Callable[[InferenceResult], str]
+) -> BoneAgePrediction:
+    values = task.values(result)
     return BoneAgePrediction(
         age=round(values.age_months / 12.0, 3),
         uncertainty_sigma=round(values.sigma_months / 12.0, 3),

@@ -142,8 +142,8 @@ class HalluxValgusTask(Task[HalluxValgusSettings, FootValues]):
                 hallux_valgus_angle_deg=result.hallux_valgus_angle_deg,
                 heatmap_of=result.prediction,
                 heatmap_peak_xy=result.heatmap.peak_or_none(),
-                model_accuracy=measured.get("evaluation_hallux_valgus_accuracy"),
-                model_hallux_valgus_recall=measured.get("evaluation_hallux_valgus_recall"),
+                model_accuracy=_number(measured.get("evaluation_hallux_valgus_accuracy")),
+                model_hallux_valgus_recall=_number(measured.get("evaluation_hallux_valgus_recall")),
             )
             summary = f"{result.prediction} ({result.confidence:.0%})"
             if result.hallux_valgus_detected and result.prediction != "Hallux Valgus":
@@ -252,3 +252,8 @@ def _in_percent(probability: float) -> float:
 def _percent_text(fraction: float | None) -> str:
     """A measured figure as the seed's model_info wrote its figures: "98.8%"."""
     return f"{100 * fraction:.1f}%" if fraction is not None else "not measured"
+
+
+def _number(metric: object) -> float | None:
+    """A card's metric where it is a number (a card may record text too)."""
+    return float(metric) if isinstance(metric, int | float) and not isinstance(metric, bool) else None

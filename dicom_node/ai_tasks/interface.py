@@ -36,6 +36,13 @@ if TYPE_CHECKING:
     from inference.predict import Heatmap, Model, ModelInputs
 
 
+# The node's series in a study: each task numbers its Secondary Captures (Task.series_numbers); the Parametric
+# Maps of an output follow MAP_SERIES_OFFSET later; the report has its own.
+MAP_SERIES_OFFSET = 100
+REPORT_SERIES_NUMBER = 9010
+RESERVED_SERIES_NUMBERS = (REPORT_SERIES_NUMBER,)
+
+
 class TaskSettings(BaseModel):
     """A task's section of ``inference.tasks``: its model card (YAML beside its weights, relative to the working
     directory), and whatever else the task declares in its subclass."""

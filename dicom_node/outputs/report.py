@@ -11,10 +11,9 @@ The content tree, top to bottom:
   that result as illustrations. Each task makes its own groups (``Task.measurement_groups``, whose module
   describes them) from the parts below: finding sites, algorithm identification, properties, illustrations.
 
-Built by hand where highdicom cannot: the uncertainty in months (highdicom's ``MeasurementProperties`` writes
-its uncertainties with the unit "1"), the population description and the coded reference authority (highdicom
-writes a code meaning PixelMed does not know, and the authority as text only) and the image
-library entry of a source without every projection descriptor (highdicom's needs them all).
+Built by hand where highdicom cannot: the image library entry of a source without every projection descriptor
+(highdicom's needs them all), and properties with units of their own (:func:`property_item`; highdicom's
+``MeasurementProperties`` writes its uncertainties with the unit "1").
 
 The report is UNVERIFIED, COMPLETE and PRELIMINARY: no person has read it. Patient and study come from the
 source image; the source and the illustrations are its evidence (Current Requested Procedure Evidence
