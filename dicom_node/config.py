@@ -215,7 +215,10 @@ class InferenceSettings(Section):
         from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
 
         data = dict(data)
-        tasks = dict(data["tasks"] if data.get("tasks") is not None else {name: {} for name in node_tasks()})
+        listed = data.get("tasks")
+        if listed is not None and not isinstance(listed, Mapping):
+            return data  # the field's own validation says what it must be
+        tasks = dict(listed if listed is not None else {name: {} for name in node_tasks()})
         for name, task in installed_tasks().items():
             for old, new in task.moved_settings.items():
                 if old not in data:
@@ -224,8 +227,10 @@ class InferenceSettings(Section):
                 section = tasks.get(name)
                 if section is None:
                     raise ValueError(f"{old}: moved to tasks.{name}.{new}, and tasks does not list {name}")
-                section = section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
-                tasks[name] = section | {new: value}  # the old key wins: an override in the environment
+                if isinstance(section, BaseModel):
+                    section = section.model_dump()
+                if isinstance(section, Mapping):  # anything else is refused below, as it is
+                    tasks[name] = dict(section) | {new: value}  # the old key wins: an override in the environment
         for name, section in tasks.items():
             task = task_type(name)
             if isinstance(section, task.settings_type):
@@ -234,9 +239,9 @@ class InferenceSettings(Section):
                 tasks[name] = task.settings_type.model_validate(section or {})
             except ValidationError as error:
                 item = error.errors()[0]
-                key = ".".join(str(part) for part in item["loc"])
+                key = "".join(f".{part}" for part in item["loc"])
                 message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-                raise ValueError(f"tasks.{name}.{key}: {message}") from None
+                raise ValueError(f"tasks.{name}{key}: {message}") from None
         data["tasks"] = tasks
         return data
 

@@ -155,6 +155,8 @@ def test_the_keys_of_releases_before_task_sections_still_configure_their_task(tm
         ("inference:\n  tasks: {fracture: {}}\n", "no task 'fracture' is installed"),
         ("inference:\n  tasks: {hallux_valgus: {threshold: 1.5}}\n", "tasks.hallux_valgus.threshold: Input should be"),
         ("inference:\n  tasks: {bone_age: {cards: x.yaml}}\n", "tasks.bone_age.cards: unknown key"),
+        ("inference:\n  tasks: 5\n", "inference.tasks: Input should be a valid dictionary"),
+        ("inference:\n  tasks: {bone_age: 5}\n  bone_age_card: x.yaml\n", "inference.tasks.bone_age: Input should be"),
         (
             "inference:\n  tasks: {bone_age: {}}\n  undecided_tasks: [hallux_valgus]\n",
             "undecided_tasks: 'hallux_valgus'",
