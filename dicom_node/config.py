@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from dicom_node.ai_tasks.interface import Task, TaskSettings
+from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
 from dicom_node.outputs.uids import check_uid_root
 from inference.pixels import DEFAULT_PICTURE_SIZE
 
@@ -212,8 +213,6 @@ class InferenceSettings(Section):
         (``<task>_card`` ...) moved into them, as each task declares (``Task.moved_settings``)."""
         if not isinstance(data, Mapping):
             return data
-        from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
-
         data = dict(data)
         listed = data.get("tasks")
         if listed is not None and not isinstance(listed, Mapping):
@@ -247,8 +246,6 @@ class InferenceSettings(Section):
 
     @model_validator(mode="after")
     def _routes_name_configured_tasks(self) -> InferenceSettings:
-        from dicom_node.ai_tasks.registry import task_type
-
         if not self.tasks:
             raise ValueError("tasks: list at least one task")
         every_task = "infer." + "+".join(sorted(self.tasks))  # the queue of an image for every task (PostgreSQL)
@@ -270,8 +267,6 @@ class InferenceSettings(Section):
 
     def configured_tasks(self) -> dict[TaskName, Task]:
         """The tasks, made with their settings, in the order of ``tasks``."""
-        from dicom_node.ai_tasks.registry import task_type
-
         return {name: task_type(name)(settings) for name, settings in self.tasks.items()}
 
 
@@ -444,8 +439,6 @@ def _with_the_node_tasks_unless_listed(file_values: dict[str, Any]) -> None:
     """A file that lists no ``inference.tasks`` runs the node's own tasks: they are filled in before the
     environment is laid over the file, so that a variable that sets one task's key adds to them, not replaces
     them."""
-    from dicom_node.ai_tasks.registry import node_tasks
-
     inference = file_values.setdefault("inference", {})
     if isinstance(inference, dict) and inference.get("tasks") is None:
         inference["tasks"] = {name: {} for name in node_tasks()}
@@ -453,8 +446,6 @@ def _with_the_node_tasks_unless_listed(file_values: dict[str, Any]) -> None:
 
 def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
     """``DICOM_NODE_*`` variables that name no setting; pydantic-settings would ignore them silently."""
-    from dicom_node.ai_tasks.registry import installed_tasks
-
     unknown = []
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX):

@@ -192,7 +192,7 @@ class OutputJobs:
             result,
             self.identity,
             series_instance_uid=uids.derived(source.StudyInstanceUID, result.task, result.output),
-            series_number=_series_number(result),
+            series_number=task_type(result.task).series_number(result.output),
             sop_instance_uid=uids.derived(source.SOPInstanceUID, "sc", result.task, result.output, _named(result)),
             instance_number=_instance_number(source),
             max_size=self.settings.outputs.max_image_size,
@@ -207,7 +207,7 @@ class OutputJobs:
             result,
             self.identity,
             series_instance_uid=uids.derived(source.StudyInstanceUID, "map", result.task, result.output),
-            series_number=_series_number(result) + MAP_SERIES_OFFSET,
+            series_number=task_type(result.task).series_number(result.output) + MAP_SERIES_OFFSET,
             sop_instance_uid=uids.derived(source.SOPInstanceUID, "map", result.task, result.output, _named(result)),
             frame_of_reference_uid=uids.derived(source.SOPInstanceUID, "frame of reference"),
             instance_number=_instance_number(source),
@@ -292,14 +292,6 @@ def _named(result: InferenceResult) -> str:
 
 def _left_out(tasks: list[str]) -> str:
     return f"; the results of {', '.join(tasks)} left out: not installed" if tasks else ""
-
-
-def _series_number(result: InferenceResult) -> int:
-    """The Series Number of the result's Secondary Captures, as its task numbers them."""
-    numbers = task_type(result.task).series_numbers
-    if result.output not in numbers:
-        raise ValueError(f"task {result.task!r} has no output {result.output!r}; it has {', '.join(numbers)}")
-    return numbers[result.output]
 
 
 def _report_header(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:

@@ -124,10 +124,7 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
     @classmethod
     def values(cls, result: InferenceResult) -> ValuesT:
         """``result``'s values as :attr:`values_type`; ValueError naming what is missing or wrong."""
-        if result.output not in cls.series_numbers:
-            raise ValueError(
-                f"task {cls.name!r} has no output {result.output!r}; it has {', '.join(cls.series_numbers)}"
-            )
+        cls.series_number(result.output)
         if not isinstance(result.values, Mapping):
             raise ValueError(f"the result's values must be a mapping, not {type(result.values).__name__}")
         try:
@@ -143,6 +140,13 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
             raise ValueError(f"the values of a {cls.name} result: {where}{message}{got}") from None
 
     # --- the Secondary Capture -------------------------------------------------------------------------------
+
+    @classmethod
+    def series_number(cls, output: str) -> int:
+        """The Series Number of ``output``'s Secondary Captures; ValueError for an output the task does not have."""
+        if output not in cls.series_numbers:
+            raise ValueError(f"task {cls.name!r} has no output {output!r}; it has {', '.join(cls.series_numbers)}")
+        return cls.series_numbers[output]
 
     @classmethod
     @abstractmethod
