@@ -22,6 +22,7 @@ HALLUX_VALGUS_ANGLE = "hallux_valgus_angle"
 BONE_AGE_OUTPUTS = ("male_mean", "male_log_variance", "female_mean", "female_log_variance")
 LOG_VARIANCE_RANGE = (-7.0, 3.0)  # of the bone-age heads, in training and in inference alike
 DEMO_DISCLAIMER = "trained on synthetic phantoms; not for clinical use"
+TASK_NAME = r"[a-z][a-z0-9_]{0,31}"  # a task's name: what the node's index and queue names hold
 
 
 class ModelLoadError(Exception):
@@ -70,7 +71,7 @@ class TargetScaling(Strict):
 class ModelCard(Strict):
     name: str
     version: str
-    task: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="The task whose outputs these are.")
+    task: str = Field(pattern=f"^{TASK_NAME}$", description="The task whose outputs these are.")
     architecture: Literal["monai.DenseNet121"] = "monai.DenseNet121"
     in_channels: Literal[1, 3] = 1
     input_size: int = Field(ge=32, le=1024)

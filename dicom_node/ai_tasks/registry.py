@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from dicom_node.ai_tasks.interface import MAP_SERIES_OFFSET, RESERVED_SERIES_NUMBERS, Task
+from inference.model_card import TASK_NAME
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "dicom_node.tasks"
 NODE_DISTRIBUTION = "dicom-node"
-_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # fits InferenceResult.task and a Procrastinate queue name
+_NAME = re.compile(TASK_NAME)
 
 
 class TaskRegistryError(Exception):
