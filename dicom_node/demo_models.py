@@ -27,13 +27,18 @@ def add_demo_model_commands(commands: argparse._SubParsersAction) -> None:
     phantoms.add_argument("--out", type=Path, required=True, help="directory for the DICOM files and labels.csv")
     phantoms.add_argument("--n", type=positive, required=True, help="number of images")
     phantoms.add_argument("--seed", type=int, required=True, help="seed; disjoint seeds give disjoint sets")
-    phantoms.add_argument("--task", choices=["hand", "foot", "both"], default="both")
+    phantoms.add_argument(
+        "--task",
+        choices=["hand", "foot", "other", "both", "all"],
+        default="both",
+        help="both: hands and feet in turn; all: hands, feet and other body parts in turn",
+    )
     phantoms.add_argument("--compress", choices=["none", "jpeg-ls", "rle"], default="none", help="lossless pixels")
     phantoms.add_argument("--workers", type=positive, default=1, help="processes drawing images in parallel")
     phantoms.set_defaults(run=_phantoms_command)
 
     train = commands.add_parser("train", help="train a model (MONAI DenseNet121), tracked in MLflow")
-    train.add_argument("task", choices=["hallux-valgus", "bone-age"])
+    train.add_argument("task", choices=["hallux-valgus", "bone-age", "anatomy"])
     train.add_argument("--data", type=Path, required=True, help="directory of labelled images")
     train.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
     train.add_argument("--out", type=Path, default=Path("models"), help="where the weights and card go")
@@ -52,6 +57,7 @@ def add_demo_model_commands(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="weight of the term that asks the true class's heatmap to lie in the labelled finding box",
     )
+    train.add_argument("--initial-card", type=Path, help="start from this card's weights (fine-tuning)")
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs with AVX512-BF16 or AMX only)")
     train.add_argument("--max-steps", type=positive, help="stop after this many steps (a smoke test)")
     train.add_argument("--seed", type=int, default=0)
@@ -65,6 +71,7 @@ def add_demo_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--format", choices=["phantom", "rsna", "folders"], default="phantom")
     evaluate.add_argument("--foot-card", type=Path, default=Path("models/hallux-valgus-demo.yaml"))
     evaluate.add_argument("--hand-card", type=Path, default=Path("models/bone-age-demo.yaml"))
+    evaluate.add_argument("--anatomy-card", type=Path, default=Path("models/anatomy-demo.yaml"))
     evaluate.add_argument("--out", type=Path, default=Path("models/EVALUATION.md"), help="the Markdown report")
     evaluate.add_argument(
         "--threshold", type=float, default=DEFAULT_HALLUX_VALGUS_THRESHOLD, help="Hallux Valgus probability that flags"
@@ -92,6 +99,7 @@ def _train_command(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         feature_stride=args.feature_stride,
         localisation_weight=args.localisation_weight,
+        initial_card=args.initial_card,
         bf16=args.bf16,
     )
     try:
@@ -107,7 +115,7 @@ def _train_command(args: argparse.Namespace) -> int:
             args.experiment,
             args.workers,
         )
-    except DatasetError as error:
+    except (DatasetError, ModelLoadError) as error:  # the data, or the card to start from
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     print(f"wrote {trained.card_path} (MLflow run {trained.run_id}): {trained.validation}")
@@ -122,25 +130,31 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from inference.training.trainer import write_card
 
     try:
-        foot, hand = Model.load(args.foot_card), Model.load(args.hand_card)
-        evaluation = evaluate(args.data, args.format, foot, hand, args.out.parent / "evaluation", args.threshold)
+        foot, hand, anatomy = Model.load(args.foot_card), Model.load(args.hand_card), Model.load(args.anatomy_card)
+        evaluation = evaluate(
+            args.data, args.format, foot, hand, args.out.parent / "evaluation", args.threshold, anatomy
+        )
     except (ModelLoadError, DatasetError) as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
     about = {
         "evaluation set": f"{args.data.resolve().name} ({args.format} layout)",
+        "anatomy model": f"{anatomy.card.name} {anatomy.card.version}, weights {anatomy.weights_digest}",
         "foot model": f"{foot.card.name} {foot.card.version}, weights {foot.weights_digest}",
         "hand model": f"{hand.card.name} {hand.card.version}, weights {hand.weights_digest}",
         "hallux valgus threshold": str(args.threshold),
     }
-    write_report(args.out, evaluation, about, demo=foot.card.demo or hand.card.demo)
+    write_report(args.out, evaluation, about, demo=foot.card.demo or hand.card.demo or anatomy.card.demo)
     use_tracking(args.mlflow_uri, args.experiment)
     run_id = log_to_mlflow(evaluation.metrics, args.out, evaluation.plots, about)
     if args.update_cards:
-        for model, card_path in ((foot, args.foot_card), (hand, args.hand_card)):
-            prefixes = (
-                ("bone_age", "hand") if model.card.task == "bone_age" else ("hallux", "flatfoot", "foot", "normal")
-            )
+        metric_prefixes = {
+            "anatomy": ("anatomy",),
+            "bone_age": ("bone_age", "hand"),
+            "hallux_valgus": ("hallux", "flatfoot", "foot", "normal"),
+        }
+        for model, card_path in ((anatomy, args.anatomy_card), (foot, args.foot_card), (hand, args.hand_card)):
+            prefixes = metric_prefixes[model.card.task]
             measured = {f"evaluation_{k}": round(v, 4) for k, v in evaluation.metrics.items() if k.startswith(prefixes)}
             metrics = {**model.card.metrics, **measured, "evaluation_report": args.out.name, "evaluation_run": run_id}
             write_card(model.card.model_copy(update={"metrics": metrics}), card_path)

@@ -41,11 +41,19 @@ def as_cam_network(network: nn.Module) -> CamNetwork | None:
     return CamNetwork(features, class_layers.out)
 
 
-def class_activation_maps(feature_map: np.ndarray, head_weight: np.ndarray, outputs: list[int]) -> np.ndarray:
+def class_activation_maps(
+    feature_map: np.ndarray, head_weight: np.ndarray, outputs: list[int], weight_magnitude: bool = False
+) -> np.ndarray:
     """CAMs of ``outputs`` (B x len(outputs) x h x w) from a feature map (B x C x h x w) and the linear
-    layer's weights (K x C), each scaled so that its maximum is 1 (all 0 if the map is empty)."""
+    layer's weights (K x C), each scaled so that its maximum is 1 (all 0 if the map is empty).
+
+    With ``weight_magnitude``, the map of the weights' magnitudes, ``sum_c |w_kc| F_c``: where the features that
+    output ``k`` reads are active, whichever way they push it. A regression's CAM is negative wherever the image
+    reads below the output's bias (a young hand, for a bone age), so it is empty for many images; this map is
+    empty only where no feature the output reads is active."""
+    weights = np.abs(head_weight[outputs]) if weight_magnitude else head_weight[outputs]
     # einsum, not tensordot: BLAS would wake its thread pool, which then spins beside the runtime's threads
-    maps = np.maximum(np.einsum("bchw,kc->bkhw", feature_map, head_weight[outputs]), 0.0).astype(np.float32)
+    maps = np.maximum(np.einsum("bchw,kc->bkhw", feature_map, weights), 0.0).astype(np.float32)
     peak = maps.max(axis=(2, 3), keepdims=True)
     return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 

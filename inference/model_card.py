@@ -14,12 +14,13 @@ from typing import Literal
 
 import torch
 import yaml
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet, DenseNet121
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 HALLUX_VALGUS_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
 HALLUX_VALGUS_ANGLE = "hallux_valgus_angle"
 BONE_AGE_OUTPUTS = ("male_mean", "male_log_variance", "female_mean", "female_log_variance")
+ANATOMY_CLASSES = ("hand", "foot", "other")
 LOG_VARIANCE_RANGE = (-7.0, 3.0)  # of the bone-age heads, in training and in inference alike
 DEMO_DISCLAIMER = "trained on synthetic phantoms; not for clinical use"
 TASK_NAME = r"[a-z][a-z0-9_]{0,31}"  # a task's name: what the node's index and queue names hold
@@ -68,15 +69,39 @@ class TargetScaling(Strict):
     angle_scale_deg: float = 45.0
 
 
+class DenseNetLayout(Strict):
+    """The sizes of a MONAI DenseNet (Huang et al., arXiv:1608.06993): DenseNet121's by default. Each dense block
+    after the first halves the feature map, after the stem's factor of 4."""
+
+    init_features: int = Field(64, ge=4, le=128)
+    growth_rate: int = Field(32, ge=4, le=64)
+    block_config: tuple[int, ...] = Field((6, 12, 24, 16), min_length=2, max_length=4)
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per cell of the last feature map."""
+        return 4 * 2 ** (len(self.block_config) - 1)
+
+
+HeatmapKind = Literal["class_activation", "weight_magnitude"]
+
+
 class ModelCard(Strict):
     name: str
     version: str
     task: str = Field(pattern=f"^{TASK_NAME}$", description="The task whose outputs these are.")
-    architecture: Literal["monai.DenseNet121"] = "monai.DenseNet121"
+    architecture: Literal["monai.DenseNet121", "monai.DenseNet"] = "monai.DenseNet121"
+    layout: DenseNetLayout | None = Field(None, description="The sizes of a monai.DenseNet (none for DenseNet121).")
     in_channels: Literal[1, 3] = 1
     input_size: int = Field(ge=32, le=1024)
     feature_stride: Literal[16, 32] = Field(
         32, description="Input pixels per cell of the last feature map, so of the heatmap; see densenet121()."
+    )
+    heatmap: HeatmapKind = Field(
+        "class_activation",
+        description="class_activation: the CAM of an output, ReLU(sum_c w_c F_c); weight_magnitude: "
+        "sum_c |w_c| F_c, where the features an output reads are active whichever way they push it (for a "
+        "regression, whose CAM is negative wherever it reads a value below its bias).",
     )
     preprocessing: Preprocessing = Preprocessing()
     outputs: list[str]
@@ -99,6 +124,15 @@ class ModelCard(Strict):
                 )
         elif self.task == "bone_age" and tuple(self.outputs) != BONE_AGE_OUTPUTS:
             raise ValueError(f"bone_age outputs must be {list(BONE_AGE_OUTPUTS)}")
+        elif self.task == "anatomy" and tuple(self.outputs) != ANATOMY_CLASSES:
+            raise ValueError(f"anatomy outputs must be {list(ANATOMY_CLASSES)}")
+        if (self.architecture == "monai.DenseNet") != (self.layout is not None):
+            raise ValueError("a monai.DenseNet card gives its layout, a monai.DenseNet121 card none")
+        if self.layout is not None and self.layout.feature_stride != self.feature_stride:
+            raise ValueError(
+                f"feature_stride must be {self.layout.feature_stride}: the layout has "
+                f"{len(self.layout.block_config)} dense blocks"
+            )
         if self.demo and DEMO_DISCLAIMER not in self.disclaimer:
             raise ValueError(f"a demo model's disclaimer must say '{DEMO_DISCLAIMER}'")
         return self
@@ -117,6 +151,20 @@ def densenet121(in_channels: int, out_channels: int, feature_stride: Literal[16,
     if feature_stride == 16:
         network.features.transition3.pool = torch.nn.Identity()
     return network
+
+
+def build_network(card: ModelCard) -> torch.nn.Module:
+    """The untrained network a card describes."""
+    if card.layout is None:
+        return densenet121(card.in_channels, len(card.outputs), card.feature_stride)
+    return DenseNet(
+        spatial_dims=2,
+        in_channels=card.in_channels,
+        out_channels=len(card.outputs),
+        init_features=card.layout.init_features,
+        growth_rate=card.layout.growth_rate,
+        block_config=card.layout.block_config,
+    )
 
 
 def read_card(path: Path) -> ModelCard:
@@ -186,7 +234,7 @@ def _load_weights(card: ModelCard, card_path: Path) -> torch.nn.Module:
     state = _unwrap_state_dict(loaded)
     if state is None:
         raise ModelLoadError(f"{card_path}: {weights_path.name} holds no state dict")
-    network = densenet121(card.in_channels, len(card.outputs), card.feature_stride)
+    network = build_network(card)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -1,11 +1,13 @@
-"""Predictions and heatmaps of the two tasks from radiograph pixels.
+"""Predictions and heatmaps of the three models from radiograph pixels.
 
+- Anatomy: probabilities of hand, foot and other, the most probable one and its CAM.
 - Foot: probabilities of Normal, Flatfoot, Foot Ulcer and Hallux Valgus, the predicted class, and
   ``hallux_valgus_detected`` when the Hallux Valgus probability reaches a threshold (set low for recall),
   the hallux valgus angle when the model has that output, and the CAM of the predicted class.
   :func:`reported_foot_findings` turns the probabilities into the findings the node reports, by one rule.
 - Hand: bone age from the male and from the female head of the bone-age model, each with its sigma (the
-  model's predicted log-variance, times the card's calibration factor) and the CAM of its mean output.
+  model's predicted log-variance, times the card's calibration factor) and the heatmap of its mean output (of
+  the kind the card names: see :func:`inference.cam.class_activation_maps`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import Image
 
 from inference.cam import CamNetwork, as_cam_network, autograd_grad_cam, class_activation_maps
 from inference.model_card import (
+    ANATOMY_CLASSES,
     HALLUX_VALGUS_ANGLE,
     HALLUX_VALGUS_CLASSES,
     LOG_VARIANCE_RANGE,
@@ -204,11 +207,12 @@ class Model:
         return ModelInputs(batch, [box for _, box in prepared])
 
     def run(self, batch: np.ndarray, heatmap_outputs: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs (B x K) and CAMs of ``heatmap_outputs`` (B x len x h x w), in one forward pass when the
-        network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
+        """Outputs (B x K) and heatmaps of ``heatmap_outputs`` (B x len x h x w), of the card's kind, in one forward
+        pass when the network ends in GAP + linear, else by autograd Grad-CAM on its last feature layer."""
         if self.runner is not None:
             outputs, feature_map = self.runner(batch)
-            return outputs, class_activation_maps(feature_map, self.head_weight, heatmap_outputs)
+            magnitude = self.card.heatmap == "weight_magnitude"
+            return outputs, class_activation_maps(feature_map, self.head_weight, heatmap_outputs, magnitude)
         if not hasattr(self.network, "class_layers"):
             raise ModelLoadError(f"{self.card.name}: no feature layer to compute Grad-CAM on")
         x = torch.from_numpy(batch)
@@ -248,6 +252,34 @@ def predict_hallux_valgus(
                 hallux_valgus_detected=bool(probabilities[i, hallux_valgus] >= threshold),
                 hallux_valgus_angle_deg=angle,
                 heatmaps={name: Heatmap(maps[i, k], box) for k, name in enumerate(HALLUX_VALGUS_CLASSES)},
+            )
+        )
+    return results
+
+
+@dataclass(frozen=True)
+class AnatomyResult:
+    """What body part an image shows: the probability of each class, the most probable one and its CAM."""
+
+    probabilities: dict[str, float]
+    prediction: str
+    confidence: float
+    heatmap: Heatmap
+
+
+def predict_anatomy(model: Model, images: Images) -> list[AnatomyResult]:
+    batch, boxes = _inputs(model, images)
+    outputs, maps = model.run(batch, list(range(len(ANATOMY_CLASSES))))
+    probabilities = _softmax(outputs[:, : len(ANATOMY_CLASSES)])
+    results = []
+    for i, box in enumerate(boxes):
+        k = int(probabilities[i].argmax())
+        results.append(
+            AnatomyResult(
+                probabilities={name: float(p) for name, p in zip(ANATOMY_CLASSES, probabilities[i], strict=True)},
+                prediction=ANATOMY_CLASSES[k],
+                confidence=float(probabilities[i, k]),
+                heatmap=Heatmap(maps[i, k], box),
             )
         )
     return results

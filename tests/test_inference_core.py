@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,63 @@ def test_a_reduced_radiograph_gives_the_letterbox_and_the_inputs_of_the_full_one
     from_full, from_half = model.inputs([full]), model.inputs([half], [(ds.Rows, ds.Columns)])
     assert from_half.letterboxes == from_full.letterboxes == [Letterbox(ds.Rows, ds.Columns, model.card.input_size)]
     assert np.abs(from_half.batch - from_full.batch).mean() < 0.01 * np.ptp(from_full.batch)
+
+
+def test_a_regressions_weight_magnitude_map_is_not_empty_where_its_cam_is() -> None:
+    feature_map = np.zeros((1, 2, 3, 3), np.float32)
+    feature_map[0, 0, 0, 0], feature_map[0, 1, 2, 2] = 1.0, 3.0  # the output reads channel 1 against its sign
+    weights = np.array([[0.5, -1.0]], np.float32)
+    only_against = feature_map.copy()
+    only_against[0, 0] = 0.0  # only the channel the output reads with a negative weight is active
+    [[reads_below]] = class_activation_maps(only_against, weights, [0])
+    assert reads_below.max() == 0.0, "a CAM of a value read below the bias is empty"
+    [[magnitude]] = class_activation_maps(only_against, weights, [0], weight_magnitude=True)
+    assert magnitude.max() == 1.0 and np.unravel_index(magnitude.argmax(), magnitude.shape) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"architecture": "monai.DenseNet"}, "a monai.DenseNet card gives its layout"),
+        ({"layout": {"block_config": [2, 2, 2]}}, "a monai.DenseNet card gives its layout"),
+        (
+            {"architecture": "monai.DenseNet", "layout": {"block_config": [2, 2, 2]}, "feature_stride": 32},
+            "feature_stride must be 16: the layout has 3 dense blocks",
+        ),
+        ({"task": "anatomy", "outputs": ["hand", "foot"]}, "anatomy outputs must be ['hand', 'foot', 'other']"),
+    ],
+)
+def test_a_card_whose_network_cannot_be_built_is_refused_with_the_reason(changes: dict, message: str) -> None:
+    from inference.model_card import ModelCard
+
+    card = {
+        "name": "check",
+        "version": "1",
+        "task": "anatomy",
+        "input_size": 96,
+        "feature_stride": 16,
+        "outputs": ["hand", "foot", "other"],
+        "weights": {"format": "state_dict", "path": "check.pt", "sha256": "0" * 64},
+    }
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelCard.model_validate(card | changes)
+
+
+def test_a_small_densenet_card_builds_its_network_with_the_declared_heatmap_grid() -> None:
+    from inference.model_card import ModelCard, build_network
+
+    card = ModelCard(
+        name="check",
+        version="1",
+        task="anatomy",
+        architecture="monai.DenseNet",
+        layout={"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2)},
+        input_size=96,
+        feature_stride=16,
+        outputs=["hand", "foot", "other"],
+        weights={"format": "state_dict", "path": "check.pt", "sha256": "0" * 64},
+    )
+    network = as_cam_network(build_network(card).eval())
+    with torch.no_grad():
+        outputs, feature_map = network(torch.zeros(1, 1, 96, 96))
+    assert outputs.shape == (1, 3) and feature_map.shape[-2:] == (6, 6)

@@ -17,26 +17,27 @@ from PIL import Image
 from dicom_node.cli import main
 from dicom_node.phantoms import generate_phantoms
 from inference.model_card import DEMO_DISCLAIMER, ModelLoadError, read_card, sha256_of
-from inference.predict import Model, predict_bone_age, predict_hallux_valgus
+from inference.predict import Model, predict_anatomy, predict_bone_age, predict_hallux_valgus
 from inference.training.datasets import DatasetError, read_examples
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(out, 12, seed=41, task="both")
+    generate_phantoms(out, 12, seed=41, task="all")  # 4 hands, 4 feet, 4 other body parts
     return out
 
 
 @pytest.fixture(scope="module")
 def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Both models after two training steps each at a small input size, logged to a temporary store; the foot
-    model as the demo one is trained, with the finer heatmap grid and the localisation term."""
+    """The three models after two training steps each at a small input size, logged to a temporary store; the foot
+    and bone-age models as the demo ones are trained, with the finer heatmap grid and the localisation term."""
     work = tmp_path_factory.mktemp("training")
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     for task, options in (
         ("hallux-valgus", ["--feature-stride", "16", "--localisation-weight", "0.5"]),
-        ("bone-age", []),
+        ("bone-age", ["--feature-stride", "16", "--localisation-weight", "0.5"]),
+        ("anatomy", []),
     ):
         code = main(
             ["train", task, "--data", str(phantoms), "--out", str(work / "models"), "--epochs", "1", "--max-steps", "2"]
@@ -51,9 +52,10 @@ def test_training_logs_runs_and_registers_models_in_mlflow(trained: tuple[Path, 
     mlflow.set_tracking_uri(tracking)
     client = MlflowClient()
     runs = mlflow.search_runs(experiment_names=["training"], output_format="list")
-    assert len(runs) == 2
+    assert len(runs) == 3
     for run in runs:
-        assert run.data.params["architecture"] == "monai.DenseNet121"
+        small = run.data.tags["task"] == "anatomy"
+        assert run.data.params["architecture"] == ("monai.DenseNet" if small else "monai.DenseNet121")
         assert run.data.params["input_size"] == "64"
         assert run.data.params["bf16"] == "False"
         assert "val_loss" in run.data.metrics and "train_loss" in run.data.metrics
@@ -61,8 +63,13 @@ def test_training_logs_runs_and_registers_models_in_mlflow(trained: tuple[Path, 
     foot_run = next(run for run in runs if run.data.tags["task"] == "hallux_valgus")
     assert foot_run.data.params["feature_stride"] == "16" and foot_run.data.params["localisation_weight"] == "0.5"
     assert int(foot_run.data.params["examples_with_finding_box"]) > 0
+    hand_run = next(run for run in runs if run.data.tags["task"] == "bone_age")
+    assert hand_run.data.params["heatmap"] == "weight_magnitude"
+    assert int(hand_run.data.params["examples_with_finding_box"]) == 4, "each hand's wrist box"
+    anatomy_run = next(run for run in runs if run.data.tags["task"] == "anatomy")
+    assert "images of pydicom's test files as other" in anatomy_run.data.params["data"]
     names = {model.name for model in client.search_registered_models()}
-    assert names == {"hallux-valgus-demo", "bone-age-demo"}
+    assert names == {"hallux-valgus-demo", "bone-age-demo", "anatomy-demo"}
 
 
 def test_trained_cards_load_and_say_they_are_demo_models(trained: tuple[Path, str], phantoms: Path) -> None:
@@ -78,6 +85,29 @@ def test_trained_cards_load_and_say_they_are_demo_models(trained: tuple[Path, st
     assert foot.card.feature_stride == 16 and foot_result.heatmap.values.shape == (4, 4)  # 64 px / 16
     [estimates] = predict_bone_age(hand, [image])
     assert set(estimates) == {"M", "F"} and all(estimate.sigma_months > 0 for estimate in estimates.values())
+    assert hand.card.heatmap == "weight_magnitude"
+    anatomy = Model.load(models / "anatomy-demo.yaml")
+    assert anatomy.card.layout is not None and anatomy.card.feature_stride == 16
+    [check] = predict_anatomy(anatomy, [image])
+    assert set(check.probabilities) == {"hand", "foot", "other"} and check.heatmap.values.shape == (4, 4)
+
+
+def test_training_can_start_from_a_cards_weights(trained: tuple[Path, str], phantoms: Path) -> None:
+    work, tracking = trained
+    start = work / "models" / "anatomy-demo.yaml"
+    out = work / "fine-tuned"
+    code = main(
+        ["train", "anatomy", "--data", str(phantoms), "--out", str(out), "--epochs", "1", "--max-steps", "1"]
+        + ["--batch-size", "4", "--input-size", "64", "--mlflow-uri", tracking, "--workers", "1"]
+        + ["--initial-card", str(start), "--version", "1.1.0"]
+    )
+    assert code == 0
+    assert "fine-tuned from anatomy-demo 1.0.0" in read_card(out / "anatomy-demo.yaml").training_data
+    wrong = main(
+        ["train", "anatomy", "--data", str(phantoms), "--out", str(out), "--max-steps", "1", "--input-size", "64"]
+        + ["--mlflow-uri", tracking, "--workers", "1", "--initial-card", str(work / "models" / "bone-age-demo.yaml")]
+    )
+    assert wrong == 2
 
 
 def test_evaluate_writes_a_report_and_updates_the_cards(trained: tuple[Path, str], phantoms: Path) -> None:
@@ -86,15 +116,21 @@ def test_evaluate_writes_a_report_and_updates_the_cards(trained: tuple[Path, str
     report = models / "EVALUATION.md"
     code = main(
         ["evaluate", "--data", str(phantoms), "--foot-card", str(models / "hallux-valgus-demo.yaml")]
-        + ["--hand-card", str(models / "bone-age-demo.yaml"), "--out", str(report), "--update-cards"]
+        + ["--hand-card", str(models / "bone-age-demo.yaml"), "--anatomy-card", str(models / "anatomy-demo.yaml")]
+        + ["--out", str(report), "--update-cards"]
         + ["--mlflow-uri", tracking]
     )
     assert code == 0
     text = report.read_text()
     assert "not for clinical use" in text and "| hallux_valgus_recall |" in text
     assert (models / "evaluation" / "confusion_matrix.png").is_file()
+    assert "| anatomy_accuracy |" in text and (models / "evaluation" / "anatomy_confusion_matrix.png").is_file()
     card = read_card(models / "bone-age-demo.yaml")
     assert "evaluation_bone_age_mae_months_male" in card.metrics
+    assert "evaluation_hand_heatmap_empty_share" in card.metrics
+    anatomy_metrics = read_card(models / "anatomy-demo.yaml").metrics
+    assert {"evaluation_anatomy_accuracy", "evaluation_anatomy_other_recall"} <= set(anatomy_metrics)
+    assert not any(key.startswith("evaluation_bone_age") for key in anatomy_metrics)
     assert Model.load(models / "bone-age-demo.yaml").card.metrics == card.metrics, "the card still loads"
 
 

@@ -18,11 +18,14 @@ from pydicom import uid
 
 from dicom_node.phantoms.foot import FOOT_CLASSES, FOOT_EXTENT_MM, draw_foot
 from dicom_node.phantoms.hand import FULL_MATURITY_MONTHS, HAND_EXTENT_MM, draw_hand, growth, maturity
+from dicom_node.phantoms.other import OTHER_EXTENT_MM, OTHER_REGIONS, draw_other
 from dicom_node.phantoms.radiograph import MAX_VALUE, Canvas, Placement, clear_of, expose, random_exposure
 from dicom_node.synthetic import Demographics, dx_dataset
 from inference.training.labels import LABEL_COLUMNS, PhantomLabel
 
-Task = Literal["hand", "foot", "both"]
+Task = Literal["hand", "foot", "other", "both", "all"]
+Kind = Literal["hand", "foot", "other"]
+CYCLES: dict[str, tuple[Kind, ...]] = {"both": ("hand", "foot"), "all": ("hand", "foot", "other")}
 COMPRESSIONS = {"none": None, "jpeg-ls": uid.JPEGLSLossless, "rle": uid.RLELossless}
 SIDE_RANGE = (1500, 3000)  # pixels, each side
 MONOCHROME1_SHARE = 0.3
@@ -42,7 +45,7 @@ def generate_phantoms(
     """
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (out, seed, index, task if task != "both" else ("hand", "foot")[index % 2], compression)
+        (out, seed, index, CYCLES[task][index % len(CYCLES[task])] if task in CYCLES else task, compression)
         for index in range(count)
     ]
     labels = []
@@ -57,7 +60,7 @@ def generate_phantoms(
     return labels
 
 
-def _write_phantom(job: tuple[Path, int, int, Literal["hand", "foot"], str]) -> PhantomLabel:
+def _write_phantom(job: tuple[Path, int, int, Kind, str]) -> PhantomLabel:
     out, seed, index, kind, compression = job
     ds, label = render_phantom(seed, index, kind)
     if COMPRESSIONS[compression] is not None:
@@ -66,9 +69,9 @@ def _write_phantom(job: tuple[Path, int, int, Literal["hand", "foot"], str]) -> 
     return label
 
 
-def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
-    """The DICOM dataset and label of phantom ``index`` of ``seed``."""
-    rng = np.random.default_rng([seed, index, 0 if kind == "hand" else 1])
+def render_phantom(seed: int, index: int, kind: Kind):
+    """The DICOM dataset and label of phantom ``index`` of ``seed``: a hand, a foot, or another body part."""
+    rng = np.random.default_rng([seed, index, ("hand", "foot", "other").index(kind)])
     sex = str(rng.choice(["F", "M"]))
     laterality = str(rng.choice(["L", "R"]))
     rows = int(rng.integers(2000, 2600))
@@ -77,10 +80,14 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
         bone_age = float(rng.uniform(LOWEST_BONE_AGE_MONTHS, HIGHEST_MATURITY * FULL_MATURITY_MONTHS[sex]))
         age = float(np.clip(bone_age + rng.normal(0, CHRONOLOGICAL_SD_MONTHS), 3.0, 240.0))
         extent, size = HAND_EXTENT_MM, growth(maturity(bone_age, sex))
-    else:
+    elif kind == "foot":
         foot_class = FOOT_CLASSES[int(rng.integers(len(FOOT_CLASSES)))]
         age = float(rng.uniform(20 * 12, 80 * 12))
         extent, size = FOOT_EXTENT_MM, float(rng.uniform(0.85, 1.05))
+    else:
+        region = str(rng.choice(OTHER_REGIONS))
+        age = float(rng.uniform(20 * 12, 80 * 12))
+        extent, size = OTHER_EXTENT_MM, float(rng.uniform(0.8, 1.05))
     height_mm = (extent[1] - extent[0]) * size
     spacing = height_mm / (rows * rng.uniform(0.70, 0.82))  # room for rotation and collimation
     middle_mm = (extent[0] + extent[1]) / 2 * size
@@ -99,10 +106,13 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
     if kind == "hand":
         truth = draw_hand(canvas, bone_age, sex, rng)
         box, foot_class, hva, ima = truth.wrist_box, None, None, None
-    else:
+    elif kind == "foot":
         truth = draw_foot(canvas, foot_class, size, rng)
         box, hva, ima = truth.finding_box, truth.hallux_valgus_angle, truth.intermetatarsal_angle
         bone_age = None
+    else:
+        draw_other(canvas, region, size, rng)
+        box, foot_class, hva, ima, bone_age = None, None, None, None, None
     exposure = random_exposure(rng, laterality)
     if box is not None:  # the finding must stay in the exposed field: every label decidable from the image
         exposure = clear_of(exposure, box, rows, columns)
@@ -122,7 +132,7 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
         birth_date=study_date - dt.timedelta(days=round(age * 30.4375)),
         study_date=study_date,
         accession_number=f"PH{seed % 10000:04d}{index:06d}",
-        body_part=kind.upper(),
+        body_part=region.upper() if kind == "other" else kind.upper(),
         view_position="PA" if kind == "hand" else "AP",
         laterality=laterality,
     )
@@ -137,7 +147,8 @@ def render_phantom(seed: int, index: int, kind: Literal["hand", "foot"]):
             for level in ("study", "series", "sop")
         },
     )
-    ds.SeriesDescription = f"{kind.upper()} {'PA' if kind == 'hand' else 'DP'} (synthetic phantom)"
+    view = {"hand": "HAND PA", "foot": "FOOT DP"}.get(kind) or f"{region.upper()} AP"
+    ds.SeriesDescription = f"{view} (synthetic phantom)"
     ds.ImageComments = "Synthetic phantom: not a patient image"
     label = PhantomLabel(
         file=f"{kind}_{seed:04d}_{index:05d}.dcm",

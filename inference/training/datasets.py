@@ -6,6 +6,9 @@
 - ``folders``: one folder per foot class (``Normal``, ``Flatfoot``, ``Foot Ulcer`` or ``Foot_Ulcer``,
   ``Hallux Valgus``), images (PNG, JPEG or DICOM) inside.
 
+For the anatomy check, a phantom set's hands, feet and other body parts (``--task all``); its training adds the
+images among pydicom's bundled test files (:func:`pydicom_images`) as more "other" images.
+
 Images become model inputs through the same pixel path and letterbox as inference, so training sees exactly
 what the node will feed the model.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ from inference.preprocess import Letterbox
 from inference.training.labels import read_labels
 
 Format = Literal["phantom", "rsna", "folders"]
-TaskName = Literal["hallux_valgus", "bone_age"]
+TaskName = Literal["hallux_valgus", "bone_age", "anatomy"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
 
 
@@ -46,6 +51,7 @@ class Example:
     foot_class: int | None = None  # index into HALLUX_VALGUS_CLASSES
     hallux_valgus_angle_deg: float | None = None
     finding_box: tuple[int, int, int, int] | None = None
+    anatomy: str | None = None  # hand, foot or other (inference.model_card.ANATOMY_CLASSES)
 
 
 def read_examples(data: Path, layout: Format, task: TaskName) -> list[Example]:
@@ -60,6 +66,12 @@ def _phantom(data: Path, task: TaskName) -> list[Example]:
     labels_path = data / "labels.csv"
     if not labels_path.is_file():
         raise DatasetError(f"{data}: labels.csv is missing (write the set with dicom-node phantoms)")
+    if task == "anatomy":
+        return [
+            Example(data / label.file, anatomy=label.task)
+            for label in read_labels(labels_path)
+            if (data / label.file).is_file()
+        ]
     wanted = "hand" if task == "bone_age" else "foot"
     return [
         Example(
@@ -73,6 +85,28 @@ def _phantom(data: Path, task: TaskName) -> list[Example]:
         for label in read_labels(labels_path)
         if label.task == wanted and (data / label.file).is_file()
     ]
+
+
+def pydicom_images() -> list[Path]:
+    """pydicom's bundled test files that decode to one grayscale image by the node's pixel path: images of other
+    body parts and modalities than the phantoms."""
+    found = []
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)  # its decoders log each file they cannot read
+    try:
+        for path in sorted((Path(pydicom.__file__).parent / "data" / "test_files").rglob("*.dcm")):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pixels = radiograph_pixels(pydicom.dcmread(path))
+            except Exception:  # noqa: BLE001 - anything the node cannot read is not a training image
+                continue
+            if pixels.ndim == 2 and min(pixels.shape) >= 32 and pixels.std() > 0.01:
+                found.append(path)
+    finally:
+        pydicom_log.setLevel(level)
+    return found
 
 
 def _rsna(data: Path, task: TaskName) -> list[Example]:

@@ -3,12 +3,14 @@
 Each DICOM file goes through what the node runs on a received X-ray (decode, Modality and VOI LUT,
 MONOCHROME1 inversion, letterbox, model, CAM), and the results are compared with the labels:
 
+- anatomy check: accuracy, recall / precision / F1 per class (hand, foot, other), the confusion matrix;
 - foot model: accuracy, recall / precision / F1 per class, the confusion matrix;
 - bone-age model: mean absolute error in months per sex (each image read by its own sex's head), and the
   coverage of the 95 % interval mean +- 1.96 sigma, with a calibration curve over other interval levels;
 - heatmaps: pointing accuracy, the share of images whose heatmap maximum lies inside the finding's box
   (pointing game of Zhang et al., ECCV 2016, without tolerance), for the foot findings and, separately, the
-  wrist region of hands.
+  wrist region of hands (carpal ossification centres, distal radial and ulnar growth plates); and the share of
+  hands whose heatmap is empty.
 The report is Markdown with PNG plots; the figures are logged to MLflow with it.
 """
 
@@ -23,9 +25,16 @@ import matplotlib
 import mlflow
 import numpy as np
 
-from inference.model_card import HALLUX_VALGUS_CLASSES
+from inference.model_card import ANATOMY_CLASSES, HALLUX_VALGUS_CLASSES
 from inference.pixels import DEFAULT_PICTURE_SIZE
-from inference.predict import Heatmap, Model, ModelInputs, predict_bone_age, predict_hallux_valgus
+from inference.predict import (
+    Heatmap,
+    Model,
+    ModelInputs,
+    predict_anatomy,
+    predict_bone_age,
+    predict_hallux_valgus,
+)
 from inference.training.datasets import DatasetError, Example, Format, image_shape, load_image, read_examples
 
 matplotlib.use("Agg")
@@ -46,14 +55,21 @@ class Evaluation:
         return Evaluation({**self.metrics, **other.metrics}, self.plots + other.plots, {**self.counts, **other.counts})
 
 
-def classification_metrics(truth: np.ndarray, predicted: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, and recall, precision and F1 of each foot class; the confusion matrix (rows: truth)."""
-    n = len(HALLUX_VALGUS_CLASSES)
+def classification_metrics(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    classes: tuple[str, ...] = HALLUX_VALGUS_CLASSES,
+    accuracy_key: str = "hallux_valgus_accuracy",
+    prefix: str = "",
+) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy, and recall, precision and F1 of each class (``<prefix><class>_recall`` ...); the confusion matrix
+    (rows: truth)."""
+    n = len(classes)
     confusion = np.zeros((n, n), int)
     np.add.at(confusion, (truth, predicted), 1)
-    metrics = {"hallux_valgus_accuracy": float((truth == predicted).mean())}
-    for index, name in enumerate(HALLUX_VALGUS_CLASSES):
-        key = name.lower().replace(" ", "_")
+    metrics = {accuracy_key: float((truth == predicted).mean())}
+    for index, name in enumerate(classes):
+        key = prefix + name.lower().replace(" ", "_")
         true_positives = confusion[index, index]
         recall = true_positives / max(confusion[index].sum(), 1)
         precision = true_positives / max(confusion[:, index].sum(), 1)
@@ -107,8 +123,23 @@ def evaluate_hallux_valgus(model: Model, examples: list[Example], plots: Path, t
     return Evaluation(metrics, [_confusion_plot(confusion, plots / "confusion_matrix.png")], counts)
 
 
+def evaluate_anatomy(model: Model, examples: list[Example]) -> tuple[Evaluation, np.ndarray]:
+    truth, predicted = [], []
+    for chunk, inputs in _batches(model, examples):
+        for example, result in zip(chunk, predict_anatomy(model, inputs), strict=True):
+            truth.append(ANATOMY_CLASSES.index(example.anatomy))
+            predicted.append(ANATOMY_CLASSES.index(result.prediction))
+    metrics, confusion = classification_metrics(
+        np.array(truth), np.array(predicted), ANATOMY_CLASSES, "anatomy_accuracy", "anatomy_"
+    )
+    counts = {
+        f"anatomy_images_{name}": int(count) for name, count in zip(ANATOMY_CLASSES, confusion.sum(1), strict=True)
+    }
+    return Evaluation(metrics, [], counts), confusion
+
+
 def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Evaluation:
-    sexes, truth, means, sigmas, hits = [], [], [], [], []
+    sexes, truth, means, sigmas, hits, empty = [], [], [], [], [], []
     for chunk, inputs in _batches(model, examples):
         for example, estimates in zip(chunk, predict_bone_age(model, inputs), strict=True):
             own = estimates[example.sex]
@@ -116,8 +147,11 @@ def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Eva
             truth.append(example.bone_age_months)
             means.append(own.age_months)
             sigmas.append(own.sigma_months)
-            if example.finding_box is not None:
+            empty.append(own.heatmap.peak_or_none() is None)
+            if example.finding_box is not None and not empty[-1]:
                 hits.append(_inside(own.heatmap, example.finding_box))
+            elif example.finding_box is not None:
+                hits.append(False)  # an empty map points nowhere
     sexes, truth, means, sigmas = map(np.array, (sexes, truth, means, sigmas))
     z = np.abs(means - truth) / sigmas
     evaluation = Evaluation(counts={"hand_images": len(truth)})
@@ -130,17 +164,30 @@ def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Eva
     evaluation.metrics["bone_age_coverage95"] = interval_coverage(z)
     evaluation.metrics["bone_age_mean_sigma_months"] = float(sigmas.mean())
     evaluation.metrics["hand_wrist_pointing_accuracy"] = pointing_accuracy(hits)
+    evaluation.metrics["hand_heatmap_empty_share"] = float(np.mean(empty))
     evaluation.plots.append(_bone_age_plot(sexes, truth, means, plots / "bone_age_predicted_vs_true.png"))
     evaluation.plots.append(_calibration_plot(z, plots / "sigma_calibration.png"))
     return evaluation
 
 
 def evaluate(
-    data: Path, layout: Format, foot_model: Model | None, hand_model: Model | None, plots: Path, threshold: float
+    data: Path,
+    layout: Format,
+    foot_model: Model | None,
+    hand_model: Model | None,
+    plots: Path,
+    threshold: float,
+    anatomy_model: Model | None = None,
 ) -> Evaluation:
     """Evaluate the given models on whichever of their tasks ``data`` holds labels for."""
     plots.mkdir(parents=True, exist_ok=True)
     evaluation, tasks = Evaluation(), 0
+    if anatomy_model is not None and layout == "phantom":
+        anatomy, confusion = evaluate_anatomy(anatomy_model, read_examples(data, layout, "anatomy"))
+        anatomy.plots.append(
+            _confusion_plot(confusion, plots / "anatomy_confusion_matrix.png", ANATOMY_CLASSES, "Anatomy check")
+        )
+        evaluation, tasks = evaluation.merge(anatomy), 1
     for task, model in (("hallux_valgus", foot_model), ("bone_age", hand_model)):
         if model is None:
             continue
@@ -168,15 +215,17 @@ def log_to_mlflow(metrics: dict[str, float], report: Path, plots: list[Path], pa
         return run.info.run_id
 
 
-def _confusion_plot(confusion: np.ndarray, path: Path) -> Path:
+def _confusion_plot(
+    confusion: np.ndarray, path: Path, classes: tuple[str, ...] = HALLUX_VALGUS_CLASSES, title: str = "Foot model"
+) -> Path:
     figure, axes = pyplot.subplots(figsize=(5.5, 4.5))
     axes.imshow(confusion, cmap="Blues")
-    labels = list(HALLUX_VALGUS_CLASSES)
+    labels = list(classes)
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_yticks(range(len(labels)), labels)
     for (row, column), count in np.ndenumerate(confusion):
         axes.text(column, row, str(count), ha="center", va="center", color="black")
-    return _finish(figure, axes, path, "Foot model", "predicted", "true", legend=False)
+    return _finish(figure, axes, path, title, "predicted", "true", legend=False)
 
 
 def _bone_age_plot(sexes: np.ndarray, truth: np.ndarray, means: np.ndarray, path: Path) -> Path:
@@ -222,6 +271,9 @@ TARGETS = (
     ("bone_age_mae_months_female", "<=", 6.0),
     ("bone_age_coverage95", "between", (0.90, 0.98)),
     ("foot_pointing_accuracy", ">=", 0.90),
+    ("anatomy_accuracy", ">=", 0.99),
+    ("hand_wrist_pointing_accuracy", ">=", 0.90),
+    ("hand_heatmap_empty_share", "<=", 0.0),
 )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 from sqlalchemy.engine import make_url
 
-from inference.training.datasets import Format, TaskName, prepare_inputs, read_examples
+from inference.training.datasets import Example, Format, TaskName, prepare_inputs, pydicom_images, read_examples
 from inference.training.trainer import TrainedModel, TrainingOptions, train_model
 
 
@@ -37,9 +37,13 @@ def run_training(
     workers: int = 2,
 ) -> TrainedModel:
     examples = read_examples(data, layout, task)
-    inputs = prepare_inputs(examples, options.input_size, cache_dir=data / ".cache", workers=workers)
-    use_tracking(tracking_uri, experiment)
     description = f"{len(examples)} {task} examples, {layout} layout, {data.resolve().name}"
     if layout == "phantom":
         description += " (synthetic phantoms from dicom-node phantoms)"
+    if task == "anatomy":  # images of other modalities and body parts than the phantoms', as "other"
+        extra = [Example(path, anatomy="other") for path in pydicom_images()]
+        examples += extra
+        description += f", and {len(extra)} images of pydicom's test files as other"
+    inputs = prepare_inputs(examples, options.input_size, cache_dir=data / ".cache", workers=workers)
+    use_tracking(tracking_uri, experiment)
     return train_model(task, examples, inputs, options, out, name, version, description, demo=layout == "phantom")

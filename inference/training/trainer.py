@@ -9,7 +9,13 @@
   the male and on the female scale (heteroscedastic Gaussian negative log-likelihood, each head trained on
   its sex's images). Skeletal maturity looks the same in both sexes; what differs is the age it stands for,
   so the heads share the features and one forward pass gives both sexes' readings.
+  Its heatmap is the map of the heads' weight magnitudes (:func:`inference.cam.class_activation_maps`); with
+  ``localisation_weight``, the localisation term asks it to lie in the wrist box of each hand phantom (carpal
+  ossification centres and the distal radial and ulnar growth plates), where bone age shows.
+- anatomy: 3 outputs, the logits of hand, foot and other (cross-entropy), on a small DenseNet
+  (:data:`ANATOMY_LAYOUT`) that costs a fraction of a millisecond: it runs on every image.
 A validation split (never the evaluation set) picks the best epoch and calibrates the bone-age sigmas.
+``initial_card`` starts from the weights of a card of the same task (fine-tuning) instead of random ones.
 """
 
 from __future__ import annotations
@@ -31,16 +37,21 @@ import yaml
 
 from inference.cam import as_cam_network
 from inference.model_card import (
+    ANATOMY_CLASSES,
     BONE_AGE_OUTPUTS,
     DEMO_DISCLAIMER,
     HALLUX_VALGUS_ANGLE,
     HALLUX_VALGUS_CLASSES,
     LOG_VARIANCE_RANGE,
+    DenseNetLayout,
     ModelCard,
+    ModelLoadError,
     Preprocessing,
     TargetScaling,
     Weights,
-    densenet121,
+    build_network,
+    load_network,
+    read_card,
     sha256_of,
 )
 from inference.training.augment import augment
@@ -48,6 +59,8 @@ from inference.training.datasets import Example, TaskName, finding_masks
 
 log = logging.getLogger(__name__)
 _Z95 = NormalDist().inv_cdf(0.975)
+# The anatomy check's network: 3 dense blocks of 2 layers on 16 features growing by 8, a 16-pixel heatmap grid
+ANATOMY_LAYOUT = DenseNetLayout(init_features=16, growth_rate=8, block_config=(2, 2, 2))
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,8 @@ class TrainingOptions:
     seed: int = 0
     max_steps: int | None = None  # stop early (smoke tests)
     feature_stride: Literal[16, 32] = 32  # input pixels per heatmap cell; see inference.model_card.densenet121
-    localisation_weight: float = 0.0  # weight of the finding-box term (hallux_valgus with boxes only)
+    localisation_weight: float = 0.0  # weight of the finding-box term (where the labels give boxes)
+    initial_card: Path | None = None  # start from this card's weights (of the same task and outputs)
     # bfloat16 autocast pays only on CPUs with AVX512-BF16 or AMX; on an AVX2 CPU (AMD Zen 3) a DenseNet121
     # training step measured 8x slower than float32, so it is opt-in
     bf16: bool = False
@@ -78,6 +92,8 @@ def outputs_of(task: TaskName, examples: list[Example]) -> list[str]:
     """The network's outputs; the angle only where the labels give angles to learn it from."""
     if task == "bone_age":
         return list(BONE_AGE_OUTPUTS)
+    if task == "anatomy":
+        return list(ANATOMY_CLASSES)
     with_angle = any(example.hallux_valgus_angle_deg is not None for example in examples)
     return [*HALLUX_VALGUS_CLASSES, HALLUX_VALGUS_ANGLE] if with_angle else list(HALLUX_VALGUS_CLASSES)
 
@@ -103,13 +119,29 @@ def train_model(
     n_validation = max(1, round(len(examples) * options.validation_fraction))
     validation, training = order[:n_validation], order[n_validation:]
     scaling, preprocessing = TargetScaling(), Preprocessing()
-    network = densenet121(1, len(outputs_of(task, examples)), options.feature_stride)
-    cam_network = as_cam_network(network)  # the same modules, also returning the last feature map
-    masks = (
-        finding_masks(examples, options.input_size)
-        if task == "hallux_valgus" and options.localisation_weight > 0
-        else None
+    layout = ANATOMY_LAYOUT if task == "anatomy" else None
+    card = ModelCard(
+        name=name,
+        version=version,
+        task=task,
+        architecture="monai.DenseNet" if layout else "monai.DenseNet121",
+        layout=layout,
+        input_size=options.input_size,
+        feature_stride=layout.feature_stride if layout else options.feature_stride,
+        heatmap="weight_magnitude" if task == "bone_age" else "class_activation",
+        preprocessing=preprocessing,
+        outputs=outputs_of(task, examples),
+        target_scaling=scaling,
+        weights=Weights(format="state_dict", path=f"{name}.pt", sha256="0" * 64),  # written below
+        demo=demo,
+        disclaimer=DEMO_DISCLAIMER if demo else "",
     )
+    network = build_network(card)
+    initial = _initial_card(options.initial_card, card) if options.initial_card is not None else None
+    if initial is not None:
+        network.load_state_dict(load_network(initial, options.initial_card).state_dict())
+    cam_network = as_cam_network(network)  # the same modules, also returning the last feature map
+    masks = finding_masks(examples, options.input_size) if options.localisation_weight > 0 else None
     optimiser = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(training) // options.batch_size)
     total_steps = min(options.epochs * steps_per_epoch, options.max_steps or 10**9)
@@ -121,7 +153,9 @@ def train_model(
             {
                 **asdict(options),
                 "task": task,
-                "architecture": "monai.DenseNet121",
+                "architecture": card.architecture,
+                "layout": str(card.layout.model_dump()) if card.layout else "DenseNet121",
+                "heatmap": card.heatmap,
                 "examples_training": len(training),
                 "examples_validation": len(validation),
                 "examples_with_finding_box": 0 if masks is None else int(masks.flatten(1).any(1).sum()),
@@ -145,7 +179,9 @@ def train_model(
                 loss = _loss(task, out.float(), batch_targets, scaling)
                 if moved_masks is not None:
                     loss = loss + options.localisation_weight * localisation_loss(
-                        feature_map.float(), cam_network.head.weight, batch_targets["class"], moved_masks > 0.5
+                        feature_map.float(),
+                        _heatmap_weights(task, cam_network.head.weight, batch_targets),
+                        moved_masks > 0.5,
                     )
                 optimiser.zero_grad()
                 loss.backward()
@@ -192,27 +228,23 @@ def train_model(
             {key: value.half() if value.is_floating_point() else value for key, value in network.state_dict().items()},
             weights_path,
         )
-        card = ModelCard(
-            name=name,
-            version=version,
-            task=task,
-            input_size=options.input_size,
-            feature_stride=options.feature_stride,
-            preprocessing=preprocessing,
-            outputs=outputs_of(task, examples),
-            target_scaling=scaling,
-            sigma_scale=round(sigma_scale, 4),
-            weights=Weights(format="state_dict", path=weights_path.name, sha256=sha256_of(weights_path)),
-            demo=demo,
-            disclaimer=DEMO_DISCLAIMER if demo else "",
-            training_data=f"{data_description}; trained {dt.date.today().isoformat()}, MLflow run {run.info.run_id}",
-            intended_use=_INTENDED_USE[task] + (f" Demo weights, {DEMO_DISCLAIMER}." if demo else ""),
-            limitations=_LIMITATIONS[task]
-            + ([_LOCALISATION_LIMITATION] if masks is not None else [])
-            + ([f"Demo model: {DEMO_DISCLAIMER}."] if demo else []),
-            metrics={
-                f"validation_{key}": round(value, 4) for key, value in best_metrics.items() if key.startswith("val_")
-            },
+        started_from = f", fine-tuned from {initial.name} {initial.version}" if initial else ""
+        card = card.model_copy(
+            update={
+                "sigma_scale": round(sigma_scale, 4),
+                "weights": Weights(format="state_dict", path=weights_path.name, sha256=sha256_of(weights_path)),
+                "training_data": f"{data_description}; trained {dt.date.today().isoformat()}{started_from}, "
+                f"MLflow run {run.info.run_id}",
+                "intended_use": _INTENDED_USE[task] + (f" Demo weights, {DEMO_DISCLAIMER}." if demo else ""),
+                "limitations": _LIMITATIONS[task]
+                + ([_LOCALISATION_LIMITATION] if masks is not None else [])
+                + ([f"Demo model: {DEMO_DISCLAIMER}."] if demo else []),
+                "metrics": {
+                    f"validation_{key}": round(value, 4)
+                    for key, value in best_metrics.items()
+                    if key.startswith("val_")
+                },
+            }
         )
         card_path = out_dir / f"{name}.yaml"
         write_card(card, card_path)
@@ -239,12 +271,19 @@ def write_card(card: ModelCard, path: Path) -> None:
 
 
 _INTENDED_USE = {
+    "anatomy": "Checks what body part a radiograph shows (hand, foot or other) before the node's other models read "
+    "it: routes images whose DICOM tags do not say, and flags those whose tags say otherwise.",
     "hallux_valgus": "Triage aid that flags dorsoplantar foot radiographs for Normal, Flatfoot, Foot Ulcer or Hallux "
     "Valgus, with a class activation map, for review by a radiologist.",
     "bone_age": "Bone-age estimate from a PA hand radiograph on the male and the female scale, with an uncertainty "
-    "sigma and a class activation map, for review by a radiologist.",
+    "sigma and a heatmap of where the age is read (the map of the heads' weight magnitudes: a regression's class "
+    "activation map is empty wherever the hand reads younger than the heads' bias), for review by a radiologist.",
 }
 _LIMITATIONS = {
+    "anatomy": [
+        "Three classes only: a hand, a foot, or anything else; it knows no view, side or other body part.",
+        "It answers for every image; an image unlike its training data can get a confident wrong answer.",
+    ],
     "hallux_valgus": [
         "One dorsoplantar view only; no lateral view, so flatfoot is judged from DP signs alone.",
         "The angle output is a regression, not a measurement between landmarks.",
@@ -264,6 +303,8 @@ _LOCALISATION_LIMITATION = (
 
 
 def _targets(task: TaskName, examples: list[Example]) -> dict[str, torch.Tensor]:
+    if task == "anatomy":
+        return {"class": torch.tensor([ANATOMY_CLASSES.index(example.anatomy) for example in examples])}
     if task == "hallux_valgus":
         angles = [example.hallux_valgus_angle_deg for example in examples]
         return {
@@ -277,10 +318,25 @@ def _targets(task: TaskName, examples: list[Example]) -> dict[str, torch.Tensor]
     }
 
 
-def localisation_loss(
-    feature_map: torch.Tensor, head_weight: torch.Tensor, classes: torch.Tensor, masks: torch.Tensor
-) -> torch.Tensor:
-    """How far each image's true-class activation map is from lying inside its finding box.
+def _initial_card(card_path: Path, card: ModelCard) -> ModelCard:
+    """The card at ``card_path``, checked to be of ``card``'s task, outputs and layout."""
+    initial = read_card(card_path)
+    if (initial.task, initial.outputs, initial.layout) != (card.task, card.outputs, card.layout):
+        raise ModelLoadError(f"{card_path}: not a {card.task} model with the outputs {card.outputs}")
+    return initial
+
+
+def _heatmap_weights(task: TaskName, head_weight: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weights (B x C) of each image's heatmap as inference makes it: the true class's CAM, or for a bone age
+    the magnitudes of its own sex's mean head."""
+    if task == "bone_age":
+        return head_weight[torch.where(targets["male"], 0, 2)].abs()
+    return head_weight[targets["class"]]
+
+
+def localisation_loss(feature_map: torch.Tensor, weights: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """How far each image's heatmap (the feature map weighted by its row of ``weights``, B x C) is from lying
+    inside its finding box.
 
     The map (B x h x w, before the ReLU of the CAM) becomes a distribution over cells by a softmax; the loss
     is minus the log of its mass on the cells whose centre lies in the box (``masks``: B x 1 x S x S, bool,
@@ -291,8 +347,8 @@ def localisation_loss(
     has_box = masks.flatten(1).any(1)
     if not has_box.any():
         return feature_map.sum() * 0.0
-    feature_map, classes, masks = feature_map[has_box], classes[has_box], masks[has_box, 0]
-    maps = torch.einsum("bchw,bc->bhw", feature_map, head_weight[classes])
+    feature_map, weights, masks = feature_map[has_box], weights[has_box], masks[has_box, 0]
+    maps = torch.einsum("bchw,bc->bhw", feature_map, weights)
     (height, width), size = maps.shape[1:], masks.shape[-1]
     rows = ((torch.arange(height) + 0.5) * size / height).long()
     columns = ((torch.arange(width) + 0.5) * size / width).long()
@@ -311,6 +367,8 @@ def _head(out: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _loss(task: TaskName, out: torch.Tensor, target: dict[str, torch.Tensor], scaling: TargetScaling) -> torch.Tensor:
+    if task == "anatomy":
+        return F.cross_entropy(out, target["class"])
     if task == "hallux_valgus":
         loss = F.cross_entropy(out[:, : len(HALLUX_VALGUS_CLASSES)], target["class"])
         if target["has_angle"].any() and out.shape[1] > len(HALLUX_VALGUS_CLASSES):
@@ -337,7 +395,9 @@ def _predict(network, inputs: torch.Tensor, options: TrainingOptions, preprocess
 def _validate(task, network, inputs, target, options, scaling, preprocessing) -> dict[str, float]:
     out = _predict(network, inputs, options, preprocessing)
     metrics = {"val_loss": float(_loss(task, out, target, scaling))}
-    if task == "hallux_valgus":
+    if task == "anatomy":
+        metrics["val_accuracy"] = float((out.argmax(1) == target["class"]).float().mean())
+    elif task == "hallux_valgus":
         predicted = out[:, : len(HALLUX_VALGUS_CLASSES)].argmax(1)
         metrics["val_accuracy"] = float((predicted == target["class"]).float().mean())
         hallux_valgus = target["class"] == HALLUX_VALGUS_CLASSES.index("Hallux Valgus")
