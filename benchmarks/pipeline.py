@@ -158,7 +158,7 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
             "DICOM_NODE_DELIVERY__DEFAULT_DESTINATION": "pacs",
         }
         storage = with_onnx_graphs(work / "storage", graphs)
-        node = ServeProcess(storage, environment=environment)
+        node = ServeProcess(storage, environment=environment, anatomy_check=True)  # as config.yaml ships
         try:
             node.wait_until_ready(300)
             database = storage / "index.sqlite3"

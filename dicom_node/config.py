@@ -31,8 +31,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dicom_node.ai_tasks.interface import Task, TaskSettings
-from dicom_node.ai_tasks.registry import installed_tasks, node_tasks, task_type
+from dicom_node.ai_tasks.interface import GateTask, Task, TaskSettings
+from dicom_node.ai_tasks.registry import default_tasks, installed_tasks, task_type
 from dicom_node.outputs.uids import check_uid_root
 from inference.pixels import DEFAULT_PICTURE_SIZE
 
@@ -194,8 +194,10 @@ class RoutingRule(Section):
 
 class InferenceSettings(Section):
     """The tasks the node runs and how. ``tasks``: each task's own section (its model card and settings, as the
-    task declares them), the node's own tasks when none is listed. ``rules`` default to one rule per task, from
-    the pattern it declares; ``undecided_tasks`` to every task."""
+    task declares them); when none is listed, the node's own but the gate (``registry.default_tasks``). At most one
+    task is a gate, which looks at every image first (:class:`dicom_node.ai_tasks.interface.GateTask`). ``rules``
+    default to one rule per task but the gate, from the pattern it declares; ``undecided_tasks`` to every task but
+    the gate."""
 
     tasks: dict[TaskName, SerializeAsAny[TaskSettings]] = Field(default_factory=dict)
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
@@ -217,7 +219,7 @@ class InferenceSettings(Section):
         listed = data.get("tasks")
         if listed is not None and not isinstance(listed, Mapping):
             return data  # the field's own validation says what it must be
-        tasks = dict(listed if listed is not None else {name: {} for name in node_tasks()})
+        tasks = dict(listed if listed is not None else {name: {} for name in default_tasks()})
         for name, task in installed_tasks().items():
             for old, new in task.moved_settings.items():
                 if old not in data:
@@ -254,20 +256,31 @@ class InferenceSettings(Section):
                 f"tasks: their names make a queue name of {len(every_task)} characters, more than the task engine's "
                 f"{QUEUE_NAME_LENGTH}: shorten them"
             )
+        gates = [name for name in self.tasks if issubclass(task_type(name), GateTask)]
+        if len(gates) > 1:
+            raise ValueError(f"tasks: {' and '.join(gates)} both look at every image first: configure one of them")
+        routed = [name for name in self.tasks if name not in gates]
         if self.rules is None:
-            self.rules = [RoutingRule(pattern=task_type(name).routing_pattern, tasks=[name]) for name in self.tasks]
+            self.rules = [RoutingRule(pattern=task_type(name).routing_pattern, tasks=[name]) for name in routed]
         if self.undecided_tasks is None:
-            self.undecided_tasks = list(self.tasks)
+            self.undecided_tasks = routed
         named = [("rules.tasks", name) for rule in self.rules for name in rule.tasks]
         named += [("undecided_tasks", name) for name in self.undecided_tasks]
         for key, name in named:
             if name not in self.tasks:
                 raise ValueError(f"{key}: {name!r} is not among the tasks ({', '.join(self.tasks)})")
+            if name in gates:
+                raise ValueError(f"{key}: {name!r} looks at every image first: no rule routes to it")
         return self
 
     def configured_tasks(self) -> dict[TaskName, Task]:
         """The tasks, made with their settings, in the order of ``tasks``."""
         return {name: task_type(name)(settings) for name, settings in self.tasks.items()}
+
+    @property
+    def gate(self) -> TaskName | None:
+        """The configured task that looks at every image first, if any."""
+        return next((name for name in self.tasks if issubclass(task_type(name), GateTask)), None)
 
 
 class TlsSettings(Section):
@@ -420,7 +433,7 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"{path}{line}: not valid YAML") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    _with_the_node_tasks_unless_listed(file_values)
+    _with_the_default_tasks_unless_listed(file_values)
     unknown = _unknown_environment_variables(os.environ)
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a setting (expected {ENV_PREFIX}<SECTION>__<KEY>)")
@@ -435,13 +448,13 @@ def load_settings(path: Path | None = None) -> Settings:
         ) from None
 
 
-def _with_the_node_tasks_unless_listed(file_values: dict[str, Any]) -> None:
-    """A file that lists no ``inference.tasks`` runs the node's own tasks: they are filled in before the
+def _with_the_default_tasks_unless_listed(file_values: dict[str, Any]) -> None:
+    """A file that lists no ``inference.tasks`` runs the default tasks: they are filled in before the
     environment is laid over the file, so that a variable that sets one task's key adds to them, not replaces
     them."""
     inference = file_values.setdefault("inference", {})
     if isinstance(inference, dict) and inference.get("tasks") is None:
-        inference["tasks"] = {name: {} for name in node_tasks()}
+        inference["tasks"] = {name: {} for name in default_tasks()}
 
 
 def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:

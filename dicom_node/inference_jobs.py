@@ -1,8 +1,9 @@
 """The inference job: from a stored instance to recorded results with heatmaps.
 
 For a batch of claimed jobs, each stored file is read and routed (:mod:`dicom_node.routing`) and its pixels
-decoded (:mod:`inference.pixels`: halved first where it is at least twice ``outputs.max_image_size``); each model
-then runs once on all the images routed to it. Per instance, one file of heatmaps is written under ``results/``
+decoded (:mod:`inference.pixels`: halved first where it is at least twice ``outputs.max_image_size``); where a gate
+is configured, its model runs on every image first and the route follows what it sees; each model then runs once
+on all the images routed to it. Per instance, one file of heatmaps is written under ``results/``
 beside the layout of ``patients/``, and, where Secondary Captures are made, the radiograph at their scale
 (:mod:`dicom_node.outputs.preview`, which the outputs job draws them on, then deletes); then, for each instance, the
 batch's transaction replaces its results, queues its outputs job (:mod:`dicom_node.output_jobs`) and marks its
@@ -19,10 +20,11 @@ import os
 import time
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import pydicom
+from PIL import Image
 from prometheus_client import Histogram
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -30,12 +32,12 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.ai_tasks.interface import TaskOutput
+from dicom_node.ai_tasks.interface import GateTask, GateValues, TaskOutput
 from dicom_node.config import InferenceSettings, TaskName
 from dicom_node.jobs import OUTPUTS_JOB, ClaimedJob, JobMustWait, PermanentJobError, enqueue, finish, still_claimed
 from dicom_node.models import SUMMARY_LENGTH, InferenceResult, Instance, heatmap_name
 from dicom_node.outputs.preview import preview, preview_bytes, preview_path, source_stamp
-from dicom_node.routing import Route, route
+from dicom_node.routing import Route, follow_the_image, route
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE
 from inference.model_card import ModelLoadError, ModelMissingError, load_network, read_card
@@ -111,7 +113,9 @@ class _Work:
     header: Dataset
     route: Route
     started: float  # time.perf_counter() when its preparation began
-    inputs: dict[TaskName, ModelInputs] = field(default_factory=dict)  # of the routed tasks' models
+    picture: Image.Image | None = None  # the decoded image, reduced (inference.preprocess.as_picture), until its inputs
+    shape: tuple[int, int] = (0, 0)  # (rows, columns) of the full-size image
+    inputs: dict[TaskName, ModelInputs] = field(default_factory=dict)  # of the routed tasks' models (and the gate's)
     timings_ms: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # the columns of its InferenceResult rows
     heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # by InferenceResult.heatmap_name
@@ -147,6 +151,7 @@ class InferenceJobs:
         heatmaps at that size, for the outputs job to draw on."""
         self.settings = settings
         self.tasks = settings.configured_tasks()
+        self.gate = settings.gate
         self.max_image_pixels = max_image_pixels
         self.picture_size = picture_size
         self.keep_preview = keep_preview
@@ -174,9 +179,16 @@ class InferenceJobs:
                 failures[job.id] = prepared
             else:
                 batch.append(prepared)
+        if self.gate is not None:
+            self._look_first([work for work in batch if not work.route.skipped], failures)
+            batch = [work for work in batch if work.job.id not in failures]
+        for work, error in zip(batch, self._preparers.map(self._make_inputs, batch), strict=True):
+            if error is not None:
+                failures[work.job.id] = error
+        batch = [work for work in batch if work.job.id not in failures]
         # The tasks' models run side by side (each runs its batch's images side by side on the cores, see
         # :mod:`inference.runtime`): an image alone that several tasks read has their models at work at once.
-        names = list(self.tasks)
+        names = [name for name in self.tasks if name != self.gate]
         routed = [[work for work in batch if task in work.route.tasks] for task in names]
         for task, outcomes in zip(names, self._preparers.map(self._run_task, names, routed), strict=True):
             for work, outcome, milliseconds in outcomes:  # the results made into rows in the order of the tasks
@@ -190,6 +202,40 @@ class InferenceJobs:
                 except Exception as error:
                     failures[work.job.id] = error
         return failures | self._record([work for work in batch if work.job.id not in failures])
+
+    def _look_first(self, batch: list[_Work], failures: dict[int, Exception]) -> None:
+        """Run the gate on ``batch`` and route each image by what it sees; its result is kept where it routed the
+        image to a task or disagreed with the tags."""
+        gate: GateTask = self.tasks[self.gate]
+        for work, outcome, milliseconds in self._run_task(self.gate, batch):
+            if isinstance(outcome, Exception):
+                failures[work.job.id] = outcome
+                continue
+            work.timings_ms[f"{self.gate}_model"] = milliseconds
+            try:
+                [output] = outcome
+                if not isinstance(output.values, GateValues):
+                    raise PermanentJobError(f"gate {self.gate} answered {type(output.values).__name__}, not GateValues")
+                work.route, values = follow_the_image(
+                    work.route, output.values, gate.settings, self.tasks, self.settings.undecided_tasks
+                )
+                if values.tasks_run or values.disagreement:
+                    self._add_row(work, self.gate, replace(output, values=values))
+            except Exception as error:
+                failures[work.job.id] = error
+
+    def _make_inputs(self, work: _Work) -> Exception | None:
+        """The inputs of the models of the tasks the image is routed to, from its decoded picture; the error, if
+        any (a missing model: the job waits)."""
+        try:
+            for task in work.route.tasks:
+                if task not in work.inputs:
+                    work.inputs[task] = self.models.of(task).inputs([work.picture], [work.shape])
+        except Exception as error:
+            return error
+        finally:
+            work.picture = None
+        return None
 
     def _run_task(self, task: TaskName, routed: list[_Work]) -> list[tuple[_Work, object, float]]:
         """Run ``task`` on the images of ``routed`` in one batch; if the batch fails, image by image, so that
@@ -236,13 +282,15 @@ class InferenceJobs:
         stamp = source_stamp(stored_file)  # before reading: a file replaced meanwhile gets a preview never drawn
         ds = pydicom.dcmread(stored_file, defer_size=DEFERRED_PIXEL_DATA)
         work = _Work(job, relative, ds, route(ds, self.settings), started)
-        if work.route.tasks:
-            models = {task: self.models.of(task) for task in work.route.tasks}  # a missing one: wait, undecoded
+        looks_first = self.gate is not None and not work.route.skipped
+        if work.route.tasks or looks_first:
+            # a missing model: wait, undecoded (those of the tasks a gate routes to are known after it looked)
+            models = {task: self.models.of(task) for task in ([self.gate] if looks_first else work.route.tasks)}
             pixels = radiograph_pixels(ds, self.max_image_pixels, reduce_to=self.picture_size)
-            picture, shape = as_picture(pixels), dimensions(ds)[:2]
-            work.inputs = {task: model.inputs([picture], [shape]) for task, model in models.items()}
+            work.picture, work.shape = as_picture(pixels), dimensions(ds)[:2]
+            work.inputs = {task: model.inputs([work.picture], [work.shape]) for task, model in models.items()}
             if self.keep_preview:
-                work.preview = preview_bytes(preview(pixels, self.picture_size, shape), stamp)
+                work.preview = preview_bytes(preview(pixels, self.picture_size, work.shape), stamp)
         work.timings_ms["prepare"] = (time.perf_counter() - started) * 1000
         return work
 

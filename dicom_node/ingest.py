@@ -216,7 +216,7 @@ class Ingestor:
         """Where the instance's inference job waits on PostgreSQL: the queue of the models it is routed to. A header
         routing cannot read goes to the queue of all models, whose worker records why."""
         try:
-            return inference_queue(route(ds, self.routing).tasks)
+            return inference_queue(route(ds, self.routing).models(self.routing))
         except Exception:
             return inference_queue(self.routing.tasks)
 

@@ -1,12 +1,12 @@
 """The outputs job: from an instance's recorded results to DICOM objects for the PACS, and their outbox rows.
 
-For each result, a Secondary Capture image with its heatmap (:mod:`dicom_node.outputs.secondary_capture`) and a
-Parametric Map of the heatmap (:mod:`dicom_node.outputs.parametric_map`); for the instance, one structured report
-of all its results (:mod:`dicom_node.outputs.report`), which names the reports it supersedes when the instance
-was processed before. Their UIDs derive from the source and the results' ids, so a job run again after a crash
-writes the same objects to the same places. One transaction indexes them beside the received instances
-(``source_instance_pk`` says which one they report on), adds one outbox row per object and destination
-(:mod:`dicom_node.delivery`) and marks the job done.
+For each result of an illustrated task (``Task.illustrated``), a Secondary Capture image with its heatmap
+(:mod:`dicom_node.outputs.secondary_capture`) and a Parametric Map of the heatmap
+(:mod:`dicom_node.outputs.parametric_map`); for the instance, one structured report of all its results
+(:mod:`dicom_node.outputs.report`), which names the reports it supersedes when the instance was processed before.
+Their UIDs derive from the source and the results' ids, so a job run again after a crash writes the same objects to
+the same places. One transaction indexes them beside the received instances (``source_instance_pk`` says which one
+they report on), adds one outbox row per object and destination (:mod:`dicom_node.delivery`) and marks the job done.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ class OutputJobs:
         """Each result's Secondary Capture and Parametric Map, as switched on, by (task, output); heatmap files are
         read only when one of them is."""
         settings = self.settings.outputs
-        if not (settings.secondary_captures or settings.parametric_maps):
+        results = [result for result in results if task_type(result.task).illustrated]
+        if not (results and (settings.secondary_captures or settings.parametric_maps)):
             return {}
         radiograph = self._radiograph(source, stamp, results) if settings.secondary_captures else None
         images: dict[tuple[str, str], list[_Output]] = {}

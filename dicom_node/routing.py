@@ -1,18 +1,27 @@
-"""Which tasks run on a stored instance, decided from its header before any pixel is decoded.
+"""Which tasks run on a stored instance: decided from its header (:func:`route`), then, where a gate is configured,
+from what the image shows (:func:`follow_the_image`).
 
 Objects that carry no image for the models (structured reports, presentation states, key object selections)
 and derived images (among them the node's own Secondary Captures coming back from the PACS) are skipped with
 a reason that the job records. Otherwise the first configured rule whose pattern matches one of its
 attributes decides; an instance that no rule decides runs ``undecided_tasks`` (by default every task).
+
+A gate (:class:`dicom_node.ai_tasks.interface.GateTask`) then looks at every image that is not skipped. Where no
+rule decided, the image goes to the tasks of the body part the gate sees, of those in ``undecided_tasks``, and to
+none when it sees none of theirs. Where a rule routed it to a task of another body part and the gate is at least
+``min_confidence`` sure, that is a disagreement: the gate's ``policy`` says whether the node follows the image
+(the default) or the tags, and the gate's result records it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from dicom_node.ai_tasks.interface import GateSettings, GateValues, Task
 from dicom_node.config import InferenceSettings, TaskName
 
 
@@ -20,23 +29,58 @@ from dicom_node.config import InferenceSettings, TaskName
 class Route:
     tasks: tuple[TaskName, ...]
     reason: str  # why these tasks, or why none; free of patient data
+    by_tags: bool = False  # a rule matched the header
+    skipped: bool = False  # no image for the models: no task reads it, nor a gate
+
+    def models(self, settings: InferenceSettings) -> tuple[TaskName, ...]:
+        """The tasks whose models may read the image: with a gate, any task, as the image may show any body part."""
+        if settings.gate is not None and not self.skipped:
+            return tuple(settings.tasks)
+        return self.tasks
 
 
 def route(ds: Dataset, settings: InferenceSettings) -> Route:
     """The tasks for ``ds`` (a header is enough) and the reason."""
     if "PixelData" not in ds:
-        return Route((), f"skipped: no image ({_sop_class_name(ds)})")
+        return Route((), f"skipped: no image ({_sop_class_name(ds)})", skipped=True)
     image_type = ds.get("ImageType") or []
     image_type = [str(value).upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
     if settings.skip_derived and image_type[:1] == ["DERIVED"]:
-        return Route((), "skipped: derived image (ImageType " + "\\".join(image_type) + f", {_sop_class_name(ds)})")
+        reason = "skipped: derived image (ImageType " + "\\".join(image_type) + f", {_sop_class_name(ds)})"
+        return Route((), reason, skipped=True)
     for number, rule in enumerate(settings.rules, start=1):
         pattern = re.compile(rule.pattern, re.IGNORECASE)
         for attribute in rule.attributes:
             value = str(ds.get(attribute, "") or "")
             if value and pattern.search(value):
-                return Route(tuple(rule.tasks), f"rule {number} matched {attribute}")
+                return Route(tuple(rule.tasks), f"rule {number} matched {attribute}", by_tags=True)
     return Route(tuple(settings.undecided_tasks), "no rule matched")
+
+
+def follow_the_image(
+    route: Route,
+    seen: GateValues,
+    gate: GateSettings,
+    tasks: Mapping[TaskName, Task],
+    undecided_tasks: Sequence[TaskName],
+) -> tuple[Route, GateValues]:
+    """The route of an image whose header gave ``route`` and in which the gate saw ``seen``, and the gate's values
+    with what the node did. ``tasks``: the configured tasks, whose ``body_part`` says what each reads."""
+    shown = tuple(name for name, task in tasks.items() if seen.body_part and task.body_part == seen.body_part)
+    what = f"the image shows {'a ' + seen.seen if shown else 'no body part a task reads'} ({seen.confidence:.0%})"
+    if not route.by_tags:
+        chosen = tuple(name for name in shown if name in undecided_tasks)
+        reason = f"{route.reason}; {what}"
+        return Route(chosen, reason), seen.model_copy(update={"tagged_tasks": None, "tasks_run": list(chosen)})
+    tagged = {"tagged_tasks": list(route.tasks)}
+    other_body_part = any(tasks[name].body_part != seen.body_part for name in route.tasks)
+    if not (other_body_part and seen.confidence >= gate.min_confidence):
+        return route, seen.model_copy(update=tagged | {"tasks_run": list(route.tasks)})
+    followed = "image" if gate.policy == "trust_image" else "tags"
+    chosen = shown if followed == "image" else route.tasks
+    reason = f"{route.reason}, but {what}: followed the {followed}"
+    values = seen.model_copy(update=tagged | {"tasks_run": list(chosen), "disagreement": True, "followed": followed})
+    return Route(chosen, reason, by_tags=True), values
 
 
 def _sop_class_name(ds: Dataset) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dicom_node.config import InferenceSettings
 from dicom_node.inference_jobs import InferenceModels
@@ -23,12 +25,26 @@ from tests.dicom_peers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_NODE = Path(sys.executable).parent / "dicom-node"
+SHIPPED_CONFIG = REPO / "config.yaml"
 DEMO_CARDS = {
     "tasks": {
         "hallux_valgus": {"card": REPO / "models" / "hallux-valgus-demo.yaml"},
         "bone_age": {"card": REPO / "models" / "bone-age-demo.yaml"},
     },
 }
+ANATOMY_CARD = REPO / "models" / "anatomy-demo.yaml"
+
+
+@functools.cache
+def config_without_the_anatomy_check() -> Path:
+    """The shipped config.yaml without its anatomy check, written once per process into a directory of its own:
+    for tests that send smooth noise (:func:`dicom_node.synthetic.synthetic_dx`) tagged as a hand or a foot, which
+    the check rightly routes to no task."""
+    settings = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    del settings["inference"]["tasks"]["anatomy"]
+    path = Path(tempfile.mkdtemp(prefix="dicom-node-config-")) / "config-without-anatomy-check.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +64,9 @@ def with_onnx_graphs(storage: Path, graphs: Path) -> Path:
 
 class ServeProcess:
     """A started ``dicom-node serve`` (or ``command``: ``serve --role web``, ``worker --queues ...``) with the
-    committed config.yaml and demo model cards; ``environment`` overrides settings. Its output goes to an
-    anonymous file, so that a long, talkative run never blocks on a full pipe."""
+    committed config.yaml and demo model cards, the anatomy check only with ``anatomy_check`` (see
+    :func:`config_without_the_anatomy_check`); ``environment`` overrides settings. Its output goes to an anonymous
+    file, so that a long, talkative run never blocks on a full pipe."""
 
     def __init__(
         self,
@@ -59,6 +76,7 @@ class ServeProcess:
         environment: dict[str, str] | None = None,
         command: Sequence[str] = ("serve",),
         web_port: int | None = None,
+        anatomy_check: bool = False,
     ) -> None:
         self.dicom_port = dicom_port or free_port()
         self.web_port = web_port or free_port()
@@ -75,11 +93,13 @@ class ServeProcess:
                 f"DICOM_NODE_INFERENCE__TASKS__{task.upper()}__CARD": str(section["card"])
                 for task, section in DEMO_CARDS["tasks"].items()
             }
+            | ({"DICOM_NODE_INFERENCE__TASKS__ANATOMY__CARD": str(ANATOMY_CARD)} if anatomy_check else {})
             | (environment or {})
         )
+        config = SHIPPED_CONFIG if anatomy_check else config_without_the_anatomy_check()
         self._output = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [DICOM_NODE, *command, "--config", REPO / "config.yaml"],
+            [DICOM_NODE, *command, "--config", config],
             env=environment,
             cwd=cwd or storage.parent,
             stdout=self._output,

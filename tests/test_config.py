@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.ai_tasks.registry import node_tasks, task_type
+from dicom_node.ai_tasks.registry import default_tasks, node_tasks, task_type
 from dicom_node.config import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,11 @@ def test_config_yaml_sets_every_key_and_documents_it() -> None:
         for key in field.annotation.model_fields:
             line_number = next(i for i, line in enumerate(text.splitlines()) if line.strip().startswith(f"{key}:"))
             assert text.splitlines()[line_number - 1].strip().startswith("#"), f"{section}.{key} has no comment"
-    assert load_settings(CONFIG) == load_settings(None), "config.yaml should spell out the defaults"
+    shipped, defaults = load_settings(CONFIG), load_settings(None)
+    # the shipped file adds the anatomy check to the default tasks (registry.default_tasks says why)
+    tasks = {name: section for name, section in shipped.inference.tasks.items() if name != "anatomy"}
+    ungated = shipped.model_copy(update={"inference": shipped.inference.model_copy(update={"tasks": tasks})})
+    assert ungated == defaults, "config.yaml should spell out the defaults"
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +141,14 @@ def test_config_yaml_lists_each_of_the_nodes_tasks_with_every_setting() -> None:
         assert set(section) == set(task_type(name).settings_type.model_fields), name
 
 
+def test_the_shipped_config_runs_the_anatomy_check_and_a_config_without_tasks_keeps_routing_by_tags(
+    tmp_path: Path,
+) -> None:
+    assert load_settings(CONFIG).inference.gate == "anatomy"
+    assert default_tasks() == ("bone_age", "hallux_valgus") and "anatomy" in node_tasks()
+    assert load_settings(_old_config(tmp_path)).inference.gate is None
+
+
 def test_the_keys_of_releases_before_task_sections_still_configure_their_task(tmp_path: Path) -> None:
     old = tmp_path / "old.yaml"
     old.write_text(
@@ -156,6 +168,11 @@ def test_the_keys_of_releases_before_task_sections_still_configure_their_task(tm
         ("inference:\n  tasks: {hallux_valgus: {threshold: 1.5}}\n", "tasks.hallux_valgus.threshold: Input should be"),
         ("inference:\n  tasks: {bone_age: {cards: x.yaml}}\n", "tasks.bone_age.cards: unknown key"),
         ("inference:\n  tasks: 5\n", "inference.tasks: Input should be a valid dictionary"),
+        ("inference:\n  tasks: {anatomy: {policy: ignore}, bone_age: {}}\n", "tasks.anatomy.policy: Input should be"),
+        (
+            "inference:\n  tasks: {anatomy: {}, bone_age: {}}\n  undecided_tasks: [anatomy]\n",
+            "undecided_tasks: 'anatomy' looks at every image first",
+        ),
         ("inference:\n  tasks: {bone_age: 5}\n  bone_age_card: x.yaml\n", "inference.tasks.bone_age: Input should be"),
         (
             "inference:\n  tasks: {bone_age: {}}\n  undecided_tasks: [hallux_valgus]\n",
@@ -175,7 +192,7 @@ def test_a_task_key_in_the_environment_adds_to_the_nodes_tasks(monkeypatch: pyte
     monkeypatch.setenv("DICOM_NODE_INFERENCE__TASKS__HALLUX_VALGUS__THRESHOLD", "0.4")
     for path in (None, _old_config(tmp_path)):
         tasks = load_settings(path).inference.tasks
-        assert list(tasks) == list(node_tasks()), "no task dropped"
+        assert list(tasks) == list(default_tasks()), "no task dropped"
         assert tasks["hallux_valgus"].threshold == 0.4
 
 

@@ -129,7 +129,40 @@ def both_tasks() -> tuple[pydicom.Dataset, list[InferenceResult]]:
     return source_image("FOOT"), [foot_result(angle=None), *bone_age_results(chronological=True)]
 
 
-@pytest.mark.parametrize("case", [foot_only, hand_compared, hand_without_age, both_tasks])
+def anatomy_result(seen: str, body_part: str | None, tagged: list[str], run: list[str]) -> InferenceResult:
+    disagreement = bool(tagged) and run != tagged
+    values = {
+        "seen": seen,
+        "body_part": body_part,
+        "confidence": 0.97,
+        "probabilities": {"hand": 0.01, "foot": 0.02, "other": 0.97} | {seen: 0.97},
+        "tagged_tasks": tagged,
+        "tasks_run": run,
+        "disagreement": disagreement,
+        "followed": "image" if disagreement else None,
+    }
+    return result("anatomy", "body_part", values)
+
+
+def foot_checked_against_hand_tags() -> tuple[pydicom.Dataset, list[InferenceResult]]:
+    return source_image("HAND"), [anatomy_result("foot", "FOOT", ["bone_age"], ["hallux_valgus"]), foot_result()]
+
+
+def other_checked_against_hand_tags() -> tuple[pydicom.Dataset, list[InferenceResult]]:
+    return source_image("HAND"), [anatomy_result("other", None, ["bone_age"], [])]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        foot_only,
+        hand_compared,
+        hand_without_age,
+        both_tasks,
+        foot_checked_against_hand_tags,
+        other_checked_against_hand_tags,
+    ],
+)
 def test_the_report_passes_dciodvfy_and_the_sr_validator(case, tmp_path: Path) -> None:
     source, results = case()
     path = tmp_path / "report.dcm"
@@ -437,3 +470,32 @@ def test_a_report_made_again_names_the_one_it_supersedes(tmp_path: Path) -> None
     assert "PredecessorDocumentsSequence" not in first
     second.save_as(tmp_path / "report.dcm")
     assert dciodvfy_errors(tmp_path / "report.dcm") == [], "the SR Document General module with its predecessors"
+
+
+def _evaluations(group) -> dict[str, str]:
+    return {item.name.meaning: item.value.meaning for item in group.get_qualitative_evaluations()}
+
+
+def _read_back(sr: pydicom.Dataset, path: Path) -> list:
+    sr.save_as(path)
+    return highdicom.sr.srread(path).content.get_image_measurement_groups()
+
+
+def test_the_anatomy_check_reports_what_the_image_shows_and_its_disagreement_with_the_tags(tmp_path: Path) -> None:
+    source, results = foot_checked_against_hand_tags()
+    sr = report(source, results, {("hallux_valgus", "foot"): [secondary_capture(source)]})
+    check, *feet = _read_back(sr, tmp_path / "checked.dcm")
+    assert len(feet) == 4 and check.tracking_identifier == "anatomy check"
+    assert _evaluations(check) == {
+        "Body part shown in the image": "Foot",
+        "Agrees with the body part of the DICOM attributes": "No",
+    }
+    assert [site.value.meaning for site in check.finding_sites] == ["Foot"]
+    assert _measurements(check) == {"Probability": (pytest.approx(0.97), "no units")}
+    assert ("Algorithm Parameters", "followed the image on the disagreement") in _algorithm_rows(check)
+    assert ("Algorithm Parameters", "ran hallux_valgus") in _algorithm_rows(check)
+    _, [untagged] = other_checked_against_hand_tags()
+    untagged.values = untagged.values | {"tagged_tasks": None, "disagreement": False, "followed": None}
+    [alone] = _read_back(report(source, [untagged]), tmp_path / "untagged.dcm")
+    assert _evaluations(alone) == {"Body part shown in the image": "Neither hand nor foot"}
+    assert not alone.finding_sites

@@ -1,4 +1,4 @@
-"""Routing: which tasks run on an instance, from its header."""
+"""Routing: which tasks run on an instance, from its header, then from what a gate sees in the image."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage
 
+from dicom_node.ai_tasks.interface import GateValues
 from dicom_node.config import ConfigError, InferenceSettings, RoutingRule, load_settings
-from dicom_node.routing import route
+from dicom_node.routing import follow_the_image, route
 
 
 def header(sop_class=DigitalXRayImageStorageForPresentation, pixels: bool = True, **attributes: str) -> Dataset:
@@ -66,3 +67,95 @@ def test_a_bad_pattern_is_a_one_line_configuration_error(tmp_path) -> None:
     config.write_text("inference:\n  rules: [{pattern: 'FOOT', tasks: [chest]}]\n")
     with pytest.raises(ConfigError, match=r"inference\.rules\.tasks"):
         load_settings(config)
+
+
+# --- a gate that looks at the image first ----------------------------------------------------------------------
+
+
+def gated(**anatomy: object) -> InferenceSettings:
+    """The node's tasks with the anatomy check, as the shipped config.yaml runs them."""
+    return InferenceSettings(tasks={"anatomy": anatomy, "bone_age": {}, "hallux_valgus": {}})
+
+
+def seen(what: str, confidence: float = 0.99) -> GateValues:
+    body_parts = {"hand": "HAND", "foot": "FOOT", "other": None}
+    return GateValues(seen=what, body_part=body_parts[what], confidence=confidence, probabilities={what: confidence})
+
+
+def followed(settings: InferenceSettings, ds: Dataset, what: str, confidence: float = 0.99):
+    gate = settings.configured_tasks()[settings.gate]
+    return follow_the_image(
+        route(ds, settings),
+        seen(what, confidence),
+        gate.settings,
+        settings.configured_tasks(),
+        settings.undecided_tasks,
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "tasks", "reason"),
+    [
+        ("hand", ("bone_age",), "no rule matched; the image shows a hand (99%)"),
+        ("foot", ("hallux_valgus",), "no rule matched; the image shows a foot (99%)"),
+        ("other", (), "no rule matched; the image shows no body part a task reads (99%)"),
+    ],
+)
+def test_an_untagged_image_goes_to_the_tasks_of_what_it_shows(what: str, tasks: tuple, reason: str) -> None:
+    settings = gated()
+    assert settings.gate == "anatomy" and "anatomy" not in settings.undecided_tasks
+    new_route, values = followed(settings, header(), what)
+    assert (new_route.tasks, new_route.reason) == (tasks, reason)
+    assert values.tagged_tasks is None and values.tasks_run == list(tasks) and not values.disagreement
+
+
+def test_tags_the_image_agrees_with_are_followed_and_recorded() -> None:
+    settings = gated()
+    new_route, values = followed(settings, header(BodyPartExamined="HAND"), "hand")
+    assert new_route == route(header(BodyPartExamined="HAND"), settings)
+    assert (values.tagged_tasks, values.tasks_run, values.disagreement, values.followed) == (
+        ["bone_age"],
+        ["bone_age"],
+        False,
+        None,
+    )
+
+
+def test_a_confident_disagreement_follows_the_image_by_default_and_the_tags_when_configured() -> None:
+    foot_tagged_hand = header(BodyPartExamined="HAND")
+    by_image, values = followed(gated(), foot_tagged_hand, "foot")
+    assert by_image.tasks == ("hallux_valgus",)
+    assert by_image.reason == "rule 1 matched BodyPartExamined, but the image shows a foot (99%): followed the image"
+    assert (values.tagged_tasks, values.tasks_run, values.disagreement, values.followed) == (
+        ["bone_age"],
+        ["hallux_valgus"],
+        True,
+        "image",
+    )
+    trusting_tags = gated(policy="trust_tags")
+    by_tags, values = followed(trusting_tags, foot_tagged_hand, "foot")
+    assert by_tags.tasks == ("bone_age",) and by_tags.reason.endswith("followed the tags")
+    assert (values.tasks_run, values.disagreement, values.followed) == (["bone_age"], True, "tags")
+    nothing, values = followed(gated(), foot_tagged_hand, "other")
+    assert nothing.tasks == () and values.disagreement and values.followed == "image"
+
+
+def test_an_unsure_gate_leaves_the_tags_alone() -> None:
+    settings = gated(min_confidence=0.95)
+    new_route, values = followed(settings, header(BodyPartExamined="HAND"), "foot", confidence=0.94)
+    assert new_route.tasks == ("bone_age",) and not values.disagreement
+
+
+def test_a_gated_image_waits_in_the_queue_of_every_task_and_a_skipped_one_in_none() -> None:
+    settings = gated()
+    assert route(header(BodyPartExamined="HAND"), settings).models(settings) == ("anatomy", "bone_age", "hallux_valgus")
+    assert route(header(BasicTextSRStorage, pixels=False), settings).models(settings) == ()
+    ungated = InferenceSettings()
+    assert route(header(BodyPartExamined="HAND"), ungated).models(ungated) == ("bone_age",)
+
+
+def test_no_rule_routes_to_a_gate(tmp_path) -> None:
+    with pytest.raises(ValueError, match="undecided_tasks: 'anatomy' looks at every image first"):
+        InferenceSettings(tasks={"anatomy": {}, "bone_age": {}}, undecided_tasks=["anatomy"])
+    with pytest.raises(ValueError, match="rules.tasks: 'anatomy' looks at every image first"):
+        InferenceSettings(tasks={"anatomy": {}}, rules=[RoutingRule(pattern="HAND", tasks=["anatomy"])])

@@ -228,7 +228,7 @@ def secondary_capture(
     ds.SeriesDescription = f"HTTP upload ({kind})"
     ds.Modality = "OT"
     ds.ConversionType = "WSD"  # workstation: a picture sent to the API
-    if task is not None:
+    if task is not None and task_type(task).body_part:
         ds.BodyPartExamined = task_type(task).body_part
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1

@@ -13,6 +13,10 @@ through this interface:
   :attr:`Task.prediction_fields_type`, :attr:`Task.listing_fields_type`) and its part of the viewer's image page
   (:attr:`Task.viewer_template`, a Jinja template beside the task's module).
 
+A :class:`GateTask` runs on every image before the others and says which body part the image shows; the node
+routes by it (:func:`dicom_node.routing.follow_the_image`) and records what it did in the gate's values
+(:class:`GateValues`).
+
 The outputs are built from the values recorded in the index, never from today's settings: a report made
 again says what the model said then.
 """
@@ -23,9 +27,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     import pydicom
@@ -107,6 +111,7 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
     settings_type: ClassVar[type[TaskSettings]]
     values_type: ClassVar[type[TaskValues]]
     moved_settings: ClassVar[Mapping[str, str]] = {}  # an old key of ``inference`` -> its key in the task's section
+    illustrated: ClassVar[bool] = True  # False: its results get no Secondary Capture or Parametric Map, the report only
 
     def __init__(self, settings: SettingsT) -> None:
         self.settings = settings
@@ -201,3 +206,52 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
         ``ResultOut``: ``id``, ``output``, ``is_primary``, ``summary``, ``values`` ...); it also gets the macros
         ``result_meta(result)`` and ``result_label(result)``."""
         return {"results": list(results)}
+
+
+# --- a task that looks at every image first ------------------------------------------------------------------
+
+
+class GateSettings(TaskSettings):
+    """A gate's section of ``inference.tasks``: what the node does when the DICOM tags route an image to tasks of
+    another body part than the gate sees with at least ``min_confidence``."""
+
+    policy: Literal["trust_image", "trust_tags"] = Field(
+        "trust_image", description="trust_image: run the tasks of what the image shows; trust_tags: those of the tags."
+    )
+    min_confidence: float = Field(0.9, gt=0, le=1, description="Below it, the tags are followed without a word.")
+
+
+class GateValues(TaskValues):
+    """What a gate saw in an image (:meth:`GateTask.predict`), and what the node did with it
+    (:func:`dicom_node.routing.follow_the_image`)."""
+
+    seen: str  # the class the gate's model gives, as the task names it ("hand", "other")
+    body_part: str | None  # the BodyPartExamined it means (a task's ``body_part``); None: none of the tasks'
+    confidence: float
+    probabilities: dict[str, float]
+    tagged_tasks: list[str] | None = None  # the tasks the DICOM tags routed the image to; None: they did not say
+    tasks_run: list[str] = []
+    disagreement: bool = False  # the tags routed to another body part's tasks, and the gate was confident
+    followed: Literal["image", "tags"] | None = None  # on a disagreement, which one the node followed
+
+
+class GateTask(Task[SettingsT, GateValues]):
+    """A task that runs on every image the models read, before the others, and says which body part it shows; its
+    result is recorded where it routed the image to a task or disagreed with the tags, and shows in the report, the
+    API and the viewer, never as an image of its own."""
+
+    settings_type: ClassVar[type[TaskSettings]] = GateSettings
+    values_type = GateValues
+    illustrated = False
+    routing_pattern = r"(?!)"  # no rule of the tags routes to a gate
+    body_parts: ClassVar[Mapping[str, str | None]]  # each class of its model -> the BodyPartExamined it means
+
+    @abstractmethod
+    def predict(
+        self, model: Model, inputs: ModelInputs, headers: Sequence[pydicom.Dataset]
+    ) -> list[list[TaskOutput[GateValues]]]:
+        """For each image, one output whose values say what it shows (the routing fields left at their defaults)."""
+
+    @classmethod
+    def caption(cls, output: str, values: GateValues) -> tuple[tuple[str, ...], str]:
+        return (f"{cls.title.capitalize()}: {values.seen} ({values.confidence:.0%})",), f"the {values.seen}"

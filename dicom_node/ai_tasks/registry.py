@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
-from dicom_node.ai_tasks.interface import MAP_SERIES_OFFSET, RESERVED_SERIES_NUMBERS, Task
+from dicom_node.ai_tasks.interface import MAP_SERIES_OFFSET, RESERVED_SERIES_NUMBERS, GateTask, Task
 from inference.model_card import TASK_NAME
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,17 @@ def installed_tasks() -> dict[str, type[Task]]:
 
 @functools.cache
 def node_tasks() -> tuple[str, ...]:
-    """The names of the node's own tasks, those that run when config.yaml lists none: sorted by name, as
-    setuptools writes a distribution's entry points."""
+    """The names of the node's own tasks, sorted by name, as setuptools writes a distribution's entry points."""
     return tuple(
         point.name for point in entry_points(group=ENTRY_POINT_GROUP) if _distribution(point) == NODE_DISTRIBUTION
     )
+
+
+def default_tasks() -> tuple[str, ...]:
+    """The tasks that run when config.yaml lists none: the node's own but a gate. A gate changes which tasks read
+    an image, so it runs where the configuration lists it (the shipped config.yaml does): a site whose file lists
+    no tasks keeps its routing by the tags."""
+    return tuple(name for name in node_tasks() if not issubclass(task_type(name), GateTask))
 
 
 def task_type(name: str) -> type[Task]:

@@ -1,7 +1,7 @@
 """The picture of a heatmap Secondary Capture: the radiograph in gray with the heatmap blended over it in colour,
 between two text strips: the warnings above, the result in words and a colour legend below.
 
-The text lies in strips of its own rather than over the radiograph, so that it never hides the anatomy or the
+The text lies in strips of its own rather than over the radiograph, so that it never hides the bones or the
 place where the heatmap peaks. The font is the one built into Pillow (``ImageFont.load_default``, scalable with
 the FreeType support of Pillow's wheels), sized with the picture so that the text stays legible on a small
 thumbnail and on a large screen alike.
@@ -19,7 +19,7 @@ from inference.predict import Heatmap
 
 MIN_SIZE = 512  # the smallest longest side of a picture that leaves most of it to the radiograph
 TRANSPARENT_BELOW = 0.2  # heatmap values up to this show the radiograph untouched
-MAX_OPACITY = 0.6  # at the heatmap's peak, the anatomy still shows through the colour
+MAX_OPACITY = 0.6  # at the heatmap's peak, the bones still show through the colour
 
 _FONT_SHARE = 1 / 45  # font size as a share of the picture's longest side (the source's, up to max_size)
 _MIN_FONT_PX = 12

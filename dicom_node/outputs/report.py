@@ -142,10 +142,11 @@ def measurement_groups(
     return task.measurement_groups(result, task.values(result), ReportContext(source, uids, illustrations))
 
 
-def finding_site(anatomy: highdicom.sr.CodedConcept, source: pydicom.Dataset) -> FindingSite:
-    """The anatomy with the source's laterality (CID 244) where it gives one: the series' or the image's."""
+def finding_site(site: highdicom.sr.CodedConcept, source: pydicom.Dataset) -> FindingSite:
+    """The body part ``site`` with the source's laterality (CID 244) where it gives one: the series' or the
+    image's."""
     side = series_laterality(source)
-    return FindingSite(anatomy, laterality=codes.LATERALITIES[side] if side else None)
+    return FindingSite(site, laterality=codes.LATERALITIES[side] if side else None)
 
 
 def algorithm_identification(result: InferenceResult, *parameters: str) -> AlgorithmIdentification:
