@@ -217,7 +217,7 @@ class InferenceJobs:
                 if not isinstance(output.values, GateValues):
                     raise PermanentJobError(f"gate {self.gate} answered {type(output.values).__name__}, not GateValues")
                 work.route, values = follow_the_image(
-                    work.route, output.values, gate.settings, self.tasks, self.settings.undecided_tasks
+                    work.route, output.values, gate, self.tasks, self.settings.undecided_tasks
                 )
                 if values.tasks_run or values.disagreement:
                     self._add_row(work, self.gate, replace(output, values=values))
@@ -365,7 +365,7 @@ class InferenceJobs:
                 self.store.publish(temporary, work.heatmap_path)
         except Exception as error:
             return error
-        if work.heatmaps and work.preview is not None:
+        if work.preview is not None and any(self.tasks[row["task"]].illustrated for row in work.rows):
             self._keep_preview(work)
         work.timings_ms["record"] = (time.perf_counter() - started) * 1000
         return None

@@ -117,10 +117,13 @@ class OutputJobs:
         source = pydicom.dcmread(stored_file, defer_size=DEFERRED_PIXEL_DATA)
         outputs = self._build(source, stamp, results, earlier_reports)
         if not outputs:
+            illustrated = any(task_type(result.task).illustrated for result in results)
             self._note(
                 job,
-                "outputs are switched off "
-                "(outputs.secondary_captures, outputs.parametric_maps, outputs.structured_report)",
+                "outputs are switched off (outputs.secondary_captures, outputs.parametric_maps, "
+                "outputs.structured_report)"
+                if illustrated
+                else "no report (outputs.structured_report is off), and its results' tasks make no images",
             )
             return
         written = [(output, *self._write(output.dataset)) for output in outputs]

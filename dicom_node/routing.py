@@ -4,13 +4,14 @@ from what the image shows (:func:`follow_the_image`).
 Objects that carry no image for the models (structured reports, presentation states, key object selections)
 and derived images (among them the node's own Secondary Captures coming back from the PACS) are skipped with
 a reason that the job records. Otherwise the first configured rule whose pattern matches one of its
-attributes decides; an instance that no rule decides runs ``undecided_tasks`` (by default every task).
+attributes decides; an instance that no rule decides runs ``undecided_tasks``.
 
-A gate (:class:`dicom_node.ai_tasks.interface.GateTask`) then looks at every image that is not skipped. Where no
-rule decided, the image goes to the tasks of the body part the gate sees, of those in ``undecided_tasks``, and to
-none when it sees none of theirs. Where a rule routed it to a task of another body part and the gate is at least
-``min_confidence`` sure, that is a disagreement: the gate's ``policy`` says whether the node follows the image
-(the default) or the tags, and the gate's result records it.
+A gate (:class:`dicom_node.ai_tasks.interface.GateTask`) then looks at every image that is not skipped. It judges
+the tasks of the body parts it tells apart (say, a hand's and a foot's); the others run as routed. Where no rule
+decided, the image goes to those of ``undecided_tasks`` (by default every task but the gate) that read the body part
+the gate sees, or that it cannot judge. Where a rule routed it only to tasks of another body part that the gate
+judges, that is a disagreement, which the gate's result records: with the gate at least ``min_confidence`` sure, its
+``policy`` says whether the node follows the image (the default) or the tags; less sure, the node follows the tags.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicom_node.ai_tasks.interface import GateSettings, GateValues, Task
+from dicom_node.ai_tasks.interface import GateSettings, GateTask, GateValues, Task
 from dicom_node.config import InferenceSettings, TaskName
 
 
@@ -60,27 +61,35 @@ def route(ds: Dataset, settings: InferenceSettings) -> Route:
 def follow_the_image(
     route: Route,
     seen: GateValues,
-    gate: GateSettings,
+    gate: GateTask,
     tasks: Mapping[TaskName, Task],
     undecided_tasks: Sequence[TaskName],
 ) -> tuple[Route, GateValues]:
-    """The route of an image whose header gave ``route`` and in which the gate saw ``seen``, and the gate's values
-    with what the node did. ``tasks``: the configured tasks, whose ``body_part`` says what each reads."""
-    shown = tuple(name for name, task in tasks.items() if seen.body_part and task.body_part == seen.body_part)
-    what = f"the image shows {'a ' + seen.seen if shown else 'no body part a task reads'} ({seen.confidence:.0%})"
+    """The route of an image whose header gave ``route`` and in which ``gate`` saw ``seen``, and the gate's values
+    with what the node did. ``tasks``: the configured tasks, whose ``body_part`` says what each reads. The gate
+    judges only the tasks of the body parts it tells apart (``gate.body_parts``): the others run as routed."""
+    known = {part for part in gate.body_parts.values() if part}
+    judged = {name for name, task in tasks.items() if task.body_part in known}
+    shows = {name for name, task in tasks.items() if seen.body_part and task.body_part == seen.body_part}
+    what = f"the image shows {'a ' + seen.seen if shows else 'no body part a task reads'} ({seen.confidence:.0%})"
     if not route.by_tags:
-        chosen = tuple(name for name in shown if name in undecided_tasks)
+        chosen = tuple(name for name in tasks if name in undecided_tasks and (name in shows or name not in judged))
         reason = f"{route.reason}; {what}"
         return Route(chosen, reason), seen.model_copy(update={"tagged_tasks": None, "tasks_run": list(chosen)})
     tagged = {"tagged_tasks": list(route.tasks)}
-    other_body_part = any(tasks[name].body_part != seen.body_part for name in route.tasks)
-    if not (other_body_part and seen.confidence >= gate.min_confidence):
-        return route, seen.model_copy(update=tagged | {"tasks_run": list(route.tasks)})
-    followed = "image" if gate.policy == "trust_image" else "tags"
-    chosen = shown if followed == "image" else route.tasks
-    reason = f"{route.reason}, but {what}: followed the {followed}"
+    if not any(name in judged for name in route.tasks) or any(name in shows for name in route.tasks):
+        return route, seen.model_copy(update=tagged | {"tasks_run": list(route.tasks), "disagreement": False})
+    settings: GateSettings = gate.settings
+    if seen.confidence < settings.min_confidence:
+        followed, why = "tags", f", below min_confidence {settings.min_confidence:.0%}: followed the tags"
+    else:
+        followed = "image" if settings.policy == "trust_image" else "tags"
+        why = f": followed the {followed}"
+    chosen = route.tasks
+    if followed == "image":  # the tasks of what it shows, and those of the tags that it cannot judge
+        chosen = tuple(name for name in tasks if name in shows or (name in route.tasks and name not in judged))
     values = seen.model_copy(update=tagged | {"tasks_run": list(chosen), "disagreement": True, "followed": followed})
-    return Route(chosen, reason, by_tags=True), values
+    return Route(chosen, f"{route.reason}, but {what}{why}", by_tags=True), values
 
 
 def _sop_class_name(ds: Dataset) -> str:

@@ -176,6 +176,11 @@ class Model:
         # which may name other weights tomorrow, so its digest is that of the weights loaded now
         digest = card.weights.sha256 or state_dict_digest(network)
         cam_network = as_cam_network(network)
+        if cam_network is None and card.heatmap == "weight_magnitude":  # autograd Grad-CAM has no such map
+            raise ModelLoadError(
+                f"{card_path}: a weight_magnitude heatmap needs a network that ends in global average pooling and "
+                "one linear layer"
+            )
         runner: Runner | None = None
         if cam_network is not None and runtime == "onnxruntime":
             key = f"{digest}:{card.in_channels}:{card.input_size}:{card.feature_stride}:{torch.__version__}"

@@ -1,6 +1,7 @@
 """The anatomy check in a running node, on held-out phantoms (a seed no training or evaluation set uses): with their
 tags removed, hands get only the bone age, feet only the foot model and other body parts nothing; a foot whose tags
-say hand gets the foot model, and the disagreement shows in the job's note, the report and the viewer."""
+say hand gets the foot model, and the disagreement shows in the job's note, the report and the viewer; an image the
+check sends to a task whose model is missing waits, and the others go on."""
 
 from __future__ import annotations
 
@@ -38,16 +39,24 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def gated_settings(root: Path, **inference: object) -> Settings:
     """A node with the anatomy check, as the shipped config.yaml runs it."""
-    settings = Settings(
+    return Settings(
         dicom={"host": "127.0.0.1", "port": free_port()},
-        storage={"root": tmp_path_factory.mktemp("node") / "storage"},
+        storage={"root": root / "storage"},
         workers={"count": 1, "poll_interval": 0.05, "max_attempts": 1},
-        inference={"batch_size": 4, "tasks": {"anatomy": {}, "bone_age": {}, "hallux_valgus": {}}},
+        inference={"batch_size": 4, "tasks": {"anatomy": {}, "bone_age": {}, "hallux_valgus": {}}} | inference,
     )
-    node = Node(settings, models=InferenceModels.load(settings.inference))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> InferenceModels:
+    return InferenceModels.load(gated_settings(tmp_path_factory.mktemp("models")).inference)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, models: InferenceModels) -> Iterator[Node]:
+    node = Node(gated_settings(tmp_path_factory.mktemp("node")), models=models)
     node.start()
     yield node
     node.stop()
@@ -71,6 +80,11 @@ def processed(node: Node, sop_uids: list[str], timeout: float = 180) -> dict[str
         time.sleep(0.2)
     else:
         raise AssertionError(f"jobs not finished: {[(job.kind, job.state) for job in stored_jobs(node)]}")
+    return instances_of(node, sop_uids)
+
+
+def instances_of(node: Node, sop_uids: list[str]) -> dict[str, Instance]:
+    """The instances of ``sop_uids``, with their results and jobs loaded."""
     with node.sessions() as session:
         instances = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))).all()
         for instance in instances:
@@ -143,3 +157,31 @@ def test_a_foot_tagged_as_a_hand_gets_the_foot_model_and_the_disagreement_is_sho
         "followed": "image",
         "tasks_run": ["hallux_valgus"],
     }
+
+
+def test_an_image_the_check_routes_to_a_missing_model_waits_and_the_others_go_on(
+    tmp_path: Path, held_out: Path, models: InferenceModels
+) -> None:
+    without_bone_age = InferenceModels(
+        {task: model for task, model in models.models.items() if task != "bone_age"}, {"bone_age": "card missing"}
+    )
+    node = Node(gated_settings(tmp_path, on_missing_model="degraded"), models=without_bone_age)
+    node.start()
+    try:
+        labels = [label for label in read_labels(held_out / "labels.csv") if label.task in ("hand", "foot")][:2]
+        datasets = [untagged(held_out / label.file) for label in labels]
+        assert all(status.Status == 0 for status in send_datasets(node.settings.dicom.port, datasets))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = {job.instance_pk: job.state for job in stored_jobs(node) if job.kind == "inference"}
+            if sorted(states.values()) == sorted([JobState.DONE, JobState.WAITING]):
+                break
+            time.sleep(0.2)
+        instances = instances_of(node, [ds.SOPInstanceUID for ds in datasets])
+        hand, foot = (instances[ds.SOPInstanceUID] for ds in datasets)
+        [hand_job] = hand.jobs
+        assert hand_job.state == JobState.WAITING and "waiting for the bone_age model" in hand_job.note
+        assert not hand.results, "nothing recorded until the model is back"
+        assert {result.task for result in foot.results} == {"anatomy", "hallux_valgus"}
+    finally:
+        node.stop()

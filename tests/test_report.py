@@ -129,27 +129,31 @@ def both_tasks() -> tuple[pydicom.Dataset, list[InferenceResult]]:
     return source_image("FOOT"), [foot_result(angle=None), *bone_age_results(chronological=True)]
 
 
-def anatomy_result(seen: str, body_part: str | None, tagged: list[str], run: list[str]) -> InferenceResult:
-    disagreement = bool(tagged) and run != tagged
+def anatomy_result(
+    seen: str, body_part: str | None, tagged: list[str] | None, run: list[str], followed: str | None = None
+) -> InferenceResult:
+    """The anatomy check's values as the index keeps them: the routing keys it set, the defaults left out."""
     values = {
         "seen": seen,
         "body_part": body_part,
         "confidence": 0.97,
         "probabilities": {"hand": 0.01, "foot": 0.02, "other": 0.97} | {seen: 0.97},
+        "heatmap_peak_xy": [3.5, 4.5],
         "tagged_tasks": tagged,
         "tasks_run": run,
-        "disagreement": disagreement,
-        "followed": "image" if disagreement else None,
     }
-    return result("anatomy", "body_part", values)
+    if followed is not None:
+        values |= {"disagreement": True, "followed": followed}
+    return result("anatomy", "body_part", values, primary=False)
 
 
 def foot_checked_against_hand_tags() -> tuple[pydicom.Dataset, list[InferenceResult]]:
-    return source_image("HAND"), [anatomy_result("foot", "FOOT", ["bone_age"], ["hallux_valgus"]), foot_result()]
+    check = anatomy_result("foot", "FOOT", ["bone_age"], ["hallux_valgus"], followed="image")
+    return source_image("HAND"), [check, foot_result()]
 
 
 def other_checked_against_hand_tags() -> tuple[pydicom.Dataset, list[InferenceResult]]:
-    return source_image("HAND"), [anatomy_result("other", None, ["bone_age"], [])]
+    return source_image("HAND"), [anatomy_result("other", None, ["bone_age"], [], followed="image")]
 
 
 @pytest.mark.parametrize(
@@ -494,8 +498,13 @@ def test_the_anatomy_check_reports_what_the_image_shows_and_its_disagreement_wit
     assert _measurements(check) == {"Probability": (pytest.approx(0.97), "no units")}
     assert ("Algorithm Parameters", "followed the image on the disagreement") in _algorithm_rows(check)
     assert ("Algorithm Parameters", "ran hallux_valgus") in _algorithm_rows(check)
-    _, [untagged] = other_checked_against_hand_tags()
-    untagged.values = untagged.values | {"tagged_tasks": None, "disagreement": False, "followed": None}
-    [alone] = _read_back(report(source, [untagged]), tmp_path / "untagged.dcm")
-    assert _evaluations(alone) == {"Body part shown in the image": "Neither hand nor foot"}
-    assert not alone.finding_sites
+    untagged = anatomy_result("foot", "FOOT", None, ["hallux_valgus"])
+    alone, _, _, _, _ = _read_back(report(source, [untagged, foot_result()]), tmp_path / "untagged.dcm")
+    assert _evaluations(alone) == {"Body part shown in the image": "Foot"}, "no tags to agree with"
+    unsure = anatomy_result("foot", "FOOT", ["bone_age"], ["bone_age"], followed="tags")
+    [by_tags, *_] = _read_back(report(source, [unsure, *bone_age_results(True)]), tmp_path / "unsure.dcm")
+    assert _evaluations(by_tags)["Agrees with the body part of the DICOM attributes"] == "No"
+    assert ("Algorithm Parameters", "followed the tags on the disagreement") in _algorithm_rows(by_tags)
+    [nothing] = _read_back(report(source, other_checked_against_hand_tags()[1]), tmp_path / "other.dcm")
+    assert _evaluations(nothing)["Body part shown in the image"] == "Neither hand nor foot"
+    assert not nothing.finding_sites

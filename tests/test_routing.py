@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage
@@ -82,14 +84,11 @@ def seen(what: str, confidence: float = 0.99) -> GateValues:
     return GateValues(seen=what, body_part=body_parts[what], confidence=confidence, probabilities={what: confidence})
 
 
-def followed(settings: InferenceSettings, ds: Dataset, what: str, confidence: float = 0.99):
-    gate = settings.configured_tasks()[settings.gate]
+def followed(settings: InferenceSettings, ds: Dataset, what: str, confidence: float = 0.99, **more_tasks: object):
+    """What the node runs on ``ds`` when the gate sees ``what``; ``more_tasks``: tasks of other body parts."""
+    tasks = settings.configured_tasks() | more_tasks
     return follow_the_image(
-        route(ds, settings),
-        seen(what, confidence),
-        gate.settings,
-        settings.configured_tasks(),
-        settings.undecided_tasks,
+        route(ds, settings), seen(what, confidence), tasks[settings.gate], tasks, settings.undecided_tasks
     )
 
 
@@ -140,10 +139,38 @@ def test_a_confident_disagreement_follows_the_image_by_default_and_the_tags_when
     assert nothing.tasks == () and values.disagreement and values.followed == "image"
 
 
-def test_an_unsure_gate_leaves_the_tags_alone() -> None:
+def test_an_unsure_gate_follows_the_tags_and_records_the_disagreement() -> None:
     settings = gated(min_confidence=0.95)
     new_route, values = followed(settings, header(BodyPartExamined="HAND"), "foot", confidence=0.94)
-    assert new_route.tasks == ("bone_age",) and not values.disagreement
+    assert new_route.tasks == ("bone_age",)
+    assert new_route.reason.endswith("shows a foot (94%), below min_confidence 95%: followed the tags")
+    assert (values.disagreement, values.followed) == (True, "tags")
+
+
+def test_a_rule_to_both_body_parts_is_no_disagreement() -> None:
+    settings = InferenceSettings(
+        tasks={"anatomy": {}, "bone_age": {}, "hallux_valgus": {}},
+        rules=[RoutingRule(pattern="HAND|FOOT", tasks=["bone_age", "hallux_valgus"])],
+    )
+    new_route, values = followed(settings, header(BodyPartExamined="FOOT"), "hand")
+    assert new_route.tasks == ("bone_age", "hallux_valgus") and not values.disagreement
+
+
+def test_tasks_of_body_parts_the_gate_cannot_tell_run_as_routed() -> None:
+    toe = SimpleNamespace(body_part="TOE")  # a site's task: the anatomy check tells hands and feet only
+    settings = gated()
+    by_tags, values = followed(settings, header(BodyPartExamined="TOE"), "foot", toe=toe)
+    assert by_tags.tasks == ("hallux_valgus",) and not values.disagreement, "the foot's rule matches TOE"
+    with_toe = settings.model_copy(
+        update={
+            "rules": [RoutingRule(pattern="TOE", tasks=["bone_age"])],
+            "undecided_tasks": ["bone_age", "hallux_valgus", "toe"],
+        }
+    )
+    assert followed(with_toe, header(), "foot", toe=toe)[0].tasks == ("hallux_valgus", "toe")
+    assert followed(with_toe, header(), "other", toe=toe)[0].tasks == ("toe",)
+    toe_tagged_as_hand = followed(with_toe, header(BodyPartExamined="TOE"), "foot", toe=toe)
+    assert toe_tagged_as_hand[0].tasks == ("hallux_valgus",) and toe_tagged_as_hand[1].followed == "image"
 
 
 def test_a_gated_image_waits_in_the_queue_of_every_task_and_a_skipped_one_in_none() -> None:
@@ -159,3 +186,10 @@ def test_no_rule_routes_to_a_gate(tmp_path) -> None:
         InferenceSettings(tasks={"anatomy": {}, "bone_age": {}}, undecided_tasks=["anatomy"])
     with pytest.raises(ValueError, match="rules.tasks: 'anatomy' looks at every image first"):
         InferenceSettings(tasks={"anatomy": {}}, rules=[RoutingRule(pattern="HAND", tasks=["anatomy"])])
+
+
+def test_an_upload_cannot_ask_for_the_gate_as_its_task() -> None:
+    from web.uploads import UploadRefused, prepare
+
+    with pytest.raises(UploadRefused, match="no task 'anatomy' runs here .*; anatomy looks at every image first"):
+        prepare(b"not read", gated(), 2**20, None, None, "anatomy")

@@ -261,6 +261,12 @@ def test_torchscript_weights_load_and_a_wrong_output_count_is_refused(tmp_path: 
     wrong.write_text(text.replace("- Hallux Valgus", "- Hallux Valgus\n- hallux_valgus_angle"))
     with pytest.raises(ModelLoadError, match=r"gives \(1, 4\) outputs, the card lists 5"):
         Model.load(wrong)
+    wrapped = tmp_path / "wrapped.ts"  # not MONAI's layout: autograd Grad-CAM's, which has no magnitude map
+    torch.jit.script(torch.nn.Sequential(network)).save(str(wrapped))
+    magnitudes = write_card(tmp_path / "magnitudes.yaml", wrapped, in_channels=1, heatmap="weight_magnitude")
+    magnitudes.write_text(magnitudes.read_text().replace("format: state_dict", "format: torchscript"))
+    with pytest.raises(ModelLoadError, match="a weight_magnitude heatmap needs a network that ends in global"):
+        Model.load(magnitudes)
 
 
 def test_a_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path: Path) -> None:

@@ -95,9 +95,11 @@ def prepare(
         UploadRefused: 413 too large once decoded, 415 not an accepted kind, 422 corrupt, or a DICOM file that
         contradicts ``patient_id`` or ``sex``, or that no model (or not ``task``) runs on.
     """
-    if task is not None and task not in settings.tasks:
+    routed = [name for name in settings.tasks if name != settings.gate]
+    if task is not None and task not in routed:
+        why = f"; {task} looks at every image first" if task == settings.gate else ""
         raise UploadRefused(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"no task {task!r} runs here (tasks: {', '.join(settings.tasks)})"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"no task {task!r} runs here (tasks: {', '.join(routed)}){why}"
         )
     if is_dicom(data):
         prepared = _dicom_upload(data, settings, max_inflated_bytes, patient_id, sex)

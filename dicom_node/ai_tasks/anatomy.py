@@ -94,7 +94,8 @@ class AnatomyTask(GateTask[AnatomySettings]):
             summary = f"shows a {result.prediction} ({result.confidence:.0%})"
             if result.prediction == "other":
                 summary = f"shows neither a hand nor a foot ({result.confidence:.0%})"
-            outputs.append([TaskOutput(OUTPUT, True, summary, values, result.heatmap)])
+            # not primary: the viewer lays a finding's heatmap over the image first, not this one
+            outputs.append([TaskOutput(OUTPUT, False, summary, values, result.heatmap)])
         return outputs
 
     @classmethod

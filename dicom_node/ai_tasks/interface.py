@@ -213,12 +213,13 @@ class Task(ABC, Generic[SettingsT, ValuesT]):
 
 class GateSettings(TaskSettings):
     """A gate's section of ``inference.tasks``: what the node does when the DICOM tags route an image to tasks of
-    another body part than the gate sees with at least ``min_confidence``."""
+    another body part than the gate sees: ``policy`` where the gate is at least ``min_confidence`` sure, else it
+    follows the tags."""
 
     policy: Literal["trust_image", "trust_tags"] = Field(
         "trust_image", description="trust_image: run the tasks of what the image shows; trust_tags: those of the tags."
     )
-    min_confidence: float = Field(0.9, gt=0, le=1, description="Below it, the tags are followed without a word.")
+    min_confidence: float = Field(0.9, gt=0, le=1, description="Below it, the node follows the tags.")
 
 
 class GateValues(TaskValues):
@@ -231,7 +232,7 @@ class GateValues(TaskValues):
     probabilities: dict[str, float]
     tagged_tasks: list[str] | None = None  # the tasks the DICOM tags routed the image to; None: they did not say
     tasks_run: list[str] = []
-    disagreement: bool = False  # the tags routed to another body part's tasks, and the gate was confident
+    disagreement: bool = False  # the tags routed the image only to tasks of another body part the gate judges
     followed: Literal["image", "tags"] | None = None  # on a disagreement, which one the node followed
 
 

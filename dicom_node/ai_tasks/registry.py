@@ -83,7 +83,8 @@ def default_tasks() -> tuple[str, ...]:
     """The tasks that run when config.yaml lists none: the node's own but a gate. A gate changes which tasks read
     an image, so it runs where the configuration lists it (the shipped config.yaml does): a site whose file lists
     no tasks keeps its routing by the tags."""
-    return tuple(name for name in node_tasks() if not issubclass(task_type(name), GateTask))
+    found = registry()  # a broken one is kept: a node configured by default stops with its reason, as before
+    return tuple(name for name in node_tasks() if name in found.broken or not issubclass(found.tasks[name], GateTask))
 
 
 def task_type(name: str) -> type[Task]:
