@@ -148,10 +148,8 @@ def evaluate_bone_age(model: Model, examples: list[Example], plots: Path) -> Eva
             means.append(own.age_months)
             sigmas.append(own.sigma_months)
             empty.append(own.heatmap.peak_or_none() is None)
-            if example.finding_box is not None and not empty[-1]:
-                hits.append(_inside(own.heatmap, example.finding_box))
-            elif example.finding_box is not None:
-                hits.append(False)  # an empty map points nowhere
+            if example.finding_box is not None:  # an empty map points nowhere
+                hits.append(not empty[-1] and _inside(own.heatmap, example.finding_box))
     sexes, truth, means, sigmas = map(np.array, (sexes, truth, means, sigmas))
     z = np.abs(means - truth) / sigmas
     evaluation = Evaluation(counts={"hand_images": len(truth)})

@@ -180,7 +180,7 @@ def train_model(
                 if moved_masks is not None:
                     loss = loss + options.localisation_weight * localisation_loss(
                         feature_map.float(),
-                        _heatmap_weights(task, cam_network.head.weight, batch_targets),
+                        _heatmap_weights(card, cam_network.head.weight, batch_targets),
                         moved_masks > 0.5,
                     )
                 optimiser.zero_grad()
@@ -326,12 +326,14 @@ def _initial_card(card_path: Path, card: ModelCard) -> ModelCard:
     return initial
 
 
-def _heatmap_weights(task: TaskName, head_weight: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The weights (B x C) of each image's heatmap as inference makes it: the true class's CAM, or for a bone age
-    the magnitudes of its own sex's mean head."""
-    if task == "bone_age":
-        return head_weight[torch.where(targets["male"], 0, 2)].abs()
-    return head_weight[targets["class"]]
+def _heatmap_weights(card: ModelCard, head_weight: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weights (B x C) of each image's heatmap as inference makes it (of the card's kind): the true class's, or
+    for a bone age its own sex's mean head's."""
+    if card.task == "bone_age":
+        weights = head_weight[torch.where(targets["male"], 0, 2)]
+    else:
+        weights = head_weight[targets["class"]]
+    return weights.abs() if card.heatmap == "weight_magnitude" else weights
 
 
 def localisation_loss(feature_map: torch.Tensor, weights: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
