@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 
 install-test: $(VENV)/.installed-test
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed tests/oidc_provider/package-lock.json | system-packages
 	$(PIP) install -e '.[test]'
+	cd tests/oidc_provider && npm ci --no-audit --no-fund --silent  # the tests' OpenID Connect provider
 	touch $@
 
 system-packages:

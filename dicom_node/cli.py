@@ -15,6 +15,7 @@ import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.access_commands import add_access_commands
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.database import create_index_engine, session_factory
 from dicom_node.delivery import DeliveryQueue
@@ -33,8 +34,9 @@ from dicom_node.inference_jobs import InferenceModels
 from dicom_node.node import ROLES, Node, Role
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import models_of_queues
+from dicom_node.users import Users
 from inference.model_card import ModelLoadError
-from web.app import create_app, create_health_app
+from web.app import check_sign_in, create_app, create_health_app
 from web.dependencies import WebContext
 
 log = logging.getLogger("dicom_node")
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             db_command.add_argument("--revision", default="head", required=name == "downgrade")
         db_command.set_defaults(run=run)
 
+    add_access_commands(commands)
     add_demo_model_commands(commands)
 
     args = parser.parse_args(argv)
@@ -264,6 +267,13 @@ def serve(
     except IndexNotReady as error:
         print(f"dicom-node: {error}", file=sys.stderr)
         return EXIT_START_FAILED
+    if role in ("all", "web"):
+        try:
+            check_sign_in(settings, Users(node.sessions, node.trail))
+        except ConfigError as error:
+            print(f"dicom-node: {error}", file=sys.stderr)
+            node.engine.dispose()
+            return EXIT_CONFIG_ERROR
     try:
         node.start()
     except OSError as error:

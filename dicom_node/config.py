@@ -115,24 +115,70 @@ class DicomSettings(Section):
         return self
 
 
-MIN_API_TOKEN_LENGTH = 16
-SECRET_KEYS = {"web.api_token"}  # their values never appear in error messages
+SHARED_TOKEN_REMOVED = (
+    "api_token was removed: every user signs in now; create the first with `dicom-node users add NAME --role admin` "
+    "and a personal API token with `dicom-node users token NAME`"
+)
+SECRET_KEYS = {"web.oidc.client_secret"}  # their values never appear in error messages
+
+
+class OidcSettings(Section):
+    """Sign-in through the hospital's OpenID Connect provider (docs/security.md)."""
+
+    issuer: str  # https://idp.example.org/realms/hospital; its /.well-known/openid-configuration is read
+    client_id: str
+    client_secret: SecretStr
+    # the claim of the ID token and the access tokens that lists the user's roles: viewer, operator, admin
+    roles_claim: str = "roles"
+    username_claim: str = "preferred_username"
+    scopes: str = "openid profile roles"
+    # the API's audience in access tokens (the aud claim); empty: the client id
+    audience: str = ""
+    # where the provider sends the browser back; empty: this server's /login/oidc/callback as requested
+    redirect_uri: str = ""
+
+    @field_validator("issuer")
+    @classmethod
+    def _is_http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"an issuer is an http(s) URL, not {value!r}")
+        return value.rstrip("/")
 
 
 class WebSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 8000
-    # A secret, so kept out of reprs and logs of the settings; None leaves the API open (loopback only by default).
-    api_token: SecretStr | None = None
+    # None: local users only (dicom-node users ...)
+    oidc: OidcSettings | None = None
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    # failed sign-ins per address and user name within 15 minutes before the next attempts are refused (429)
+    sign_in_attempts: int = Field(5, ge=1)
     cors_origins: list[str] = []
     max_upload_mb: int = Field(16, ge=1, le=1024)
 
-    @field_validator("api_token")
+    @model_validator(mode="before")
     @classmethod
-    def _is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < MIN_API_TOKEN_LENGTH:
-            raise ValueError(f"an API token has at least {MIN_API_TOKEN_LENGTH} characters (e.g. openssl rand -hex 32)")
-        return value
+    def _no_shared_token(cls, values: object) -> object:
+        if isinstance(values, dict) and "api_token" in values:
+            raise ValueError(SHARED_TOKEN_REMOVED)
+        return values
+
+
+class AuditSyslogSettings(Section):
+    """A collector of DICOM audit messages (PS3.15 A.5) over syslog TLS (RFC 5425)."""
+
+    host: str
+    port: Port = 6514
+    ca_file: Path | None = None  # the collector's CA; None: the system's
+    cert_file: Path | None = None  # the node's client certificate, where the collector asks for one
+    key_file: Path | None = None
+
+
+class AuditSettings(Section):
+    # None: the trail is kept in the index only
+    syslog: AuditSyslogSettings | None = None
+    # AuditSourceID of the messages; empty: the node's AE title
+    source_id: str = ""
 
 
 class StorageSettings(Section):
@@ -369,6 +415,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = OutputSettings()
     destinations: list[Destination] = []
     delivery: DeliverySettings = DeliverySettings()
+    audit: AuditSettings = AuditSettings()
     mlflow: MlflowSettings = MlflowSettings()
     logging: LoggingSettings = LoggingSettings()
 
@@ -434,6 +481,8 @@ def load_settings(path: Path | None = None) -> Settings:
         if not isinstance(file_values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     _with_the_default_tasks_unless_listed(file_values)
+    if f"{ENV_PREFIX}WEB__API_TOKEN" in os.environ:
+        raise ConfigError(f"{ENV_PREFIX}WEB__API_TOKEN: {SHARED_TOKEN_REMOVED}")
     unknown = _unknown_environment_variables(os.environ)
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a setting (expected {ENV_PREFIX}<SECTION>__<KEY>)")
@@ -466,9 +515,9 @@ def _unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
         section, separator, key = name[len(ENV_PREFIX) :].lower().partition("__")
         field = Settings.model_fields.get(section)
         known = set(getattr(field.annotation, "model_fields", {})) if field is not None else set()
-        if section == "inference":  # the tasks' sections, and the old keys that moved into them
+        if section == "inference":  # the old keys that moved into the tasks' sections
             known |= {old for task in installed_tasks().values() for old in task.moved_settings}
-            key = key.partition("__")[0] if key.startswith("tasks__") else key
+        key = key.partition("__")[0]  # a nested section's keys (web.oidc.issuer) are its model's to check
         if field is None or (separator and key not in known):
             unknown.append(name)
     return unknown

@@ -40,9 +40,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import task_engine
+from dicom_node.audit.associations import Transfer
+from dicom_node.audit.record import AuditEventKind, AuditOutcome
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.background import PollingThread
 from dicom_node.config import Destination, OutputKind, Settings
-from dicom_node.models import Delivery, DeliveryState, Instance
+from dicom_node.models import Delivery, DeliveryState, Instance, Patient, Series, Study
 from dicom_node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class ClaimedDelivery:
     path: str  # relative to the storage root
     sop_class_uid: str
     sop_instance_uid: str
+    patient_id: str  # the audit trail names whose data went out
+    study_instance_uid: str
 
 
 class DeliveryQueue:
@@ -108,8 +113,18 @@ class DeliveryQueue:
             if destination is None:
                 return None
             rows = session.execute(
-                select(Delivery.id, Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid)
+                select(
+                    Delivery.id,
+                    Instance.path,
+                    Instance.sop_class_uid,
+                    Instance.sop_instance_uid,
+                    Patient.patient_id,
+                    Study.study_instance_uid,
+                )
                 .join(Instance, Delivery.instance_pk == Instance.id)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
                 .where(*due, Delivery.destination == destination)
                 .order_by(Delivery.id)
                 .limit(limit)
@@ -123,7 +138,7 @@ class DeliveryQueue:
                     .execution_options(synchronize_session=False)
                 ).rowcount
                 if taken:  # another sender may have taken it since the select
-                    claimed.append(ClaimedDelivery(row.id, row.path, row.sop_class_uid, row.sop_instance_uid))
+                    claimed.append(ClaimedDelivery(*row))
             return destination, claimed
 
     def sent(self, delivery_id: int, status: int) -> None:
@@ -223,11 +238,12 @@ class DeliverySender(PollingThread):
     """Threads (``delivery.associations``) that send due deliveries, one association per batch: while one waits
     for a destination to store an object, another sends the next batch."""
 
-    def __init__(self, settings: Settings, queue: DeliveryQueue, store: InstanceStore) -> None:
+    def __init__(self, settings: Settings, queue: DeliveryQueue, store: InstanceStore, trail: AuditTrail) -> None:
         super().__init__("delivery", settings.delivery.poll_interval, settings.delivery.associations)
         self.settings = settings
         self.queue = queue
         self.store = store
+        self.trail = trail
         self.destinations = {destination.name: destination for destination in settings.destinations}
 
     def start(self) -> None:
@@ -294,40 +310,50 @@ class DeliverySender(PollingThread):
             reason = "association rejected" if association.is_rejected else "association failed or aborted"
             self._all_failed(destination, deliveries, f"{reason} by {destination.name}")
             return
+        transfer = Transfer(destination.ae_title, destination.host)
         try:
             for number, delivery in enumerate(deliveries):
                 if not association.is_established:
                     self._all_failed(destination, deliveries[number:], "association ended before the object was sent")
+                    transfer.ending, transfer.outcome = "aborted", AuditOutcome.SERIOUS_FAILURE
                     return
-                self._send_one(association, destination, delivery)
+                if self._send_one(association, destination, delivery):
+                    transfer.add(delivery.patient_id, delivery.study_instance_uid)
+                else:
+                    transfer.refused += 1
+                    transfer.outcome = max(transfer.outcome, AuditOutcome.MINOR_FAILURE)
         finally:
             if association.is_established:
                 association.release()
+                transfer.ending = "released"
+            self.trail.record(transfer.record(AuditEventKind.ASSOCIATION_SENT, self.settings.dicom.ae_title))
 
-    def _send_one(self, association, destination: Destination, delivery: ClaimedDelivery) -> None:
+    def _send_one(self, association, destination: Destination, delivery: ClaimedDelivery) -> bool:
+        """Send one object; True where the destination stored it."""
         try:
             response = association.send_c_store(Path(self.store.absolute(delivery.path)))
         except ValueError as error:  # the destination accepted no presentation context for this SOP class
             state = self.queue.failed(delivery.id, f"not accepted by {destination.name}: {error}", permanent=True)
             log.warning("delivery %d: %s does not take its SOP class, now %s", delivery.id, destination.name, state)
-            return
+            return False
         except OSError as error:  # the file cannot be read now
             state = self.queue.failed(delivery.id, f"{type(error).__name__}: {error}")
             log.warning("delivery %d to %s: cannot read the file, now %s", delivery.id, destination.name, state)
-            return
+            return False
         status = int(response.Status) if "Status" in response else None
         if status is None:
             state = self.queue.failed(delivery.id, "no response (timeout or abort)")
         elif status_is_success(status):
             self.queue.sent(delivery.id, status)
             log.info("delivery %d sent to %s (0x%04X)", delivery.id, destination.name, status)
-            return
+            return True
         else:
             permanent = not status_is_transient(status)
             error = f"{destination.name} answered 0x{status:04X}"
             comment = response.get("ErrorComment")
             state = self.queue.failed(delivery.id, f"{error}: {comment}" if comment else error, status, permanent)
         log.warning("delivery %d to %s failed, now %s", delivery.id, destination.name, state)
+        return False
 
     def _all_failed(
         self, destination: Destination, deliveries: list[ClaimedDelivery], error: str, permanent: bool = False

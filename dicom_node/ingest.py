@@ -91,6 +91,8 @@ class IngestResult:
     outcome: Outcome
     sop_instance_uid: str
     path: PurePosixPath
+    patient_id: str  # the audit trail names whose data came in
+    study_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,13 @@ class Ingestor:
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
             if existing is not None and self.duplicate_policy == "keep_first":
                 self._restore_if_missing(PurePosixPath(existing.path), temporary)
-                return IngestResult(Outcome.DUPLICATE_IGNORED, header.sop_instance_uid, PurePosixPath(existing.path))
+                return IngestResult(
+                    Outcome.DUPLICATE_IGNORED,
+                    header.sop_instance_uid,
+                    PurePosixPath(existing.path),
+                    header.patient_id,
+                    header.study_instance_uid,
+                )
 
             series = index_series(session, header)
             previous = PurePosixPath(existing.path) if existing is not None else None
@@ -313,7 +321,7 @@ class Ingestor:
             set_aside.unlink(missing_ok=True)
         self.on_queued()
         outcome = Outcome.STORED if previous is None else Outcome.REPLACED
-        return IngestResult(outcome, header.sop_instance_uid, relative)
+        return IngestResult(outcome, header.sop_instance_uid, relative, header.patient_id, header.study_instance_uid)
 
     def _restore_if_missing(self, relative: PurePosixPath, temporary: Path) -> None:
         """A duplicate whose indexed file is gone (lost after an uncertain commit) puts it back."""

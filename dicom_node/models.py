@@ -230,7 +230,87 @@ class TrackedRun(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
 
+class UserRole(enum.StrEnum):
+    """What a user may do (docs/security.md): each role may do what the ones before it may."""
+
+    VIEWER = "viewer"  # read results and images
+    OPERATOR = "operator"  # also upload images, retry deliveries, run a job again
+    ADMIN = "admin"  # also read the users and the configuration
+
+    def allows(self, needed: UserRole) -> bool:
+        order = list(UserRole)
+        return order.index(self) >= order.index(needed)
+
+
+class User(Base):
+    """A local user (:mod:`dicom_node.users`); users of an OpenID Connect provider are not kept here."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(
+        Enum(UserRole, native_enum=False, length=16, values_callable=lambda roles: [r.value for r in roles])
+    )
+    password_hash: Mapped[str] = mapped_column(Text, doc="argon2id, in the PHC string format")
+    # sessions signed in before it end: a reset password or a changed role takes effect at once
+    credentials_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class ApiToken(Base):
+    """A user's personal API token: only its SHA-256 digest is kept (the token is 256 random bits)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class AuditEvent(Base):
+    """One row of the audit trail (:mod:`dicom_node.audit.trail`): append-only (triggers refuse UPDATE and
+    DELETE) and chained: ``digest`` is the SHA-256 of the row's content and the previous row's digest."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[int]
+    user: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str | None] = mapped_column(String(16))
+    address: Mapped[str | None] = mapped_column(String(64))
+    patients: Mapped[list[str]] = mapped_column(JSON)
+    objects: Mapped[list[list[str]]] = mapped_column(JSON, doc="[kind, id] pairs")
+    detail: Mapped[str] = mapped_column(Text)
+    local_ae: Mapped[str | None] = mapped_column(String(16))
+    remote_ae: Mapped[str | None] = mapped_column(String(16))
+    previous_digest: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))
+
+
+class AuditForwarding(Base):
+    """How far the audit trail has been sent to a syslog collector: the table is the spool."""
+
+    __tablename__ = "audit_forwarding"
+
+    destination: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_sent_id: Mapped[int] = mapped_column(default=0)
+
+
 __all__ = [
+    "ApiToken",
+    "AuditEvent",
+    "AuditForwarding",
     "Base",
     "Delivery",
     "DeliveryState",
@@ -243,4 +323,6 @@ __all__ = [
     "Study",
     "TrackedRun",
     "TrackingState",
+    "User",
+    "UserRole",
 ]

@@ -16,6 +16,9 @@ from typing import Literal
 
 from sqlalchemy.engine import make_url
 
+from dicom_node.audit.associations import ReceivedAssociations
+from dicom_node.audit.forwarding import AuditForwarder
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.background import Foreground
 from dicom_node.config import ConfigError, Settings
 from dicom_node.database import open_index, session_factory
@@ -80,18 +83,20 @@ class Node:
         )
         self.metrics = NodeMetrics(self.sessions)
         self.foreground = Foreground()
+        self.trail = AuditTrail(self.sessions)
         self.scp = StorageSCP(
             settings.dicom,
             self.ingestor,
             DiskGuard(settings.storage.root, settings.storage.min_free_mb * 2**20),
             lambda status: self.metrics.store_refusals.labels(f"0x{status:04X}").inc(),
+            ReceivedAssociations(self.trail, settings.dicom.ae_title),
         )
         self.queue = JobQueue(self.sessions, settings.workers.max_attempts, settings.workers.retry_backoff)
         delivery = settings.delivery
         self.deliveries = DeliveryQueue(
             self.sessions, delivery.max_attempts, delivery.retry_backoff, delivery.max_backoff
         )
-        self.sender = DeliverySender(settings, self.deliveries, self.store)
+        self.sender = DeliverySender(settings, self.deliveries, self.store, self.trail)
         self.handlers: dict[str, JobHandler] = {
             OUTPUTS_JOB: OutputJobs(settings, self.store, self.sessions, self.sender.wake)
         }
@@ -117,6 +122,13 @@ class Node:
             [destination.name for destination in settings.destinations],
         )
         self.workers: WorkerPool | TaskWorker | None = self._workers(concurrency)
+        syslog = settings.audit.syslog
+        # the process that serves the web forwards the trail: one process, so each event is sent once
+        self.audit_forwarder = (
+            AuditForwarder(self.sessions, syslog, settings.audit.source_id or settings.dicom.ae_title)
+            if syslog is not None and role in ("all", "web")
+            else None
+        )
 
     @property
     def receives(self) -> bool:
@@ -147,6 +159,8 @@ class Node:
         if self.works and not self.distributed:
             self.sender.start()
             self.tracker.start()
+        if self.audit_forwarder is not None:
+            self.audit_forwarder.start()
 
     def stop(self) -> None:
         """Stop listening first, so nothing new arrives, then finish the jobs in hand."""
@@ -155,6 +169,8 @@ class Node:
             self.workers.stop()
         self.sender.stop()
         self.tracker.stop()
+        if self.audit_forwarder is not None:
+            self.audit_forwarder.stop()
         self.engine.dispose()
 
     def _default_queues(self) -> list[str]:

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.audit.associations import ReceivedAssociations
 from dicom_node.config import DicomSettings, ListenerTlsSettings
 from dicom_node.ingest import Ingestor, Rejected
 from dicom_node.status import EchoStatus, StoreStatus
@@ -213,11 +214,14 @@ def complete_handshake(event: Event) -> None:
 
 
 def make_store_handler(
-    ingestor: Ingestor, disk: DiskGuard, on_refused: Callable[[StoreStatus], None] = lambda status: None
+    ingestor: Ingestor,
+    disk: DiskGuard,
+    on_refused: Callable[[StoreStatus], None] = lambda status: None,
+    associations: ReceivedAssociations | None = None,
 ):
     """The EVT_C_STORE handler: ingest the raw dataset, answer with the outcome's status (``on_refused`` counts
-    the refusals); a dataset that would take free space below the floor is refused with Out of Resources
-    (PS3.4 Table B.2-1)."""
+    the refusals, ``associations`` keeps what each association carried for the audit trail); a dataset that would
+    take free space below the floor is refused with Out of Resources (PS3.4 Table B.2-1)."""
 
     def handle_store(event: Event) -> int | Dataset:
         request = event.request
@@ -243,8 +247,12 @@ def make_store_handler(
                 rejection.reason,
             )
             on_refused(rejection.status)
+            if associations is not None:
+                associations.refused(event)
             return _failure(rejection.status, rejection.reason)
         log.info("%s %s from %s", result.outcome, result.sop_instance_uid, calling_ae)
+        if associations is not None:
+            associations.stored(event, result.patient_id, result.study_instance_uid)
         return StoreStatus.SUCCESS
 
     return handle_store
@@ -265,6 +273,7 @@ class StorageSCP:
     ingestor: Ingestor
     disk: DiskGuard
     on_refused: Callable[[StoreStatus], None] = lambda status: None
+    associations: ReceivedAssociations | None = None
 
     def __post_init__(self) -> None:
         self._server: ThreadedAssociationServer | None = None
@@ -288,8 +297,10 @@ class StorageSCP:
             (evt.EVT_REQUESTED, make_association_check(self.settings.calling_ae_addresses, self.disk)),
             (evt.EVT_CONN_OPEN, bound_silence(self.settings.network_timeout)),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, make_store_handler(self.ingestor, self.disk, self.on_refused)),
+            (evt.EVT_C_STORE, make_store_handler(self.ingestor, self.disk, self.on_refused, self.associations)),
         ]
+        if self.associations is not None:
+            handlers += self.associations.handlers()
         tls = self.settings.tls
         if tls:  # after bound_silence, whose timeout bounds the handshake
             handlers.append((evt.EVT_CONN_OPEN, complete_handshake))

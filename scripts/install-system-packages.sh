@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use as real DICOM peers and judges, and the container
-# engine, Compose and debootstrap of the container tests.
+# engine, Compose and debootstrap of the container tests, and Node.js for the tests' OpenID Connect provider.
 # Skips apt entirely when every program is already present.
 set -euo pipefail
 
@@ -15,6 +15,9 @@ declare -A needed=(
   [chromium]=chromium
   [dockerd]=docker.io
   [debootstrap]=debootstrap
+  # the tests' OpenID Connect provider (npm's oidc-provider) needs Node.js 20 or newer: these machines have it
+  [node]=nodejs
+  [npm]=npm
 )
 
 missing=()

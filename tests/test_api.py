@@ -14,13 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage
 
-from dicom_node.config import ConfigError, load_settings
 from dicom_node.models import Delivery, DeliveryState, InferenceResult
 from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
 from web.app import create_app
 from web.dependencies import WebContext
-
-TOKEN = "0123456789abcdef-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -357,47 +354,6 @@ def test_retry_a_delivery(client: TestClient, received: Received) -> None:
 
 
 # --- security -----------------------------------------------------------------------------------------------
-
-
-def test_with_a_token_the_api_asks_for_it(received: Received) -> None:
-    client = client_for(received, api_token=TOKEN)
-    paths = [
-        "/api/patients",
-        f"/api/patients/{quote(HAND_PATIENT, safe='')}",
-        f"/api/studies/{received.hand.StudyInstanceUID}",
-        f"/api/instances/{received.hand.SOPInstanceUID}",
-        f"/api/instances/{received.hand.SOPInstanceUID}/image.png?max_size=64",
-        "/api/jobs",
-        "/api/deliveries",
-    ]
-    for path in paths:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
-            response = client.get(path, headers=headers)
-            assert response.status_code == 401, path
-            assert response.headers["www-authenticate"] == "Bearer"
-            assert "bearer token" in response.json()["detail"]
-        assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
-    assert client.get("/api/results/1/heatmap.png").status_code == 401
-    assert client.post("/api/deliveries/999999/retry").status_code == 401
-    assert client.post("/api/deliveries/999999/retry", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
-    assert client.get("/health").status_code == 200
-    assert client.get("/docs").status_code == 200
-    assert client.get("/openapi.json").status_code == 200
-
-
-def test_the_token_and_origins_come_from_the_environment_and_a_short_token_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("DICOM_NODE_WEB__API_TOKEN", TOKEN)
-    monkeypatch.setenv("DICOM_NODE_WEB__CORS_ORIGINS", '["https://viewer.example.org"]')
-    settings = load_settings(None)
-    assert settings.web.api_token.get_secret_value() == TOKEN
-    assert settings.web.cors_origins == ["https://viewer.example.org"]
-    assert TOKEN not in repr(settings), "the token stays out of reprs and logs"
-    monkeypatch.setenv("DICOM_NODE_WEB__API_TOKEN", "tooshort")
-    with pytest.raises(ConfigError, match="web.api_token: an API token has at least 16 characters") as error:
-        load_settings(None)
-    assert "tooshort" not in str(error.value)
 
 
 def test_cors_only_when_origins_are_configured(client: TestClient, received: Received) -> None:

@@ -54,7 +54,7 @@ from dicom_node.synthetic import synthetic_dx
 from tests.conftest import NodeFactory, files_under_patients, node_settings, started_nodes, stored_instances
 from tests.dicom_peers import NODE_AE, send_datasets, send_files
 from tests.pydicom_corpus import TEST_FILES
-from web.app import create_app
+from web.app import SESSION_KEY_FILE, create_app
 from web.dependencies import WebContext
 
 # The statuses a dataset's own faults may earn (PS3.4 Table B.2-1); 0xA700 and 0x0110 would be the node's.
@@ -77,6 +77,7 @@ ROOT_ENTRIES = {
     "index.sqlite3-wal",
     "index.sqlite3-shm",
     INSTALLATION_SECRET_FILE,
+    SESSION_KEY_FILE,
 }
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED_LENGTH = 0xFFFFFFFF

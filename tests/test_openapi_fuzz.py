@@ -7,6 +7,7 @@ a failed delivery; and the node itself (its ingestor and the demo models), so th
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 
 import hypothesis
@@ -30,7 +31,6 @@ from tests.node_state import received_node
 from web.app import create_app
 from web.dependencies import WebContext
 
-TOKEN = "0123456789abcdef-test-token"
 # What the node holds, by path parameter name: filled by the node fixture, for test_known_resources.
 KNOWN: dict[str, list[object]] = {}
 EXAMPLES = 25  # per operation and generation mode: the fuzz file runs in about a minute
@@ -73,8 +73,9 @@ def open_app(node: Node) -> FastAPI:
 
 
 @pytest.fixture(scope="module")
-def token_app(node: Node) -> FastAPI:
-    return app_over(node, api_token=TOKEN)
+def signed_in_app(node: Node) -> FastAPI:
+    """Sign-in required (a provider is configured; it never answers), so every request without it is refused."""
+    return app_over(node, oidc={"issuer": "http://127.0.0.1:9", "client_id": "node", "client_secret": "secret"})
 
 
 # The spec does not depend on the node's state or settings (the token is always a documented bearer scheme), so
@@ -82,20 +83,21 @@ def token_app(node: Node) -> FastAPI:
 # over the fixture's node with `app=`. (schemathesis.pytest.from_fixture would load it from a fixture, but its
 # lazy schema fails under pytest 9.2: it sets the private Function._nodeid, which is gone.)
 def load_schema():
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(WebContext(Settings(), None, lambda: True)))
+    settings = Settings(storage={"root": tempfile.mkdtemp(prefix="fuzz-schema-")})  # the app keeps its key there
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(WebContext(settings, None, lambda: True)))
 
 
 open_schema = load_schema()
-# Without a token configured, a request without the documented bearer header is valid, not negative data.
+# Without users, a request without the documented bearer header is valid (open on loopback), not negative data.
 open_schema.config.generation.update(with_security_parameters=False)
-token_schema = load_schema()
+signed_in_schema = load_schema()
 # The operations on one patient, study, instance, result or delivery, with only what the node holds in their path
 # (random ones mostly answer 404 before the rest of the request is looked at): their query parameters (max_size
 # from 64 to 4096) over the real images and heatmaps, and a failed delivery retried.
 known_schema = load_schema().include(path_regex=r"\{")
 known_schema.config.generation.update(modes=[GenerationMode.POSITIVE])
 # The same inputs on every run (a failure is not one CI run's luck); FUZZ_SEED=<int> explores others.
-for schema in (open_schema, token_schema, known_schema):
+for schema in (open_schema, signed_in_schema, known_schema):
     schema.config.seed = int(os.environ.get("FUZZ_SEED", "1906"))
 
 
@@ -125,12 +127,12 @@ def test_no_server_error(case, open_app: FastAPI) -> None:
     )
 
 
-@token_schema.parametrize()
+@signed_in_schema.parametrize()
 @hypothesis.settings(FUZZ_SETTINGS, max_examples=5)
-def test_no_server_error_with_a_token(case, token_app: FastAPI) -> None:
-    # With web.api_token set, a request without it (or with a random one) is refused with 401, never a 5xx; the
-    # 401 of the /api routes is not in the spec, so only the server-error check applies.
-    case.call_and_validate(app=token_app, checks=[schemathesis.checks.not_a_server_error])
+def test_no_server_error_when_sign_in_is_required(case, signed_in_app: FastAPI) -> None:
+    # A request without sign-in (or with a random bearer token) is refused with 401, never a 5xx; the 401 of the
+    # routes is not in the spec, so only the server-error check applies.
+    case.call_and_validate(app=signed_in_app, checks=[schemathesis.checks.not_a_server_error])
 
 
 @known_schema.parametrize()

@@ -21,14 +21,16 @@ from PIL import Image
 from pydicom import uid
 from sqlalchemy import select
 
+from dicom_node.audit.record import AuditEventKind
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
-from dicom_node.models import Instance, Job, JobState
+from dicom_node.models import AuditEvent, Instance, Job, JobState, UserRole
 from dicom_node.node import Node
 from dicom_node.phantoms.generator import render_phantom
 from inference.model_card import read_card
 from inference.pixels import radiograph_pixels
+from tests.accounts import accounts
 from tests.seed_responses import BONE_AGE_SEED, HALLUX_VALGUS_SEED
 from web import uploads
 from web.app import create_app
@@ -37,7 +39,6 @@ from web.predictions import infer_now
 
 PICTURE_PATIENT = "UP/12 34"  # free text: a slash and a space
 FOOT_PATIENT = "FOOT-0001"
-TOKEN = "0123456789abcdef-test-token"
 SEED_FIELDS = {
     "patient_id",
     "prediction_id",
@@ -462,14 +463,26 @@ def test_results_of_a_patient_id_with_a_nul_character_is_422(client: TestClient)
     assert "NUL" in problem(client.get("/results/AB%0012"), 422)
 
 
-def test_the_token_guards_uploads_and_results(served: Served, hand_response: dict) -> None:
-    guarded = client_for(served, api_token=TOKEN)
-    assert guarded.post("/predict", files={"image": ("a.png", served.hand_png)}).status_code == 401
-    assert guarded.post("/predict_base64", json={"image": "AAAA"}).status_code == 401
-    assert guarded.get(f"/results/{quote(PICTURE_PATIENT, safe='')}").status_code == 401
-    assert guarded.get("/model_info").status_code == 200, "no patient data: open"
-    authorised = {"Authorization": f"Bearer {TOKEN}"}
-    assert guarded.get(f"/results/{quote(PICTURE_PATIENT, safe='')}", headers=authorised).status_code == 200
+def test_uploads_need_an_operator_and_results_a_viewer(served: Served, hand_response: dict) -> None:
+    client = client_for(served)
+    results = f"/results/{quote(PICTURE_PATIENT, safe='')}"
+    with accounts(served.node.sessions, UserRole.VIEWER, UserRole.OPERATOR) as tokens:
+        assert client.post("/predict", files={"image": ("a.png", served.hand_png)}).status_code == 401
+        assert client.post("/predict_base64", json={"image": "AAAA"}).status_code == 401
+        assert client.get(results).status_code == 401
+        assert client.get("/model_info").status_code == 200, "no patient data: open"
+        viewer = {"Authorization": tokens[UserRole.VIEWER]}
+        assert client.get(results, headers=viewer).status_code == 200
+        assert client.post("/predict_base64", json={"image": "AAAA"}, headers=viewer).status_code == 403
+        operator = {"Authorization": tokens[UserRole.OPERATOR]}
+        response = client.post("/predict", files={"image": ("a.png", served.hand_png)}, headers=operator)
+        assert response.status_code == 200, response.text
+        with served.node.sessions() as session:
+            created = session.scalars(
+                select(AuditEvent).where(AuditEvent.kind == AuditEventKind.PATIENT_DATA_CREATED)
+            ).all()[-1]
+        assert created.user == "operator" and created.patients == [response.json()["patient_id"]]
+        assert ["instance", response.json()["sop_instance_uid"]] in created.objects
 
 
 def test_without_the_node_predict_is_503(served: Served) -> None:

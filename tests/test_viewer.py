@@ -10,6 +10,7 @@ them to ``$TEST_ARTIFACTS/viewer/``; the paths are recorded as the test's ``scre
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -24,14 +25,15 @@ import uvicorn
 from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
 
+from dicom_node.models import UserRole
 from inference.model_card import DEMO_DISCLAIMER
+from tests.accounts import PASSWORD, accounts
 from tests.dicom_peers import free_port
 from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
 from web.app import create_app
-from web.dependencies import TOKEN_COOKIE, WebContext
+from web.dependencies import WebContext
 from web.routers import viewer
 
-TOKEN = "0123456789abcdef-viewer-token"
 BANNER = "AI RESULTS - NOT FOR DIAGNOSTIC USE"
 DEMO_LABEL = f"Demo model: {DEMO_DISCLAIMER}"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -331,48 +333,33 @@ def test_the_static_files(client: TestClient) -> None:
     assert client.get("/static/viewer.js").status_code == 200
 
 
-# --- the token ----------------------------------------------------------------------------------------------
+# --- signing in ---------------------------------------------------------------------------------------------
 
 
-def test_with_a_token_the_viewer_asks_for_it(received: Received) -> None:
-    client = TestClient(app_for(received, api_token=TOKEN))
+def test_with_users_the_viewer_asks_to_sign_in(received: Received) -> None:
+    client = TestClient(app_for(received))
     uid = received.hand.SOPInstanceUID
-    for path in ("/patients?search=doe", f"/patients/{segment(HAND_PATIENT)}", f"/instances/{uid}"):
-        response = client.get(path, follow_redirects=False)
-        assert response.status_code == 303, path
-        location = urlsplit(response.headers["location"])
-        assert location.path == "/login" and parse_qs(location.query)["next"] == [path]
-        bearer = client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
-        assert bearer.status_code == 200 and BANNER in bearer.text
-    login = client.get("/login?next=/patients")
-    assert login.status_code == 200 and 'type="password"' in login.text
-
-    wrong = client.post("/login", data={"token": "not-the-token-at-all", "next": "/patients"}, follow_redirects=False)
-    assert (
-        wrong.status_code == 401
-        and "not the node" in wrong.text
-        and TOKEN_COOKIE not in wrong.headers.get("set-cookie", "")
-    )
-    assert client.get(f"/api/instances/{uid}/image.png?max_size=64").status_code == 401
-
-    response = client.post("/login", data={"token": TOKEN, "next": f"/instances/{uid}"}, follow_redirects=False)
-    assert response.status_code == 303 and response.headers["location"] == f"/instances/{uid}"
-    cookie = response.headers["set-cookie"].lower()
-    assert cookie.startswith(f"{TOKEN_COOKIE}=") and "httponly" in cookie and "samesite=strict" in cookie
-    # the cookie opens the pages and the API's images they show
-    assert client.get(f"/instances/{uid}").status_code == 200
-    assert client.get(f"/api/instances/{uid}/image.png?max_size=64").status_code == 200
-    result_id = api_instance(client, uid)["results"][0]["id"]
-    assert client.get(f"/api/results/{result_id}/heatmap.png?max_size=64").status_code == 200
-
-    client.post("/logout")
-    assert client.get("/patients", follow_redirects=False).status_code == 303
-    for target in ("//evil.example.org/", "https://evil.example.org/", "/\\evil.example.org"):
-        response = client.post("/login", data={"token": TOKEN, "next": target}, follow_redirects=False)
-        assert response.headers["location"] == "/patients", "no redirect off the site"
+    with accounts(received.node.sessions, UserRole.VIEWER):
+        for path in ("/patients?search=doe", f"/patients/{segment(HAND_PATIENT)}", f"/instances/{uid}"):
+            response = client.get(path, follow_redirects=False)
+            assert response.status_code == 303, path
+            location = urlsplit(response.headers["location"])
+            assert location.path == "/login" and parse_qs(location.query)["next"] == [path]
+        assert client.get(f"/api/instances/{uid}/image.png?max_size=64").status_code == 401
+        form = client.get(f"/login?next=/instances/{uid}")
+        assert form.status_code == 200 and 'type="password"' in form.text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        fields = {"username": "viewer", "password": PASSWORD, "next": f"/instances/{uid}", "csrf_token": csrf}
+        response = client.post("/login", data=fields, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"] == f"/instances/{uid}"
+        # the session opens the pages and the API's images they show
+        assert client.get(f"/instances/{uid}").status_code == 200
+        assert client.get(f"/api/instances/{uid}/image.png?max_size=64").status_code == 200
+        result_id = api_instance(client, uid)["results"][0]["id"]
+        assert client.get(f"/api/results/{result_id}/heatmap.png?max_size=64").status_code == 200
 
 
-def test_without_a_token_login_is_not_needed(client: TestClient) -> None:
+def test_without_users_sign_in_is_not_needed(client: TestClient) -> None:
     response = client.get("/login?next=/patients/x", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/patients/x"
 
@@ -382,9 +369,9 @@ def test_without_a_token_login_is_not_needed(client: TestClient) -> None:
 
 @pytest.fixture(scope="module")
 def served(received: Received) -> Iterator[str]:
-    """The app, with a token, served by uvicorn on a free loopback port; yields its base URL."""
+    """The app served by uvicorn on a free loopback port; yields its base URL."""
     port = free_port()
-    app = app_for(received, api_token=TOKEN, port=port)
+    app = app_for(received, port=port)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="viewer-test-web", daemon=True)
     thread.start()
@@ -423,7 +410,7 @@ def test_in_a_browser(
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM} (Debian's chromium package; scripts/install-system-packages.sh installs it)")
     errors: list[str] = []
-    with sync_api.sync_playwright() as playwright:
+    with accounts(received.node.sessions, UserRole.VIEWER), sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -433,11 +420,12 @@ def test_in_a_browser(
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.on("response", lambda response: response.status >= 400 and errors.append(response.url))
 
-            # the token first: the viewer sends the browser to its login form
+            # signing in first: the viewer sends the browser to its sign-in form
             page.goto(f"{served}/patients")
             assert urlsplit(page.url).path == "/login"
-            page.fill("#token", TOKEN)
-            page.get_by_role("button", name="Log in").click()
+            page.fill("#username", "viewer")
+            page.fill("#password", PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(f"{served}/patients")
             assert page.get_by_test_id("banner").inner_text() == BANNER
 

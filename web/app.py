@@ -3,34 +3,57 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from web.dependencies import WebContext, require_token
-from web.routers import deliveries, health, instances, jobs, metrics, patients, predict, results, studies, viewer
+from dicom_node.config import ConfigError, Settings
+from dicom_node.secret_file import kept_secret
+from dicom_node.users import Users
+from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER, SignInLimiter
+from web.dependencies import WebContext
+from web.routers import (
+    admin,
+    deliveries,
+    health,
+    instances,
+    jobs,
+    metrics,
+    patients,
+    predict,
+    results,
+    sign_in,
+    studies,
+    viewer,
+)
+from web.session_cookie import SessionCookie
 from web.uploads import UploadLimit
 
-log = logging.getLogger(__name__)
-
 API_PREFIX = "/api"
+SESSION_KEY_FILE = "session.key"  # under the storage root: the key that signs the viewer's session cookies
 
 
 def create_app(context: WebContext) -> FastAPI:
-    """The app over ``context``. Everything under ``/api`` asks for ``web.api_token`` when one is set (it shows
-    patient data, or job errors that may name stored files); ``/health``, ``/metrics`` and the docs stay open."""
+    """The app over ``context``. Each route declares the role it needs (:mod:`web.auth`): the viewer role reads
+    patients, studies, instances, images, heatmaps and results; the operator role also uploads, reads the queues
+    and retries deliveries; the admin role also reads the users, the configuration and the audit trail.
+    ``/health``, ``/metrics``, ``/model_info`` and the docs hold no patient data and stay open."""
     app = FastAPI(title="DICOM AI node", summary="Viewer and HTTP API of the DICOM AI node.")
     app.state.context = context
+    app.state.sign_in_limiter = SignInLimiter(context.settings.web.sign_in_attempts)
     app.include_router(health.router)
     app.include_router(metrics.router)  # counts only, no patient data: open like /health, for scrapers
-    for module in (patients, studies, instances, results, jobs, deliveries):
-        app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
-    # the seed projects' endpoints, at the root as the seeds had them; uploads and results ask for the token
+    for module in (patients, studies, instances, results):
+        app.include_router(module.router, prefix=API_PREFIX, dependencies=VIEWER, responses=AUTH_RESPONSES)
+    for module in (jobs, deliveries):
+        app.include_router(module.router, prefix=API_PREFIX, dependencies=OPERATOR, responses=AUTH_RESPONSES)
+    app.include_router(admin.router, prefix=API_PREFIX, responses=AUTH_RESPONSES)
+    # the seed projects' endpoints, at the root as the seeds had them; each declares its role
     app.include_router(predict.router)
     app.add_middleware(UploadLimit, limits=predict.upload_limits(context.settings.web.max_upload_mb))
-    # the viewer's pages (they ask for the token themselves) and their CSS and script
+    # the viewer's pages (a browser without a session is sent to /login) and their CSS and script
+    app.include_router(sign_in.router)
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIRECTORY), name="static")
     web = context.settings.web
@@ -41,11 +64,22 @@ def create_app(context: WebContext) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization"],
         )
-    if web.api_token is None and not _is_loopback(web.host):
-        log.warning(
-            "the HTTP API listens on %s without web.api_token: anyone who reaches it reads patient data", web.host
-        )
+    session_key = kept_secret(context.settings.storage.root / SESSION_KEY_FILE).hex()
+    app.add_middleware(SessionCookie, secret_key=session_key, max_age=int(web.session_hours * 3600))
     return app
+
+
+def check_sign_in(settings: Settings, users: Users) -> None:
+    """Refuse to serve patient data beyond loopback to anyone: with no user and no provider, nobody signs in.
+
+    Raises:
+        ConfigError: ``web.host`` is not loopback, no provider is configured and the index has no user.
+    """
+    if settings.web.oidc is None and not _is_loopback(settings.web.host) and not users.any():
+        raise ConfigError(
+            f"web.host {settings.web.host} is not loopback and nobody can sign in: create the first user with "
+            "`dicom-node users add NAME --role admin`, or configure web.oidc"
+        )
 
 
 def create_health_app(context: WebContext) -> FastAPI:

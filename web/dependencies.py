@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Cookie, Depends, HTTPException, Path, Query, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Path, Query, Request
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.config import Settings
 from dicom_node.storage import InstanceStore
+from dicom_node.users import Users
+from web.oidc import OidcClient
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -32,6 +33,19 @@ class WebContext:
     def store(self) -> InstanceStore:
         """The stored files, under the same root as the node's."""
         return InstanceStore(self.settings.storage.root)
+
+    @functools.cached_property
+    def trail(self) -> AuditTrail:
+        return self.node.trail if self.node is not None else AuditTrail(self.sessions)
+
+    @functools.cached_property
+    def users(self) -> Users:
+        return Users(self.sessions, self.trail)
+
+    @functools.cached_property
+    def oidc(self) -> OidcClient | None:
+        """The provider's client, where ``web.oidc`` names one."""
+        return OidcClient(self.settings.web.oidc) if self.settings.web.oidc is not None else None
 
 
 def get_context(request: Request) -> WebContext:
@@ -83,26 +97,3 @@ def _without_nul(value: str) -> str:
 # driver raises, a 500), so a value with one is refused with 422.
 IndexText = Annotated[str, AfterValidator(_without_nul)]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items on the page at most.")]
-
-_bearer = HTTPBearer(auto_error=False, description="web.api_token of the node's configuration")
-
-TOKEN_COOKIE = "dicom_node_token"  # set by the viewer's /login form (HttpOnly, SameSite=Strict)
-
-
-def require_token(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    cookie: Annotated[str | None, Cookie(alias=TOKEN_COOKIE, include_in_schema=False)] = None,
-) -> None:
-    """With ``web.api_token`` set, the request must carry ``Authorization: Bearer <token>``, or the viewer's
-    cookie holding the token (so that the viewer's pages can show the API's images)."""
-    token = settings.web.api_token
-    if token is None:
-        return
-    given = (credentials.credentials if credentials is not None else cookie or "").encode()
-    if not hmac.compare_digest(given, token.get_secret_value().encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a valid bearer token is required (Authorization: Bearer <web.api_token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

@@ -174,3 +174,33 @@ class InstanceDetail(InstanceSummary):
     mlflow_url: str | None = Field(
         None, description="The MLflow run of the current results; null until the tracker has logged it."
     )
+
+
+class UserOut(BaseModel):
+    """A local user (``dicom-node users ...`` manages them)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    username: str
+    role: str
+    created_at: UtcDatetime
+    working_tokens: int = Field(description="Personal API tokens neither revoked nor expired.")
+
+
+class AuditEventOut(BaseModel):
+    """One event of the audit trail (docs/security.md lists the kinds and fields)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    occurred_at: UtcDatetime
+    kind: str
+    outcome: int = Field(description="0 success, 4 minor failure, 8 serious failure, 12 major failure (RFC 3881).")
+    user: str
+    role: str | None
+    address: str | None
+    patients: list[str]
+    objects: list[list[str]] = Field(description="[kind, id] pairs: study, instance or user.")
+    detail: str
+    local_ae: str | None
+    remote_ae: str | None

@@ -14,6 +14,7 @@ from sqlalchemy.orm import selectinload
 from dicom_node.models import Delivery, Instance, Series, Study
 from dicom_node.tracking import tracked_run_url
 from inference.pixels import UnsupportedImage
+from web.audit import AuditDep, instance_object, owner_of_instance, study_object
 from web.dependencies import IndexText, SessionDep, SettingsDep, StoreDep
 from web.imaging import image_png
 from web.records import instance_fields, result_out, source_uids
@@ -28,7 +29,7 @@ PNG_CACHE = {"Cache-Control": "no-store"}
 
 
 @router.get("/{sop_uid}", response_model=InstanceDetail, responses={404: {"model": Problem}})
-def get_instance(sop_uid: IndexText, session: SessionDep, settings: SettingsDep) -> InstanceDetail:
+def get_instance(sop_uid: IndexText, session: SessionDep, settings: SettingsDep, audit: AuditDep) -> InstanceDetail:
     """An instance, its jobs and results, and the objects the node wrote from it with their deliveries."""
     instance = session.scalar(
         select(Instance)
@@ -52,6 +53,14 @@ def get_instance(sop_uid: IndexText, session: SessionDep, settings: SettingsDep)
     for delivery in session.scalars(select(Delivery).where(Delivery.instance_pk.in_(keys)).order_by(Delivery.id)):
         deliveries.setdefault(delivery.instance_pk, []).append(DeliveryOut.model_validate(delivery))
     series = instance.series
+    audit.read(
+        [series.study.patient.patient_id],
+        [
+            study_object(series.study.study_instance_uid),
+            instance_object(sop_uid),
+            *(instance_object(item.sop_instance_uid) for item in written),
+        ],
+    )
     return InstanceDetail(
         **instance_fields(instance, source_uids(session, [instance])),
         patient_id=series.study.patient.patient_id,
@@ -81,12 +90,17 @@ def get_instance(sop_uid: IndexText, session: SessionDep, settings: SettingsDep)
     response_class=Response,
     responses={**PNG_RESPONSE, 404: {"model": Problem}, 409: {"model": Problem}},
 )
-def get_instance_image(sop_uid: IndexText, session: SessionDep, store: StoreDep, max_size: MaxSize = 1024) -> Response:
+def get_instance_image(
+    sop_uid: IndexText, session: SessionDep, store: StoreDep, audit: AuditDep, max_size: MaxSize = 1024
+) -> Response:
     """The stored image through its VOI window (bone bright), 8-bit gray, scaled down to ``max_size``.
     409 for an instance without an image (a structured report)."""
-    path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
-    if path is None:
+    row = session.execute(select(Instance.id, Instance.path).where(Instance.sop_instance_uid == sop_uid)).first()
+    if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no instance {sop_uid}")
+    instance_pk, path = row
+    patient_id, study_uid, _ = owner_of_instance(session, instance_pk)
+    audit.read([patient_id], [study_object(study_uid), instance_object(sop_uid)])
     try:
         ds = pydicom.dcmread(store.absolute(path))
     except FileNotFoundError:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import distinct, func, or_, select
 
 from dicom_node.models import Instance, Patient, Series, Study
+from web.audit import AuditDep, study_object
 from web.dependencies import IndexText, Limit, Offset, SessionDep
 from web.records import patient_with_tree, studies_out
 from web.schemas import Page, PatientDetail, PatientSummary, Problem
@@ -18,6 +19,7 @@ router = APIRouter(prefix="/patients", tags=["patients"])
 @router.get("", response_model=Page[PatientSummary])
 def list_patients(
     session: SessionDep,
+    audit: AuditDep,
     search: Annotated[
         IndexText | None, Query(max_length=324, description="Part of the PatientID or name, in any case.")
     ] = None,
@@ -64,17 +66,19 @@ def list_patients(
         )
         for patient, studies, instances, last in rows
     ]
+    audit.read(item.patient_id for item in items)
     return Page(items=items, total=total, offset=offset, limit=limit)
 
 
 # The PatientID is free text: it may hold "/" (matched by the path converter) and spaces; a client
 # percent-encodes it as any path segment.
 @router.get("/{patient_id:path}", response_model=PatientDetail, responses={404: {"model": Problem}})
-def get_patient(patient_id: IndexText, session: SessionDep) -> PatientDetail:
+def get_patient(patient_id: IndexText, session: SessionDep, audit: AuditDep) -> PatientDetail:
     """A patient with their studies, series and instances (the received ones and those the node wrote)."""
     patient = patient_with_tree(session, patient_id)
     if patient is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no patient with this PatientID")
+    audit.read([patient.patient_id], (study_object(item.study_instance_uid) for item in patient.studies))
     return PatientDetail(
         patient_id=patient.patient_id,
         name=patient.name,

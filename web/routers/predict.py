@@ -3,8 +3,8 @@
 
 An upload is stored, indexed and queued like an image the DICOM listener received (calling AE
 ``HTTP-UPLOAD``), so it shows in the viewer and goes through the same outputs; its inference runs in the request
-(:mod:`web.predictions`). The uploads and the results ask for ``web.api_token`` when one is set; ``/model_info``
-holds no patient data and stays open.
+(:mod:`web.predictions`). An upload needs the operator role, the results the viewer role (:mod:`web.auth`);
+``/model_info`` holds no patient data and stays open.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ import binascii
 import math
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from pydantic import BeforeValidator
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from dicom_node.audit.record import AuditEventKind, AuditObject
 from dicom_node.config import TaskName
 from dicom_node.ingest import INFERENCE_JOB, Rejected, TooLarge
 from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.status import StoreStatus
 from inference.model_card import ModelCard, ModelLoadError, read_card
-from web.dependencies import ContextDep, IndexText, SessionDep, WebContext, require_token
+from web.audit import AuditDep, RequestAudit, instance_object, study_object
+from web.auth import OPERATOR, VIEWER
+from web.dependencies import ContextDep, IndexText, SessionDep, WebContext
 from web.predict_schemas import (
     ModelCardInfo,
     ModelInfo,
@@ -41,13 +44,13 @@ from web.uploads import ENVELOPE_BYTES, Sex, UploadRefused, check_patient_id, pr
 router = APIRouter(tags=["seed endpoints"])
 
 CALLING_AE = "HTTP-UPLOAD"  # recorded as the instance's calling AE, as the SCP records the sender's
-TOKEN = [Depends(require_token)]
 UPLOAD_ERRORS = {
     **{
         code: {"model": Problem}
         for code in (
             status.HTTP_400_BAD_REQUEST,  # a body that cannot be parsed (malformed multipart, JSON not in UTF-8)
             status.HTTP_401_UNAUTHORIZED,
+            status.HTTP_403_FORBIDDEN,
             status.HTTP_413_CONTENT_TOO_LARGE,
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -73,9 +76,10 @@ def upload_limits(max_upload_mb: int) -> dict[str, tuple[int, int]]:
     }
 
 
-@router.post("/predict", response_model=PredictionOut, dependencies=TOKEN, responses=UPLOAD_ERRORS)
+@router.post("/predict", response_model=PredictionOut, dependencies=OPERATOR, responses=UPLOAD_ERRORS)
 def predict(
     context: ContextDep,
+    audit: AuditDep,
     image: Annotated[
         UploadFile,
         File(description="A DICOM Part 10 file, or a PNG, JPEG, TIFF or BMP (told by content, not by name)."),
@@ -94,11 +98,11 @@ def predict(
     than ``dicom.max_image_pixels``), 415 not one of the accepted kinds, 422 corrupt or truncated, or an image no
     model (or not ``task``) runs on; 503 when the node serves no models or inference did not finish in time."""
     limit = context.settings.web.max_upload_mb * 2**20
-    return _predict(context, read_limited(image.file, limit), patient_id, sex, task)
+    return _predict(context, audit, read_limited(image.file, limit), patient_id, sex, task)
 
 
-@router.post("/predict_base64", response_model=PredictionOut, dependencies=TOKEN, responses=UPLOAD_ERRORS)
-def predict_base64(context: ContextDep, request: PredictBase64Request) -> PredictionOut:
+@router.post("/predict_base64", response_model=PredictionOut, dependencies=OPERATOR, responses=UPLOAD_ERRORS)
+def predict_base64(context: ContextDep, audit: AuditDep, request: PredictBase64Request) -> PredictionOut:
     """As ``POST /predict``, with the file's bytes as base64 in JSON; 422 for text that is not base64."""
     limit = context.settings.web.max_upload_mb * 2**20
     text = request.image
@@ -115,17 +119,17 @@ def predict_base64(context: ContextDep, request: PredictBase64Request) -> Predic
         raise too_large(limit)
     if not data:
         raise UploadRefused(status.HTTP_422_UNPROCESSABLE_CONTENT, "the image is empty")
-    return _predict(context, data, request.patient_id, request.sex, request.task)
+    return _predict(context, audit, data, request.patient_id, request.sex, request.task)
 
 
 # The PatientID is free text: it may hold "/" (matched by the path converter) and spaces.
 @router.get(
     "/results/{patient_id:path}",
     response_model=PatientResults,
-    dependencies=TOKEN,
-    responses={401: {"model": Problem}, 404: {"model": Problem}},
+    dependencies=VIEWER,
+    responses={401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}},
 )
-def get_results(patient_id: IndexText, session: SessionDep) -> PatientResults:
+def get_results(patient_id: IndexText, session: SessionDep, audit: AuditDep) -> PatientResults:
     """The patient's images that have results, the most recently recorded first, each in the shape of
     ``POST /predict``'s response plus the fields each task adds to a listing; 404 for an unknown PatientID."""
     patient = session.scalar(select(Patient).where(Patient.patient_id == patient_id))
@@ -143,6 +147,10 @@ def get_results(patient_id: IndexText, session: SessionDep) -> PatientResults:
     ).all()
     received = [instance.received_at for instance in instances]
     listed = newest_first(instances)
+    audit.read(
+        [patient.patient_id],
+        (item for instance in listed for item in _objects_of(instance)),
+    )
     runs = run_ids(session, (instance.id for instance in listed))
     return PatientResults(
         patient_id=patient.patient_id,
@@ -164,15 +172,26 @@ def model_info(context: ContextDep) -> ModelInfo:
 
 
 def _predict(
-    context: WebContext, data: bytes, patient_id: str | None, sex: Sex | None, task: TaskName | None
+    context: WebContext,
+    audit: RequestAudit,
+    data: bytes,
+    patient_id: str | None,
+    sex: Sex | None,
+    task: TaskName | None,
 ) -> PredictionOut:
     node = _node(context)
     with node.foreground.serving():  # the node's background work waits: this answer comes first
-        return _predict_in_foreground(node, context, data, patient_id, sex, task)
+        return _predict_in_foreground(node, context, audit, data, patient_id, sex, task)
 
 
 def _predict_in_foreground(
-    node: Node, context: WebContext, data: bytes, patient_id: str | None, sex: Sex | None, task: TaskName | None
+    node: Node,
+    context: WebContext,
+    audit: RequestAudit,
+    data: bytes,
+    patient_id: str | None,
+    sex: Sex | None,
+    task: TaskName | None,
 ) -> PredictionOut:
     settings = context.settings
     prepared = prepare(
@@ -182,6 +201,8 @@ def _predict_in_foreground(
         stored = node.ingestor.ingest(prepared.file_meta, [prepared.dataset], calling_ae=CALLING_AE)
     except Rejected as rejected:
         raise _refusal(rejected) from None
+    objects = [study_object(stored.study_instance_uid), instance_object(stored.sop_instance_uid)]
+    audit.read([stored.patient_id], objects, AuditEventKind.PATIENT_DATA_CREATED)
     with context.sessions() as session:
         instance_pk = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == stored.sop_instance_uid))
     infer_now(node, instance_pk)
@@ -200,6 +221,10 @@ def _predict_in_foreground(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, "inference recorded no results for this image (see its job)"
             )
         return prediction_out(instance, results, run_ids(session, [instance_pk]).get(instance_pk), task)
+
+
+def _objects_of(instance: Instance) -> list[AuditObject]:
+    return [study_object(instance.series.study.study_instance_uid), instance_object(instance.sop_instance_uid)]
 
 
 def _node(context: WebContext) -> Node:
