@@ -13,12 +13,13 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.audit.trail import AuditTrail, events_of_patient, exported, verify
+from dicom_node.audit.record import AuditEventKind, AuditRecord
+from dicom_node.audit.trail import AuditTrail, events_of_patient, exported, now
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.exit_codes import EXIT_CONFIG_ERROR, EXIT_START_FAILED
 from dicom_node.index_schema import IndexNotReady, one_line
-from dicom_node.models import UserRole
+from dicom_node.models import UserRole, as_utc
 from dicom_node.users import UserError, Users
 
 PASSWORD_VARIABLE = "NEW_USER_PASSWORD"  # for scripts; otherwise the password is asked for twice at the terminal
@@ -60,6 +61,10 @@ def add_access_commands(commands: argparse._SubParsersAction) -> None:
     token.add_argument("--name", default="api", help="what the token is for")
     token.add_argument("--days", type=float, default=90, help="days until it expires (at most 366)")
     token.set_defaults(run=_on_users(lambda users, args, actor: _issue(users, args, actor)))
+
+    tokens = _command(user_commands, "tokens", "list a user's personal API tokens: number, purpose, expiry, state")
+    tokens.add_argument("username")
+    tokens.set_defaults(run=_on_users(lambda users, args, actor: _tokens(users, args.username)))
 
     revoke = _command(user_commands, "revoke-token", "revoke a personal API token by its number")
     revoke.add_argument("token_id", type=int)
@@ -124,6 +129,15 @@ def _list(users: Users) -> None:
         print(f"{user.username}\t{user.role}\t{tokens} working token(s)\tsince {user.created_at:%Y-%m-%d}")
 
 
+def _tokens(users: Users, username: str) -> None:
+    for token in users.tokens(username):
+        if token.revoked_at is not None:
+            state = f"revoked {token.revoked_at:%Y-%m-%d}"
+        else:
+            state = "expired" if as_utc(token.expires_at) <= now() else "works"
+        print(f"{token.id}\t{token.name}\texpires {token.expires_at:%Y-%m-%d}\t{state}")
+
+
 def _issue(users: Users, args: argparse.Namespace, actor: str) -> None:
     token = users.issue_token(args.username, args.name, args.days, actor)
     print(f"token {token.id}, expires {token.expires_at:%Y-%m-%d %H:%M} UTC (shown once, keep it):")
@@ -131,9 +145,8 @@ def _issue(users: Users, args: argparse.Namespace, actor: str) -> None:
 
 
 def _audit_verify_command(args: argparse.Namespace) -> int:
-    def check(sessions, _trail) -> int:
-        with sessions() as session:
-            count, breaks = verify(session)
+    def check(_sessions, trail: AuditTrail) -> int:
+        count, breaks = trail.verify()
         for chain_break in breaks:
             print(chain_break)
         print(f"{count} events, {'the chain holds' if not breaks else f'{len(breaks)} problem(s)'}")
@@ -143,10 +156,19 @@ def _audit_verify_command(args: argparse.Namespace) -> int:
 
 
 def _audit_export_command(args: argparse.Namespace) -> int:
-    def export(sessions, _trail) -> int:
+    def export(sessions, trail: AuditTrail) -> int:
         with sessions() as session:
             for row in events_of_patient(session, args.patient, args.since, args.until):
                 print(json.dumps(exported(row), ensure_ascii=False))
+        trail.record(  # the export is an event of its own, after the events it lists (Audit Log Used)
+            AuditRecord(
+                kind=AuditEventKind.AUDIT_LOG_READ,
+                occurred_at=now(),
+                user=_actor(),
+                patients=(args.patient,),
+                detail=f"dicom-node audit export --since {args.since.isoformat()}",
+            )
+        )
         return 0
 
     return _on_index(args, export)
@@ -157,7 +179,7 @@ def _date(text: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date or ISO time: {text!r}") from None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+    return as_utc(value)  # the index keeps UTC, and SQLite compares times without their zones
 
 
 def _on_index(args: argparse.Namespace, command: Callable) -> int:
@@ -175,11 +197,12 @@ def _on_index(args: argparse.Namespace, command: Callable) -> int:
     except (SQLAlchemyError, ImportError, OSError) as error:
         print(f"dicom-node: cannot use the index: {one_line(error)}", file=sys.stderr)
         return EXIT_START_FAILED
+    trail = AuditTrail(settings.database, settings.storage.root)
     try:
-        sessions = session_factory(engine)
-        return command(sessions, AuditTrail(sessions))
+        return command(session_factory(engine), trail)
     except SQLAlchemyError as error:
         print(f"dicom-node: cannot use the index: {one_line(error)}", file=sys.stderr)
         return EXIT_START_FAILED
     finally:
+        trail.close()
         engine.dispose()

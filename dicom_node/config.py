@@ -139,9 +139,13 @@ class OidcSettings(Section):
 
     @field_validator("issuer")
     @classmethod
-    def _is_http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"an issuer is an http(s) URL, not {value!r}")
+    def _is_https_url(cls, value: str) -> str:
+        """https, for the provider's keys come from it; plain http only to a provider on this machine."""
+        match = re.match(r"^(https?)://(\[[0-9a-fA-F:]+\]|[^/:\s]+)", value)
+        if match is None:
+            raise ValueError(f"an issuer is an https URL, not {value!r}")
+        if match[1] == "http" and match[2].strip("[]") not in ("localhost", "127.0.0.1", "::1"):
+            raise ValueError(f"an issuer is an https URL (http only on loopback), not {value!r}")
         return value.rstrip("/")
 
 

@@ -302,30 +302,32 @@ class DeliverySender(PollingThread):
             )
         except (OSError, ssl.SSLError) as error:
             self._all_failed(destination, deliveries, f"cannot connect: {type(error).__name__}: {error}")
-            return
-        if association.rejected_contexts and not association.accepted_contexts:
-            self._all_failed(destination, deliveries, f"not accepted by {destination.name}: no SOP class", True)
-            return
-        if not association.is_established:
-            reason = "association rejected" if association.is_rejected else "association failed or aborted"
-            self._all_failed(destination, deliveries, f"{reason} by {destination.name}")
-            return
+            return  # no association: nothing went across (each delivery's error says why)
         transfer = Transfer(destination.ae_title, destination.host)
         try:
+            if association.rejected_contexts and not association.accepted_contexts:
+                self._all_failed(destination, deliveries, f"not accepted by {destination.name}: no SOP class", True)
+                transfer.ending, transfer.outcome = "no SOP class accepted", AuditOutcome.SERIOUS_FAILURE
+                return
+            if not association.is_established:
+                reason = "association rejected" if association.is_rejected else "association failed or aborted"
+                self._all_failed(destination, deliveries, f"{reason} by {destination.name}")
+                transfer.ending, transfer.outcome = reason, AuditOutcome.SERIOUS_FAILURE
+                return
             for number, delivery in enumerate(deliveries):
                 if not association.is_established:
                     self._all_failed(destination, deliveries[number:], "association ended before the object was sent")
                     transfer.ending, transfer.outcome = "aborted", AuditOutcome.SERIOUS_FAILURE
                     return
-                if self._send_one(association, destination, delivery):
-                    transfer.add(delivery.patient_id, delivery.study_instance_uid)
-                else:
+                # the patient's data went across even where the destination refused to store it
+                transfer.add(delivery.patient_id, delivery.study_instance_uid)
+                if not self._send_one(association, destination, delivery):
                     transfer.refused += 1
                     transfer.outcome = max(transfer.outcome, AuditOutcome.MINOR_FAILURE)
         finally:
             if association.is_established:
                 association.release()
-                transfer.ending = "released"
+                transfer.ending = "released" if transfer.ending == "closed" else transfer.ending
             self.trail.record(transfer.record(AuditEventKind.ASSOCIATION_SENT, self.settings.dicom.ae_title))
 
     def _send_one(self, association, destination: Destination, delivery: ClaimedDelivery) -> bool:

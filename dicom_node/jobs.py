@@ -151,6 +151,24 @@ class JobQueue:
             ).rowcount
 
 
+class JobNotFinished(Exception):
+    """A job that is pending or running cannot be run again; the message says its state."""
+
+
+def run_again(sessions: sessionmaker[Session], job_id: int) -> tuple[int, str] | None:
+    """Queue a failed or finished job again with fresh attempts, in the queue it was in; its instance and kind,
+    or None where there is no such job. Raises :class:`JobNotFinished` for a job that is pending or running."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        if job.state in (JobState.PENDING, JobState.RUNNING):
+            raise JobNotFinished(f"job {job_id} is {job.state}: only a failed or finished job can be run again")
+        queue = task_engine.queue_of(session, job_id) if on_postgresql(session) else ""
+        enqueue(session, job.instance, job.kind, queue)
+        return job.instance_pk, job.kind
+
+
 def enqueue(session: Session, instance: Instance, kind: str, queue: str) -> None:
     """A job of ``kind`` for the instance, in ``session``'s transaction. On SQLite one per instance: a new one, or
     the existing one queued again (the instance was replaced, or its results are new). On PostgreSQL a new job in

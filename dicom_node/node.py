@@ -83,7 +83,7 @@ class Node:
         )
         self.metrics = NodeMetrics(self.sessions)
         self.foreground = Foreground()
-        self.trail = AuditTrail(self.sessions)
+        self.trail = AuditTrail(settings.database, settings.storage.root)
         self.scp = StorageSCP(
             settings.dicom,
             self.ingestor,
@@ -171,6 +171,7 @@ class Node:
         self.tracker.stop()
         if self.audit_forwarder is not None:
             self.audit_forwarder.stop()
+        self.trail.close()
         self.engine.dispose()
 
     def _default_queues(self) -> list[str]:

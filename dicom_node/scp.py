@@ -150,8 +150,10 @@ def make_association_check(bindings: Mapping[str, Sequence[Network]], disk: Disk
 
 
 def _reject(association: Association, rejection: AssociateRejection) -> None:
+    # As pynetdicom does for its own rejections: tell the EVT_REJECTED handlers (the audit trail), then wait until
+    # the peer has read the rejection and closed.
     association.acse.send_reject(*rejection)
-    # As pynetdicom does for its own rejections: wait until the peer has read the rejection and closed.
+    evt.trigger(association, evt.EVT_REJECTED, {})
     association.kill()
 
 

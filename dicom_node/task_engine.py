@@ -104,6 +104,11 @@ def defer(session: Session, kind: str, instance_pk: int, queue: str) -> None:
     _deferrer.configure_task(name=kind, queue=queue, connection=connection).defer(instance_pk=instance_pk)
 
 
+def queue_of(session: Session, job_id: int) -> str | None:
+    """The queue a job was deferred in: a job run again goes to the same one (its route decided it)."""
+    return session.scalar(text("SELECT queue_name FROM procrastinate_jobs WHERE id = :id"), {"id": job_id})
+
+
 def defer_unique(
     session: Session,
     task: str,

@@ -36,10 +36,11 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 from authlib.jose import JsonWebKey, jwt
 
+from tests.servers import stop
+
 PROVIDER_DIR = Path(__file__).parent / "oidc_provider"
 MIN_NODE = (20, 18)
 STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 SCOPE = "openid profile roles"
 CLIENT_ID = "dicom-node"
 
@@ -117,16 +118,6 @@ def _private_jwk() -> dict[str, Any]:
     return {**key, "kid": secrets.token_hex(8), "alg": "RS256", "use": "sig"}
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _issuer_from(process: subprocess.Popen[str], log: Path) -> str:
     """Wait for the ``listening <issuer>`` line; RuntimeError with the provider's stderr if it does not come."""
     lines: queue.Queue[str] = queue.Queue()
@@ -140,7 +131,7 @@ def _issuer_from(process: subprocess.Popen[str], log: Path) -> str:
             continue
         if line.startswith("listening "):
             return line.split()[1]
-    _stop(process)
+    stop(process)
     raise RuntimeError(f"oidc-provider did not start (exit status {process.returncode}):\n{log.read_text()}")
 
 
@@ -193,7 +184,7 @@ def oidc_provider(
             print(f"oidc-provider stderr:\n{log.read_text()}")
             raise
         finally:
-            _stop(process)
+            stop(process)
 
 
 def _b64url(data: bytes) -> str:

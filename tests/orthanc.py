@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import httpx
 
 from tests.dicom_peers import free_port
+from tests.servers import stop
 
 T = TypeVar("T")
 
 ORTHANC = "/usr/sbin/Orthanc"
 STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 
 class OrthancHTTPError(RuntimeError):
@@ -181,17 +181,6 @@ def _log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (Orthanc shuts down cleanly), then SIGKILL if it is still there after STOP_TIMEOUT."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _wait_until_ready(server: Orthanc) -> None:
     """Poll ``GET /system`` until it answers; RuntimeError with the log's tail if Orthanc exits or hangs."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -241,4 +230,4 @@ def orthanc(
         _wait_until_ready(server)
         yield server
     finally:
-        _stop(process)
+        stop(process)

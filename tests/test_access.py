@@ -8,6 +8,7 @@ import datetime as dt
 import re
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -18,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DatabaseError
 
 from dicom_node.audit.record import AuditEventKind
-from dicom_node.audit.trail import verify
+from dicom_node.cli import main
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.models import ApiToken, AuditEvent, UserRole
 from dicom_node.users import UserError
@@ -26,8 +27,6 @@ from tests.accounts import PASSWORD, accounts
 from tests.node_state import HAND_PATIENT, Received, received_node
 from web.app import check_sign_in, create_app
 from web.dependencies import WebContext
-
-DICOM_NODE = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "dicom-node"
 
 # The role each route needs, as designed (docs/security.md); None: open, for it holds no patient data.
 EXPECTED_ROLES = {
@@ -42,6 +41,7 @@ EXPECTED_ROLES = {
     ("get", "/api/results/{result_id}/heatmap.png"): "viewer",
     ("get", "/results/{patient_id}"): "viewer",
     ("get", "/api/jobs"): "operator",
+    ("post", "/api/jobs/{job_id}/rerun"): "operator",
     ("get", "/api/deliveries"): "operator",
     ("post", "/api/deliveries/{delivery_id}/retry"): "operator",
     ("post", "/predict"): "operator",
@@ -67,7 +67,7 @@ def app_for(received: Received, settings: Settings | None = None):
 
 @pytest.fixture
 def tokens(received: Received) -> Iterator[dict[UserRole, str]]:
-    with accounts(received.node.sessions) as issued:
+    with accounts(received.node) as issued:
         yield issued
 
 
@@ -78,6 +78,7 @@ def _filled(path: str, received: Received) -> str:
         "sop_uid": received.hand.SOPInstanceUID,
         "result_id": "1",
         "delivery_id": str(received.failed_delivery),
+        "job_id": "999999",
     }
     return re.sub(r"\{(\w+)(:path)?\}", lambda match: values[match.group(1)], path)
 
@@ -127,7 +128,7 @@ def test_the_viewer_pages_send_a_browser_to_sign_in_and_show_nothing_of_a_patien
 
 def test_personal_tokens_expire_and_are_revoked(received: Received) -> None:
     client = TestClient(app_for(received))
-    with accounts(received.node.sessions, UserRole.VIEWER) as tokens:
+    with accounts(received.node, UserRole.VIEWER) as tokens:
         header = {"Authorization": tokens[UserRole.VIEWER]}
         assert client.get("/api/patients", headers=header).status_code == 200
         for wrong in ("Bearer dnt_not-a-token", "Bearer not.a.jwt", tokens[UserRole.VIEWER].replace("Bearer", "Basic")):
@@ -161,7 +162,7 @@ def _sign_in(client: TestClient, username: str, password: str, next_page: str = 
 
 def test_a_password_session_its_cookie_csrf_and_sign_out(received: Received) -> None:
     client = TestClient(app_for(received))
-    with accounts(received.node.sessions, UserRole.VIEWER, UserRole.OPERATOR):
+    with accounts(received.node, UserRole.VIEWER, UserRole.OPERATOR):
         form = client.get("/login").text
         missing_csrf = client.post("/login", data={"username": "viewer", "password": PASSWORD}, follow_redirects=False)
         assert missing_csrf.status_code == 403 and client.get("/api/patients").status_code == 401
@@ -196,11 +197,33 @@ def test_a_password_session_its_cookie_csrf_and_sign_out(received: Received) -> 
             assert signed_in.headers["location"] == "/patients", "no redirect off the site"
 
 
+def test_a_session_ends_after_web_session_hours(received: Received) -> None:
+    settings = received.node.settings
+    brief = settings.model_copy(update={"web": settings.web.model_copy(update={"session_hours": 1 / 3600})})
+    client = TestClient(app_for(received, brief))
+    with accounts(received.node, UserRole.VIEWER):
+        assert _sign_in(client, "viewer", PASSWORD).status_code == 303
+        assert client.get("/api/patients").status_code == 200
+        time.sleep(1.1)
+        assert client.get("/api/patients").status_code == 401
+
+
+def test_an_issuer_is_https_except_on_loopback() -> None:
+    base = {"client_id": "node", "client_secret": "secret"}
+    assert oidc_settings(base | {"issuer": "https://idp.example.org/realms/x/"}).issuer == (
+        "https://idp.example.org/realms/x"
+    )
+    assert oidc_settings(base | {"issuer": "http://127.0.0.1:8080"}).issuer == "http://127.0.0.1:8080"
+    for issuer in ("http://idp.example.org", "ftp://idp.example.org", "idp.example.org"):
+        with pytest.raises(ValueError, match="an issuer is an https URL"):
+            oidc_settings(base | {"issuer": issuer})
+
+
 def test_failed_sign_ins_are_limited_and_recorded(received: Received) -> None:
     settings = received.node.settings
     limited = settings.model_copy(update={"web": settings.web.model_copy(update={"sign_in_attempts": 3})})
     client = TestClient(app_for(received, limited))
-    with accounts(received.node.sessions, UserRole.VIEWER):
+    with accounts(received.node, UserRole.VIEWER):
         for _ in range(3):
             wrong = _sign_in(client, "viewer", "not the password at all")
             assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text
@@ -213,7 +236,7 @@ def test_failed_sign_ins_are_limited_and_recorded(received: Received) -> None:
 
 
 def test_the_last_admin_stays_and_names_are_checked(received: Received) -> None:
-    with accounts(received.node.sessions, UserRole.ADMIN):
+    with accounts(received.node, UserRole.ADMIN):
         users = WebContext(received.node.settings, received.node.sessions, lambda: True).users
         with pytest.raises(UserError, match="last admin"):
             users.remove("admin", actor="test")
@@ -249,13 +272,24 @@ def oidc_settings(values: dict):
 def test_without_users_or_provider_the_node_serves_loopback_only(received: Received) -> None:
     users = WebContext(received.node.settings, received.node.sessions, lambda: True).users
     assert not users.any()
-    assert TestClient(app_for(received)).get("/api/patients").status_code == 200, "open on loopback"
+    client = TestClient(app_for(received))
+    assert client.get("/api/patients").status_code == 200, "open on loopback"
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        assert client.get("/api/patients", headers={header: "192.0.2.7"}).status_code == 401, "not through a proxy"
+    public = received.node.settings.model_copy(
+        update={"web": received.node.settings.web.model_copy(update={"host": "0.0.0.0"})}
+    )
+    assert TestClient(app_for(received, public)).get("/api/patients").status_code == 401, "not when it listens wide"
+    # no CSRF token without sign-in: a browser's post from a page of another site is refused
+    retry = f"/api/deliveries/{received.failed_delivery}/retry"
+    for header in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example.org"}):
+        assert client.post(retry, headers=header).status_code == 403
     exposed = received.node.settings.model_copy(
         update={"web": received.node.settings.web.model_copy(update={"host": "0.0.0.0"})}
     )
     with pytest.raises(ConfigError, match="nobody can sign in: create the first user with `dicom-node users add"):
         check_sign_in(exposed, users)
-    with accounts(received.node.sessions, UserRole.ADMIN):
+    with accounts(received.node, UserRole.ADMIN):
         check_sign_in(exposed, users)
 
 
@@ -272,20 +306,26 @@ def test_a_configuration_with_the_shared_token_says_how_to_go_on(tmp_path: Path,
         assert "0123456789abcdef" not in message
 
 
-def test_the_users_command_and_the_audit_chain(tmp_path: Path) -> None:
+def test_the_users_command_and_the_audit_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"storage:\n  root: {tmp_path / 'storage'}\n")
-    environment = {"NEW_USER_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"}
+    monkeypatch.setenv("NEW_USER_PASSWORD", PASSWORD)
 
     def command(*arguments: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [DICOM_NODE, *arguments, "--config", config], capture_output=True, text=True, env=environment, timeout=60
-        )
+        """``dicom-node`` in this process (each started process would import torch again)."""
+        capsys.readouterr()
+        returncode = main([*arguments, "--config", str(config)])
+        output = capsys.readouterr()
+        return subprocess.CompletedProcess(arguments, returncode, output.out, output.err)
 
     assert command("users", "add", "ada", "--role", "admin").returncode == 0
     assert command("users", "add", "ben", "--role", "viewer").returncode == 0
     issued = command("users", "token", "ben", "--days", "7")
     assert issued.returncode == 0 and re.search(r"^dnt_\S{40,}$", issued.stdout, re.M)
+    tokens = command("users", "tokens", "ben").stdout
+    assert re.fullmatch(r"1\tapi\texpires \d{4}-\d{2}-\d{2}\tworks\n", tokens), tokens
     listed = command("users", "list").stdout
     assert re.search(r"^ada\tadmin\t0 working", listed, re.M) and re.search(r"^ben\tviewer\t1 working", listed, re.M)
     refused = command("users", "remove", "ada")
@@ -311,9 +351,24 @@ def test_the_users_command_and_the_audit_chain(tmp_path: Path) -> None:
 
 
 def test_the_trail_refuses_changes_through_the_node_too(received: Received) -> None:
-    with accounts(received.node.sessions, UserRole.VIEWER):  # a user added: an event
+    with accounts(received.node, UserRole.VIEWER):  # a user added: an event
         pass
     with pytest.raises(DatabaseError, match="append-only"), received.node.sessions.begin() as session:
         session.execute(update(AuditEvent).values(detail="rewritten"))
-    with received.node.sessions() as session:
-        assert verify(session)[1] == []
+    assert received.node.trail.verify()[1] == []
+
+
+def test_an_operator_runs_a_finished_job_again(received: Received, tokens) -> None:
+    client = TestClient(app_for(received))
+    operator = {"Authorization": tokens[UserRole.OPERATOR]}
+    jobs = client.get("/api/jobs?state=done", headers=operator).json()["items"]
+    job = jobs[0]
+    again = client.post(f"/api/jobs/{job['id']}/rerun", headers=operator)
+    assert again.status_code == 200 and again.json()["state"] == "pending" and again.json()["attempts"] == 0
+    busy = client.post(f"/api/jobs/{job['id']}/rerun", headers=operator)
+    assert busy.status_code == 409 and "only a failed or finished job" in busy.json()["detail"]
+    assert client.post("/api/jobs/999999/rerun", headers=operator).status_code == 404
+    assert (
+        client.post(f"/api/jobs/{job['id']}/rerun", headers={"Authorization": tokens[UserRole.VIEWER]}).status_code
+        == 403
+    )

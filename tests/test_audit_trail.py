@@ -47,6 +47,7 @@ EVENT_IDS = {  # PS3.15 A.5.3: the EventID of each kind
     "sign-in-failed": "110114",
     "sign-out": "110114",
     "user-changed": "110113",
+    "audit-log-read": "110101",
 }
 
 
@@ -67,7 +68,8 @@ def test_who_touched_a_patient(tmp_path: Path) -> None:
     storage.mkdir()
     engine = open_index(DatabaseSettings(url=f"sqlite:///{storage / 'index.sqlite3'}"))
     sessions = session_factory(engine)
-    users = Users(sessions, AuditTrail(sessions))
+    trail = AuditTrail(DatabaseSettings(url=f"sqlite:///{storage / 'index.sqlite3'}"), storage)
+    users = Users(sessions, trail)
     users.add("alice", UserRole.VIEWER, PASSWORD, actor="test")
     users.add("oscar", UserRole.OPERATOR, PASSWORD, actor="test")
     oscar = {"Authorization": f"Bearer {users.issue_token('oscar', 'test', 1, actor='test').secret}"}
@@ -136,6 +138,8 @@ def test_who_touched_a_patient(tmp_path: Path) -> None:
             node.ensure_stopped()
     collector.stop()
 
+    with sessions() as session:
+        kinds = session.scalars(select(AuditEvent.kind).order_by(AuditEvent.id)).all()
     exported = _cli(storage, "audit", "export", "--patient", PATIENT, "--since", dt.date.today().isoformat())
     events = [json.loads(line) for line in exported.stdout.splitlines()]
     received, *rest = events
@@ -164,11 +168,12 @@ def test_who_touched_a_patient(tmp_path: Path) -> None:
     assert all(event["address"] == "127.0.0.1" for event in reads)
     assert ["study", image.StudyInstanceUID] in reads[1]["objects"]
 
+    with sessions() as session:
+        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).one()
+    assert (last.kind, last.patients) == ("audit-log-read", [PATIENT]), "the export is an event of its own"
     assert _cli(storage, "audit", "verify").returncode == 0
 
     schema = etree.RelaxNG(etree.parse(str(SCHEMA)))
-    with sessions() as session:
-        kinds = session.scalars(select(AuditEvent.kind).order_by(AuditEvent.id)).all()
     messages = collector.messages
     assert len(messages) == len(kinds), "each event once"
     for kind, message in zip(kinds, messages, strict=True):
@@ -177,6 +182,7 @@ def test_who_touched_a_patient(tmp_path: Path) -> None:
         schema.assertValid(etree.fromstring(xml))
         event_id = ET.fromstring(xml).find("EventIdentification/EventID").get("csd-code")
         assert event_id == EVENT_IDS[kind] or (kind, event_id) == ("patient-data-read", "110110")
+    trail.close()
     engine.dispose()
 
 

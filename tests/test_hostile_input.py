@@ -41,6 +41,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 from sqlalchemy import select
 
+from dicom_node.audit.trail import KEY_FILE as AUDIT_KEY_FILE
 from dicom_node.config import InferenceSettings, Settings
 from dicom_node.inference_jobs import InferenceJobs, InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
@@ -78,6 +79,7 @@ ROOT_ENTRIES = {
     "index.sqlite3-shm",
     INSTALLATION_SECRET_FILE,
     SESSION_KEY_FILE,
+    AUDIT_KEY_FILE,
 }
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -7,14 +7,12 @@ and authorization requests without PKCE are refused.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from authlib.integrations.starlette_client import OAuth
 from authlib.jose import JsonWebKey, jwt
 from authlib.jose.errors import ExpiredTokenError
@@ -36,6 +34,7 @@ from tests.oidc import (
     sign_in,
     signed_access_token,
 )
+from tests.servers import serving
 
 APP_PORT = free_port()
 APP = f"http://127.0.0.1:{APP_PORT}"
@@ -137,21 +136,9 @@ def _authlib_app(provider: OidcProvider) -> Starlette:
 
 
 def test_authlibs_starlette_client_signs_in(provider: OidcProvider) -> None:
-    config = uvicorn.Config(_authlib_app(provider), host="127.0.0.1", port=APP_PORT, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        with httpx.Client(timeout=10) as browser:
-            back = follow_sign_in(browser, f"{APP}/login", "alice", CALLBACK)
-            signed_in = browser.get(back)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(_authlib_app(provider), APP_PORT), httpx.Client(timeout=10) as browser:
+        back = follow_sign_in(browser, f"{APP}/login", "alice", CALLBACK)
+        signed_in = browser.get(back)
     assert signed_in.status_code == 200, signed_in.text
     assert signed_in.json()["userinfo"][provider.roles_claim] == ["viewer"]
     # No `resource` parameter was sent, yet the access token is the API's JWT (the audience is the default resource).

@@ -6,7 +6,6 @@ and one for another audience are refused; a user the provider gives no role of t
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,6 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from sqlalchemy import select
@@ -22,7 +20,8 @@ from sqlalchemy import select
 from dicom_node.models import AuditEvent
 from tests.dicom_peers import free_port
 from tests.node_state import HAND_PATIENT, Received, received_node
-from tests.oidc import OidcProvider, access_token, follow_sign_in, oidc_provider, signed_access_token
+from tests.oidc import OidcProvider, access_token, follow_sign_in, oidc_provider, sign_in, signed_access_token
+from tests.servers import serving
 from web.app import create_app
 from web.dependencies import WebContext
 
@@ -55,16 +54,8 @@ def site(received: Received) -> Iterator[tuple[str, OidcProvider]]:
         }
         web = type(settings.web).model_validate(settings.web.model_dump() | {"oidc": oidc, "port": port})
         app = create_app(WebContext(settings.model_copy(update={"web": web}), received.node.sessions, lambda: True))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="oidc-test-web", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield base, provider
-        server.should_exit = True
-        thread.join(10)
+        with serving(app, port):
+            yield base, provider
 
 
 def _api(base: str, token: str, path: str) -> httpx.Response:
@@ -81,6 +72,8 @@ def test_the_api_takes_the_providers_access_tokens_by_role(site, received: Recei
     assert _api(base, operator, "/api/jobs").status_code == 200
     assert _api(base, operator, "/api/users").status_code == 403
     assert _api(base, access_token(provider, "mallory", callback), patient).status_code == 401
+    id_token = sign_in(provider, "oscar", callback)["id_token"]
+    assert _api(base, id_token, patient).status_code == 401, "an ID token's audience is the client"
 
     now = int(time.time())
     claims = {"iss": provider.issuer, "aud": AUDIENCE, "sub": "alice", "roles": ["admin"], "iat": now - 600}
@@ -90,6 +83,13 @@ def test_the_api_takes_the_providers_access_tokens_by_role(site, received: Recei
     assert _api(base, signed_access_token(provider, claims | {"exp": now + 300}), "/api/users").status_code == 200
     other_audience = signed_access_token(provider, claims | {"exp": now + 300, "aud": "another-service"})
     assert _api(base, other_audience, patient).status_code == 401
+    # an ID token for the API's audience (a provider that issues one so): the provider's key, a nonce, no at+jwt
+    own_key = RSAKey.import_key(provider.private_jwk)
+    like_an_id_token = jwt.encode(
+        {"alg": "RS256", "kid": own_key.kid}, claims | {"exp": now + 300, "nonce": "n"}, own_key
+    )
+    refused = _api(base, like_an_id_token, patient)
+    assert refused.status_code == 401 and "ID token" in refused.json()["detail"]
     foreign_key = RSAKey.generate_key(2048, parameters={"kid": provider.private_jwk["kid"]}, private=True)
     forged = jwt.encode({"alg": "RS256", "kid": foreign_key.kid}, claims | {"exp": now + 300}, foreign_key)
     assert _api(base, forged, patient).status_code == 401
@@ -109,7 +109,9 @@ def test_a_user_without_a_role_of_the_node_signs_in_to_nothing(site) -> None:
         assert browser.get(f"{base}/patients", follow_redirects=False).status_code == 303
 
 
-def test_a_viewer_signs_in_through_the_provider_in_a_browser(site, received: Received, tmp_path: Path) -> None:
+def test_a_viewer_and_an_operator_sign_in_through_the_provider_in_a_browser(
+    site, received: Received, tmp_path: Path
+) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM} (Debian's chromium package; scripts/install-system-packages.sh installs it)")
@@ -138,6 +140,19 @@ def test_a_viewer_signs_in_through_the_provider_in_a_browser(site, received: Rec
             page.wait_for_url(f"{base}/login")
             page.goto(f"{base}{target}")
             assert urlsplit(page.url).path == "/login"
+
+            # a second user, of another role, in a fresh context (the provider would remember alice's sign-in)
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{base}{target}")
+            page.get_by_test_id("sign-in-provider").click()
+            page.wait_for_url(f"{provider.issuer}/**")
+            page.fill("input[name=login]", "oscar")
+            page.fill("input[name=password]", "any")
+            page.locator("button[type=submit]").first.click()
+            page.wait_for_url(f"{base}{target}")
+            assert page.get_by_test_id("signed-in").inner_text() == "oscar (operator)"
+            assert page.request.get(f"{base}/api/jobs").status == 200
         finally:
             browser.close()
     with received.node.sessions() as session:

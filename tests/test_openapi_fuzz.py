@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import select
 
 from dicom_node.config import Settings
-from dicom_node.models import Delivery, InferenceResult, Instance, Patient, Study
+from dicom_node.models import Delivery, InferenceResult, Instance, Job, Patient, Study
 from dicom_node.node import Node
 from tests.node_state import received_node
 from web.app import create_app
@@ -56,6 +56,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             sop_uid=list(session.scalars(select(Instance.sop_instance_uid))),  # the node's report too: no image
             result_id=list(session.scalars(select(InferenceResult.id))),
             delivery_id=list(session.scalars(select(Delivery.id))),
+            job_id=list(session.scalars(select(Job.id))),
         )
     yield node
     node.engine.dispose()

@@ -21,6 +21,7 @@ from pydicom.dataset import FileDataset
 from dicom_node.synthetic import synthetic_dx
 from tests.dicom_peers import dcmtk, free_port
 from tests.orthanc import Orthanc, OrthancHTTPError, orthanc, orthanc_binary
+from tests.servers import stop
 
 pytestmark = pytest.mark.skipif(
     orthanc_binary() is None or shutil.which("storescp") is None, reason="Orthanc or DCMTK is not installed"
@@ -47,12 +48,7 @@ def storescp(port: int, directory: Path, ae_title: str = RECEIVER_AE) -> Iterato
             raise RuntimeError(f"storescp did not answer C-ECHO on port {port}")
         yield directory
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def small_dx(tmp_path: Path, name: str) -> tuple[FileDataset, Path]:

@@ -466,7 +466,7 @@ def test_results_of_a_patient_id_with_a_nul_character_is_422(client: TestClient)
 def test_uploads_need_an_operator_and_results_a_viewer(served: Served, hand_response: dict) -> None:
     client = client_for(served)
     results = f"/results/{quote(PICTURE_PATIENT, safe='')}"
-    with accounts(served.node.sessions, UserRole.VIEWER, UserRole.OPERATOR) as tokens:
+    with accounts(served.node, UserRole.VIEWER, UserRole.OPERATOR) as tokens:
         assert client.post("/predict", files={"image": ("a.png", served.hand_png)}).status_code == 401
         assert client.post("/predict_base64", json={"image": "AAAA"}).status_code == 401
         assert client.get(results).status_code == 401

@@ -29,6 +29,15 @@ INSTANCE = AuditObject(AuditObjectKind.INSTANCE, "1.2.826.0.1.3680043.8.498.1.1"
 OTHER_STUDY = AuditObject(AuditObjectKind.STUDY, "1.2.826.0.1.3680043.8.498.2")
 
 EXAMPLES = {
+    AuditEventKind.AUDIT_LOG_READ: AuditRecord(
+        AuditEventKind.AUDIT_LOG_READ,
+        AT,
+        "ada",
+        address="10.1.2.5",
+        role="admin",
+        patients=("PAT-1",),
+        detail="GET /api/audit",
+    ),
     AuditEventKind.PATIENT_DATA_READ: AuditRecord(
         AuditEventKind.PATIENT_DATA_READ,
         AT,
@@ -94,6 +103,7 @@ EXAMPLES = {
 
 # kind: (EventID, EventActionCode, EventTypeCode), the codes of PS3.15 A.5.3 and PS3.16 CID 400-403
 EVENTS = {
+    AuditEventKind.AUDIT_LOG_READ: (("110101", "DCM", "Audit Log Used"), "R", None),
     AuditEventKind.PATIENT_DATA_READ: (("110103", "DCM", "DICOM Instances Accessed"), "R", None),
     AuditEventKind.PATIENT_DATA_CREATED: (("110103", "DCM", "DICOM Instances Accessed"), "C", None),
     AuditEventKind.ASSOCIATION_RECEIVED: (("110104", "DCM", "DICOM Instances Transferred"), "C", None),

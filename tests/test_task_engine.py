@@ -26,7 +26,7 @@ from dicom_node.delivery import schedule_sending
 from dicom_node.index_schema import downgrade_index, upgrade_index
 from dicom_node.inference_jobs import InferenceModels
 from dicom_node.ingest import INFERENCE_JOB
-from dicom_node.jobs import ClaimedJob, PermanentJobError, enqueue
+from dicom_node.jobs import ClaimedJob, JobNotFinished, PermanentJobError, enqueue, run_again
 from dicom_node.models import InferenceResult, Instance, Job, JobState, Patient, Series, Study
 from dicom_node.node import Node
 from dicom_node.part10 import encoded_dataset
@@ -270,6 +270,21 @@ def job_states(node: Node, kind: str = INFERENCE_JOB) -> dict[int, tuple[JobStat
         return {
             job.instance_pk: (job.state, job.attempts) for job in session.scalars(select(Job).where(Job.kind == kind))
         }
+
+
+def test_a_failed_job_runs_again_in_its_own_queue(ingest_node: Node, tmp_path: Path, database_url: str) -> None:
+    receive(ingest_node, tmp_path, "HAND", 1)
+    with ingest_node.sessions() as session:
+        job_id = session.scalar(select(Job.id).where(Job.kind == INFERENCE_JOB))
+    with pytest.raises(JobNotFinished, match="pending"):
+        run_again(ingest_node.sessions, job_id)
+    with psycopg.connect(psycopg_url(database_url)) as connection:
+        connection.execute("UPDATE procrastinate_jobs SET status = 'failed' WHERE id = %s", (job_id,))
+    assert job_states(ingest_node) == {1: (JobState.FAILED, 0)}
+    assert run_again(ingest_node.sessions, job_id) == (1, INFERENCE_JOB)
+    first, again = engine_jobs(database_url)
+    assert first[2] == "failed" and again[:3] == (INFERENCE_JOB, first[1], "todo") and first[1] == "infer.bone_age"
+    assert job_states(ingest_node) == {1: (JobState.PENDING, 0)}, "the newest run is the job listed"
 
 
 def wait_for(condition, timeout: float = 60) -> None:

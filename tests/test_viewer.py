@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -21,7 +19,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
 
@@ -30,6 +27,7 @@ from inference.model_card import DEMO_DISCLAIMER
 from tests.accounts import PASSWORD, accounts
 from tests.dicom_peers import free_port
 from tests.node_state import FOOT_PATIENT, HAND_PATIENT, Received, received_node
+from tests.servers import serving
 from web.app import create_app
 from web.dependencies import WebContext
 from web.routers import viewer
@@ -339,7 +337,7 @@ def test_the_static_files(client: TestClient) -> None:
 def test_with_users_the_viewer_asks_to_sign_in(received: Received) -> None:
     client = TestClient(app_for(received))
     uid = received.hand.SOPInstanceUID
-    with accounts(received.node.sessions, UserRole.VIEWER):
+    with accounts(received.node, UserRole.VIEWER):
         for path in ("/patients?search=doe", f"/patients/{segment(HAND_PATIENT)}", f"/instances/{uid}"):
             response = client.get(path, follow_redirects=False)
             assert response.status_code == 303, path
@@ -371,17 +369,8 @@ def test_without_users_sign_in_is_not_needed(client: TestClient) -> None:
 def served(received: Received) -> Iterator[str]:
     """The app served by uvicorn on a free loopback port; yields its base URL."""
     port = free_port()
-    app = app_for(received, port=port)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="viewer-test-web", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app_for(received, port=port), port) as base:
+        yield base
 
 
 def _save_artifact(path: Path) -> Path:
@@ -410,7 +399,7 @@ def test_in_a_browser(
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM} (Debian's chromium package; scripts/install-system-packages.sh installs it)")
     errors: list[str] = []
-    with accounts(received.node.sessions, UserRole.VIEWER), sync_api.sync_playwright() as playwright:
+    with accounts(received.node, UserRole.VIEWER), sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})

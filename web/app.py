@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -11,7 +9,7 @@ from fastapi.staticfiles import StaticFiles
 from dicom_node.config import ConfigError, Settings
 from dicom_node.secret_file import kept_secret
 from dicom_node.users import Users
-from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER, SignInLimiter
+from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER, SignInLimiter, is_loopback_host
 from web.dependencies import WebContext
 from web.routers import (
     admin,
@@ -37,7 +35,7 @@ SESSION_KEY_FILE = "session.key"  # under the storage root: the key that signs t
 def create_app(context: WebContext) -> FastAPI:
     """The app over ``context``. Each route declares the role it needs (:mod:`web.auth`): the viewer role reads
     patients, studies, instances, images, heatmaps and results; the operator role also uploads, reads the queues
-    and retries deliveries; the admin role also reads the users, the configuration and the audit trail.
+    retries deliveries and runs jobs again; the admin role also reads the users, the configuration and the audit trail.
     ``/health``, ``/metrics``, ``/model_info`` and the docs hold no patient data and stay open."""
     app = FastAPI(title="DICOM AI node", summary="Viewer and HTTP API of the DICOM AI node.")
     app.state.context = context
@@ -75,7 +73,7 @@ def check_sign_in(settings: Settings, users: Users) -> None:
     Raises:
         ConfigError: ``web.host`` is not loopback, no provider is configured and the index has no user.
     """
-    if settings.web.oidc is None and not _is_loopback(settings.web.host) and not users.any():
+    if settings.web.oidc is None and not is_loopback_host(settings.web.host) and not users.any():
         raise ConfigError(
             f"web.host {settings.web.host} is not loopback and nobody can sign in: create the first user with "
             "`dicom-node users add NAME --role admin`, or configure web.oidc"
@@ -89,12 +87,3 @@ def create_health_app(context: WebContext) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     return app
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return False

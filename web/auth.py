@@ -6,7 +6,7 @@ A request is made by a :class:`Principal`, found in this order:
    ``web.oidc`` set, an access token of the provider (a JWT checked against its keys, :mod:`web.oidc`);
 2. the viewer's session cookie (signed; set at sign-in by :mod:`web.routers.sign_in`);
 3. nobody: 401. Only while the index has no user and no provider is configured, the node answers everyone as
-   ``anonymous`` (the web server then listens on loopback only: :func:`check_start`).
+   ``anonymous``, and only on loopback (:func:`is_open`; :func:`web.app.check_sign_in` refuses to start otherwise).
 
 Each route declares the role it needs with ``Security(authenticated, scopes=[role])``, which also puts the role
 into the OpenAPI document (``security: [{HTTPBearer: [role]}]``). A route without it is public.
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import collections
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
@@ -36,6 +37,7 @@ from web.schemas import Problem
 
 Via = Literal["token", "oidc-token", "password", "oidc", "open"]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+FORWARDED_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip"})
 CSRF_HEADER = "X-CSRF-Token"
 ANONYMOUS = "anonymous"
 
@@ -74,7 +76,7 @@ def authenticated(
     principal = _bearer_principal(request, context, credentials.credentials) if credentials is not None else None
     if principal is None:
         principal = session_principal(request, context)
-    if principal is None and is_open(context):
+    if principal is None and is_open(context, request):
         principal = Principal(ANONYMOUS, UserRole.ADMIN, "open", client_address(request))
     if principal is None:
         raise NotSignedIn("sign in first: a bearer token (Authorization: Bearer ...) or the viewer's session")
@@ -85,13 +87,40 @@ def authenticated(
         )
     if principal.via in ("password", "oidc") and request.method not in SAFE_METHODS:
         check_csrf(request, request.headers.get(CSRF_HEADER))
+    if principal.via == "open" and request.method not in SAFE_METHODS and _from_another_site(request):
+        # without sign-in there is no CSRF token: a page of another site must not make a browser post here
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "a request sent by a page of another site")
     request.state.principal = principal
     return principal
 
 
-def is_open(context: WebContext) -> bool:
-    """No sign-in exists yet: no local user, no provider."""
-    return context.settings.web.oidc is None and not context.users.any()
+def is_open(context: WebContext, request: Request) -> bool:
+    """No sign-in exists yet (no local user, no provider) and the request cannot come from beyond this machine:
+    the server listens on loopback, and no proxy forwarded the request (a proxy on this machine would make the
+    node reachable from the network)."""
+    return (
+        context.settings.web.oidc is None
+        and is_loopback_host(context.settings.web.host)
+        and not FORWARDED_HEADERS & {name.lower() for name in request.headers}
+        and not context.users.any()
+    )
+
+
+def _from_another_site(request: Request) -> bool:
+    """What browsers say of a request that a page of another origin made (Fetch Metadata, Origin)."""
+    origin = request.headers.get("origin")
+    return request.headers.get("sec-fetch-site") in ("cross-site", "same-site") or (
+        origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _bearer_principal(request: Request, context: WebContext, token: str) -> Principal:
@@ -120,25 +149,37 @@ def _bearer_principal(request: Request, context: WebContext, token: str) -> Prin
 
 
 def session_principal(request: Request, context: WebContext) -> Principal | None:
-    """The principal of the session cookie. A local user's role is read again on each request, and a session
-    signed in before the user's password or role changed has ended."""
+    """The principal of the session cookie, while the session lasts: ``web.session_hours`` from sign-in (the
+    cookie is signed again on every answer, so its own age says nothing), and for a provider's user no longer
+    than the ID token. A local user's role is read again on each request, and a session signed in before the
+    user's password or role changed has ended."""
     session = request.scope.get("session")
     if not session or "user" not in session:
+        return None
+    signed_in_at = session.get("at", 0)
+    ends_at = min(signed_in_at + context.settings.web.session_hours * 3600, session.get("until") or float("inf"))
+    if time.time() >= ends_at:
+        session.clear()
         return None
     address = client_address(request)
     if session.get("via") == "oidc":
         return Principal(session["user"], UserRole(session["role"]), "oidc", address)
     account = context.users.account(session["user"])
-    if account is None or account.credentials_changed_at.timestamp() > session.get("at", 0):
+    if account is None or account.credentials_changed_at.timestamp() > signed_in_at:
         session.clear()
         return None
     return Principal(account.username, account.role, "password", address)
 
 
-def start_session(request: Request, user: str, role: UserRole, via: Literal["password", "oidc"]) -> None:
-    """A new session (a new CSRF token too: nothing of the session before sign-in carries over)."""
+def start_session(
+    request: Request, user: str, role: UserRole, via: Literal["password", "oidc"], expires_at: float | None = None
+) -> None:
+    """A new session (a new CSRF token too: nothing of the session before sign-in carries over), ending at
+    ``expires_at`` (epoch seconds) if that comes before ``web.session_hours``."""
     request.session.clear()
-    request.session.update(user=user, role=role.value, via=via, at=time.time(), csrf=secrets.token_urlsafe(32))
+    request.session.update(
+        user=user, role=role.value, via=via, at=time.time(), until=expires_at, csrf=secrets.token_urlsafe(32)
+    )
 
 
 def csrf_token(request: Request) -> str:
@@ -181,7 +222,11 @@ def record_sign_in(
 
 class SignInLimiter:
     """At most ``attempts`` failed sign-ins per address and user name in a sliding ``window`` (seconds). Kept in
-    the web process's memory: with several web processes each counts its own."""
+    the web process's memory: with several web processes each counts its own. Only failures are kept, and only
+    for the window, at most :data:`MAX_TRACKED` keys (beyond that the oldest go: a flood of made-up names cannot
+    fill the memory)."""
+
+    MAX_TRACKED = 10_000
 
     def __init__(self, attempts: int, window: float = 15 * 60) -> None:
         self._attempts = attempts
@@ -192,25 +237,35 @@ class SignInLimiter:
     def retry_after(self, address: str | None, username: str) -> int:
         """0 where another attempt may be made; else the seconds until one may."""
         with self._lock:
-            failures = self._recent((address or "", username.lower()))
+            failures = self._recent(_key(address, username))
             if len(failures) < self._attempts:
                 return 0
             return max(1, int(failures[0] + self._window - time.monotonic()) + 1)
 
     def failed(self, address: str | None, username: str) -> None:
         with self._lock:
-            key = (address or "", username.lower())
-            self._recent(key).append(time.monotonic())
+            key = _key(address, username)
+            failures = self._recent(key)
+            if not failures and len(self._failures) >= self.MAX_TRACKED:
+                self._failures.pop(next(iter(self._failures)))  # the oldest key
+            self._failures[key] = failures
+            failures.append(time.monotonic())
 
     def succeeded(self, address: str | None, username: str) -> None:
         with self._lock:
-            self._failures.pop((address or "", username.lower()), None)
+            self._failures.pop(_key(address, username), None)
 
     def _recent(self, key: tuple[str, str]) -> collections.deque[float]:
-        failures = self._failures.setdefault(key, collections.deque())
+        failures = self._failures.get(key, collections.deque())
         while failures and failures[0] <= time.monotonic() - self._window:
             failures.popleft()
+        if not failures:
+            self._failures.pop(key, None)
         return failures
+
+
+def _key(address: str | None, username: str) -> tuple[str, str]:
+    return address or "", username[:64].lower()
 
 
 def page_access(

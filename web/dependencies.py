@@ -36,7 +36,9 @@ class WebContext:
 
     @functools.cached_property
     def trail(self) -> AuditTrail:
-        return self.node.trail if self.node is not None else AuditTrail(self.sessions)
+        if self.node is not None:
+            return self.node.trail
+        return AuditTrail(self.settings.database, self.settings.storage.root)
 
     @functools.cached_property
     def users(self) -> Users:

@@ -101,6 +101,8 @@ class OidcClient:
             self._claims.validate(decoded.claims)
         except JoseError as error:
             raise TokenRefused(str(error)) from None
+        if _is_id_token(decoded):
+            raise TokenRefused("an ID token is not an access token (RFC 9068: typ at+jwt)")
         return self.identity(decoded.claims)
 
     def _decode(self, token: str, refresh: bool) -> jwt.Token:
@@ -127,4 +129,15 @@ class OidcClient:
     def _fetch_keys(self) -> dict:
         with httpx.Client(timeout=HTTP_TIMEOUT_S) as http:
             metadata = http.get(f"{self.settings.issuer}/.well-known/openid-configuration").raise_for_status().json()
+            if metadata.get("issuer") != self.settings.issuer:  # OpenID Connect Discovery 1.0, section 4.3
+                raise ValueError(f"the discovery document names issuer {metadata.get('issuer')!r}")
             return http.get(metadata["jwks_uri"]).raise_for_status().json()
+
+
+def _is_id_token(token: jwt.Token) -> bool:
+    """An ID token sent as a bearer token: its audience is the client, as an access token's may be. Access tokens
+    say so in their header (RFC 9068 section 2.1); providers that type neither say what an ID token is by its
+    claims (a nonce; Keycloak's ``typ`` claim ID)."""
+    if str(token.header.get("typ", "")).lower() in ("at+jwt", "application/at+jwt"):
+        return False
+    return "nonce" in token.claims or token.claims.get("typ") == "ID"

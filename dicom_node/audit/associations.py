@@ -23,7 +23,7 @@ class Transfer:
     peer_ae: str
     address: str | None
     studies_of_patients: dict[str, set[str]] = field(default_factory=dict)
-    transferred: int = 0
+    transferred: int = 0  # received: stored by the node; sent: sent, stored by the destination or refused
     refused: int = 0
     ending: str = "closed"
     outcome: AuditOutcome = AuditOutcome.SUCCESS
@@ -34,7 +34,10 @@ class Transfer:
 
     def record(self, kind: AuditEventKind, local_ae: str) -> AuditRecord:
         verb = "received" if kind is AuditEventKind.ASSOCIATION_RECEIVED else "sent"
-        counts = f"{self.transferred} instance(s) {verb}" + (f", {self.refused} refused" if self.refused else "")
+        stored = self.transferred if verb == "received" else self.transferred - self.refused
+        counts = f"{stored} instance(s) {verb}" + (f", {self.refused} refused" if self.refused else "")
+        if self.transferred == self.refused == 0:
+            counts = f"no instance {verb}"
         return AuditRecord(
             kind=kind,
             occurred_at=now(),
@@ -54,7 +57,12 @@ class Transfer:
 
 
 class ReceivedAssociations:
-    """The listener's notification handlers (:meth:`handlers`) and the store handler's :meth:`stored`."""
+    """The listener's notification handlers (:meth:`handlers`) and the store handler's :meth:`stored`.
+
+    An established association ends with exactly one of EVT_RELEASED and EVT_ABORTED (a dropped connection is an
+    A-P-ABORT), both fired in the association's own thread after its last C-STORE: the event is written then.
+    EVT_REJECTED covers the associations refused before they were established, the node's own refusals included
+    (:func:`dicom_node.scp.make_association_check` fires it as pynetdicom does)."""
 
     def __init__(self, trail: AuditTrail, local_ae: str) -> None:
         self._trail = trail
@@ -66,9 +74,8 @@ class ReceivedAssociations:
         return [
             (evt.EVT_ESTABLISHED, self._established),
             (evt.EVT_REJECTED, self._rejected),
-            (evt.EVT_RELEASED, lambda event: self._ending(event, "released", AuditOutcome.SUCCESS)),
-            (evt.EVT_ABORTED, lambda event: self._ending(event, "aborted", AuditOutcome.SERIOUS_FAILURE)),
-            (evt.EVT_CONN_CLOSE, self._closed),
+            (evt.EVT_RELEASED, lambda event: self._ended(event, "released", AuditOutcome.SUCCESS)),
+            (evt.EVT_ABORTED, lambda event: self._ended(event, "aborted", AuditOutcome.SERIOUS_FAILURE)),
         ]
 
     def stored(self, event: Event, patient_id: str, study_instance_uid: str) -> None:
@@ -91,18 +98,16 @@ class ReceivedAssociations:
         transfer.ending, transfer.outcome = "rejected", AuditOutcome.MINOR_FAILURE
         self._trail.record(transfer.record(AuditEventKind.ASSOCIATION_RECEIVED, self._local_ae))
 
-    def _ending(self, event: Event, ending: str, outcome: AuditOutcome) -> None:
-        transfer = self._open.get(id(event.assoc))
-        if transfer is not None:
-            transfer.ending, transfer.outcome = ending, max(transfer.outcome, outcome)
-
-    def _closed(self, event: Event) -> None:
+    def _ended(self, event: Event, ending: str, outcome: AuditOutcome) -> None:
         with self._lock:
             transfer = self._open.pop(id(event.assoc), None)
         if transfer is not None:
+            transfer.ending, transfer.outcome = ending, max(transfer.outcome, outcome)
             self._trail.record(transfer.record(AuditEventKind.ASSOCIATION_RECEIVED, self._local_ae))
 
 
 def _transfer_of(event: Event) -> Transfer:
     requestor = event.assoc.requestor
-    return Transfer(peer_ae=requestor.ae_title, address=requestor.address)
+    # before negotiation (a rejection) the calling AE title is only in the request
+    peer_ae = requestor.ae_title or (requestor.primitive.calling_ae_title if requestor.primitive else "")
+    return Transfer(peer_ae=peer_ae.strip(), address=requestor.address)

@@ -53,6 +53,7 @@ SYSTEM_OBJECT = "2"
 ROLE_PATIENT = "1"
 ROLE_REPORT = "3"
 ROLE_SECURITY_USER_ENTITY = "11"
+ROLE_SECURITY_RESOURCE = "13"
 
 # Characters that XML 1.0 (Section 2.2) does not allow: a user name tried at sign-in is anyone's input.
 _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -67,6 +68,7 @@ class Code(NamedTuple):
 
 
 # EventID (PS3.16 CID 400)
+AUDIT_LOG_USED = Code("110101", "DCM", "Audit Log Used")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
@@ -82,6 +84,7 @@ SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 # ParticipantObjectIDTypeCode (A.5.1.2.4, PS3.16 CID 404)
 PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
 USER_IDENTIFIER = Code("11", "RFC-3881", "User Identifier")
+URI = Code("12", "RFC-3881", "URI")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
 SOP_INSTANCE_UID = Code("SOPInstanceUID", NODE_SCHEME, "SOP Instance UID")
 
@@ -105,6 +108,8 @@ def dicom_audit_message(record: AuditRecord, source_id: str) -> bytes:
             message = _user_authentication(record, source_id)
         case AuditEventKind.USER_CHANGED:
             message = _security_alert(record, source_id)
+        case AuditEventKind.AUDIT_LOG_READ:
+            message = _audit_log_used(record, source_id)
     return ET.tostring(message, encoding="utf-8", xml_declaration=True)
 
 
@@ -178,6 +183,18 @@ def _security_alert(record: AuditRecord, source_id: str) -> ET.Element:
                 message, changed.id, SYSTEM_OBJECT, ROLE_SECURITY_USER_ENTITY, USER_IDENTIFIER
             )
             _value_pair(subject, "Alert Description", description)
+    return message
+
+
+def _audit_log_used(record: AuditRecord, source_id: str) -> ET.Element:
+    """Audit Log Used (A.5.3.2): who read the trail, and the trail as a Security Resource identified by its URI;
+    the patients whose events were read follow as patient objects."""
+    message = _event(record, AUDIT_LOG_USED, "R")
+    _user(message, record)
+    _node_process(message, source_id)
+    _audit_source(message, source_id)
+    _participant_object(message, f"urn:dicom-node:{source_id}:audit-trail", SYSTEM_OBJECT, ROLE_SECURITY_RESOURCE, URI)
+    _patients_and_studies(message, record)
     return message
 
 

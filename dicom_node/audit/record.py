@@ -22,6 +22,7 @@ class AuditEventKind(enum.StrEnum):
     SIGN_IN_FAILED = "sign-in-failed"
     SIGN_OUT = "sign-out"
     USER_CHANGED = "user-changed"  # a user or a personal token added, removed, its role or password changed
+    AUDIT_LOG_READ = "audit-log-read"  # the trail itself read: GET /api/audit, dicom-node audit export
 
 
 class AuditOutcome(enum.IntEnum):

@@ -10,8 +10,10 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from dicom_node.audit.record import AuditEventKind
 from dicom_node.audit.trail import events_of_patient
-from dicom_node.models import AuditEvent
+from dicom_node.models import AuditEvent, as_utc
+from web.audit import AuditDep
 from web.auth import ADMIN
 from web.dependencies import ContextDep, IndexText, Limit, Offset, SessionDep, SettingsDep
 from web.schemas import AuditEventOut, InvalidRequest, Page, UserOut
@@ -39,6 +41,7 @@ def get_configuration(settings: SettingsDep) -> dict[str, Any]:
 @router.get("/audit", response_model=Page[AuditEventOut], responses={422: {"model": InvalidRequest}})
 def list_audit_events(
     session: SessionDep,
+    audit: AuditDep,
     patient_id: Annotated[IndexText | None, Query(max_length=64, description="Only events of this PatientID.")] = None,
     since: Annotated[
         str | None,
@@ -50,7 +53,9 @@ def list_audit_events(
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> Page[AuditEventOut]:
-    """Audit events, the newest first: who read or sent which patient's data, sign-ins, user changes."""
+    """Audit events, the newest first: who read or sent which patient's data, sign-ins, user changes. The read is
+    an event itself (Audit Log Used), naming the patient asked about."""
+    audit.read([patient_id] if patient_id is not None else [], kind=AuditEventKind.AUDIT_LOG_READ)
     start = _utc(since) if since else dt.datetime.min.replace(tzinfo=dt.UTC)
     if patient_id is not None:
         events = list(reversed(events_of_patient(session, patient_id, start)))
@@ -72,4 +77,4 @@ def _utc(text: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"since: not a date or time: {text!r}") from None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+    return as_utc(value)  # the index keeps UTC, and SQLite compares times without their zones

@@ -1,15 +1,16 @@
-"""``/api/jobs``: the job queue, newest first."""
+"""``/api/jobs``: the job queue, newest first; a failed or finished job can be run again."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import func, select
 
+from dicom_node.jobs import JobNotFinished, run_again
 from dicom_node.models import Instance, Job, JobState
-from web.dependencies import IndexText, Limit, Offset, SessionDep
-from web.schemas import JobListItem, JobOut, Page
+from web.dependencies import ContextDep, IndexText, Limit, Offset, RowId, SessionDep
+from web.schemas import JobListItem, JobOut, Page, Problem
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -39,3 +40,20 @@ def list_jobs(
     ).all()
     items = [JobListItem(**JobOut.model_validate(job).model_dump(), sop_instance_uid=sop_uid) for job, sop_uid in rows]
     return Page(items=items, total=total, offset=offset, limit=limit)
+
+
+@router.post("/{job_id}/rerun", response_model=JobOut, responses={404: {"model": Problem}, 409: {"model": Problem}})
+def rerun_job(job_id: RowId, context: ContextDep, session: SessionDep) -> JobOut:
+    """Run a failed or finished job again with fresh attempts (its inference, or its outputs); 409 for a job that
+    is pending or running. On PostgreSQL the job's newest run is the one listed, and a new run is queued."""
+    try:
+        queued = run_again(context.sessions, job_id)
+    except JobNotFinished as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    if queued is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    if context.node is not None:
+        context.node.wake_workers()
+    session.rollback()  # end the request's read transaction: read the job as queued now
+    instance_pk, kind = queued
+    return JobOut.model_validate(session.scalar(select(Job).where(Job.instance_pk == instance_pk, Job.kind == kind)))

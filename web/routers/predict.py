@@ -27,7 +27,7 @@ from dicom_node.node import Node
 from dicom_node.status import StoreStatus
 from inference.model_card import ModelCard, ModelLoadError, read_card
 from web.audit import AuditDep, RequestAudit, instance_object, study_object
-from web.auth import OPERATOR, VIEWER
+from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER
 from web.dependencies import ContextDep, IndexText, SessionDep, WebContext
 from web.predict_schemas import (
     ModelCardInfo,
@@ -127,7 +127,7 @@ def predict_base64(context: ContextDep, audit: AuditDep, request: PredictBase64R
     "/results/{patient_id:path}",
     response_model=PatientResults,
     dependencies=VIEWER,
-    responses={401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}},
+    responses={**AUTH_RESPONSES, 404: {"model": Problem}},
 )
 def get_results(patient_id: IndexText, session: SessionDep, audit: AuditDep) -> PatientResults:
     """The patient's images that have results, the most recently recorded first, each in the shape of

@@ -6,11 +6,12 @@ user name (``web.sign_in_attempts`` in 15 minutes, then 429). The forms carry th
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import parse_qs
+from typing import Annotated, Any
 
-from authlib.integrations.base_client.errors import OAuthError
-from fastapi import APIRouter, Request, status
+import httpx
+from authlib.common.errors import AuthlibBaseError
+from fastapi import APIRouter, Form, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,48 +31,50 @@ from web.viewer_pages import local_path, render
 
 router = APIRouter(include_in_schema=False)
 
-MAX_FORM_BYTES = 4096
+MAX_USERNAME = 64
+MAX_PASSWORD = 1024  # argon2 takes any length; a bound keeps a request from making it hash megabytes
+MAX_NEXT = 2048
 
 
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, context: ContextDep, next: str | None = None) -> Response:
     target = local_path(next)
-    if is_open(context) or session_principal(request, context) is not None:
+    if is_open(context, request) or session_principal(request, context) is not None:
         return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
     return _login_page(request, context, target)
 
 
 @router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, context: ContextDep) -> Response:
-    """Check a local user's password and start a session."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        return _login_page(request, context, "/patients", "The form is too large.", status.HTTP_413_CONTENT_TOO_LARGE)
-    form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
-    field = {name: (values or [""])[0] for name, values in form.items()}
-    target = local_path(field.get("next"))
+def login(
+    request: Request,
+    context: ContextDep,
+    username: Annotated[str, Form(max_length=MAX_USERNAME)] = "",
+    password: Annotated[str, Form(max_length=MAX_PASSWORD)] = "",
+    next: Annotated[str, Form(max_length=MAX_NEXT)] = "",
+    csrf_token: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """Check a local user's password and start a session (a plain function: argon2 runs in a worker thread)."""
+    target = local_path(next)
     try:
-        check_csrf(request, field.get("csrf_token"))
+        check_csrf(request, csrf_token)
     except StarletteHTTPException:
         return _login_page(request, context, target, "The form expired: try again.", status.HTTP_403_FORBIDDEN)
-    username, password = field.get("username", "").strip(), field.get("password", "")
+    username = username.strip()
     address = client_address(request)
     limiter: SignInLimiter = request.app.state.sign_in_limiter
     wait = limiter.retry_after(address, username)
     if wait:
-        record_sign_in(
-            context, None, address, "password: too many failed attempts", AuditOutcome.MINOR_FAILURE, user=username
-        )
+        detail = "password: too many failed attempts"
+        record_sign_in(context, None, address, detail, AuditOutcome.MINOR_FAILURE, user=username)
         message = f"Too many failed sign-ins: try again in {wait // 60 + 1} minutes."
         response = _login_page(request, context, target, message, status.HTTP_429_TOO_MANY_REQUESTS)
         response.headers["Retry-After"] = str(wait)
         return response
-    account = context.users.check_password(username, password) if username and password else None
+    account = context.users.check_password(username, password)
     if account is None:
         limiter.failed(address, username)
-        record_sign_in(
-            context, None, address, "password: wrong user name or password", AuditOutcome.MINOR_FAILURE, user=username
-        )
+        detail = "password: wrong user name or password"
+        record_sign_in(context, None, address, detail, AuditOutcome.MINOR_FAILURE, user=username)
         return _login_page(request, context, target, "Wrong user name or password.", status.HTTP_401_UNAUTHORIZED)
     limiter.succeeded(address, username)
     start_session(request, account.username, account.role, "password")
@@ -98,25 +101,31 @@ async def provider_callback(request: Request, context: ContextDep) -> Response:
     target = local_path(request.session.pop("next", None))
     try:
         token = await context.oidc.client.authorize_access_token(request)
-    except OAuthError as error:
-        record_sign_in(context, None, address, f"provider: {error.error}", AuditOutcome.MINOR_FAILURE)
-        message = f"The sign-in through the identity provider failed ({error.error})."
-        return _login_page(request, context, target, message, status.HTTP_401_UNAUTHORIZED)
+    # the provider refused, the ID token failed Authlib's checks (both AuthlibBaseError), or the provider is away
+    except (AuthlibBaseError, httpx.HTTPError) as error:
+        reason = getattr(error, "error", None) or type(error).__name__
+        await run_in_threadpool(
+            record_sign_in, context, None, address, f"provider: {reason}", AuditOutcome.MINOR_FAILURE
+        )
+        message = f"The sign-in through the identity provider failed ({reason})."
+        return await run_in_threadpool(_login_page, request, context, target, message, status.HTTP_401_UNAUTHORIZED)
     identity = context.oidc.identity(token.get("userinfo") or {})
     if identity.role is None:
         detail = f"provider: {context.settings.web.oidc.roles_claim} names no role of this node"
-        record_sign_in(context, None, address, detail, AuditOutcome.MINOR_FAILURE, user=identity.username)
+        await run_in_threadpool(
+            record_sign_in, context, None, address, detail, AuditOutcome.MINOR_FAILURE, user=identity.username
+        )
         message = f"{identity.username} has no role on this node (viewer, operator or admin): ask an admin."
-        return _login_page(request, context, target, message, status.HTTP_403_FORBIDDEN)
-    start_session(request, identity.username, identity.role, "oidc")
-    record_sign_in(context, Principal(identity.username, identity.role, "oidc", address), address, "provider")
+        return await run_in_threadpool(_login_page, request, context, target, message, status.HTTP_403_FORBIDDEN)
+    start_session(request, identity.username, identity.role, "oidc", expires_at=token.get("userinfo", {}).get("exp"))
+    principal = Principal(identity.username, identity.role, "oidc", address)
+    await run_in_threadpool(record_sign_in, context, principal, address, "provider")
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
 
 @router.post("/logout")
-async def logout(request: Request, context: ContextDep) -> Response:
-    form = parse_qs((await request.body())[:MAX_FORM_BYTES].decode("utf-8", "replace"), max_num_fields=4)
-    check_csrf(request, (form.get("csrf_token") or [""])[0])
+def logout(request: Request, context: ContextDep, csrf_token: Annotated[str, Form(max_length=64)] = "") -> Response:
+    check_csrf(request, csrf_token)
     principal = session_principal(request, context)
     if principal is not None:
         record_sign_in(context, principal, principal.address, principal.via, kind=AuditEventKind.SIGN_OUT)

@@ -1,8 +1,8 @@
 """Local users, their personal API tokens, and the audit trail with its forwarding mark.
 
-``audit_events`` is append-only: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL), so that the node,
-or anyone using its database account, cannot rewrite the trail; ``dicom-node audit verify`` detects a change made
-around them through the rows' hash chain.
+``audit_events`` is append-only: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL), so that neither
+the node nor a slip with its database account changes the trail; a change made around them (the triggers dropped
+by whoever owns the database) is detected by ``dicom-node audit verify`` through the rows' keyed hash chain.
 
 Revision ID: 0004
 Revises: 0003
