@@ -20,7 +20,7 @@ from sqlalchemy.exc import DatabaseError
 
 from dicom_node.audit.record import AuditEventKind
 from dicom_node.cli import main
-from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.config import ConfigError, OidcSettings, Settings, load_settings
 from dicom_node.models import ApiToken, AuditEvent, UserRole
 from dicom_node.users import UserError
 from tests.accounts import PASSWORD, accounts
@@ -210,13 +210,13 @@ def test_a_session_ends_after_web_session_hours(received: Received) -> None:
 
 def test_an_issuer_is_https_except_on_loopback() -> None:
     base = {"client_id": "node", "client_secret": "secret"}
-    assert oidc_settings(base | {"issuer": "https://idp.example.org/realms/x/"}).issuer == (
+    assert OidcSettings.model_validate(base | {"issuer": "https://idp.example.org/realms/x/"}).issuer == (
         "https://idp.example.org/realms/x"
     )
-    assert oidc_settings(base | {"issuer": "http://127.0.0.1:8080"}).issuer == "http://127.0.0.1:8080"
+    assert OidcSettings.model_validate(base | {"issuer": "http://127.0.0.1:8080"}).issuer == "http://127.0.0.1:8080"
     for issuer in ("http://idp.example.org", "ftp://idp.example.org", "idp.example.org"):
         with pytest.raises(ValueError, match="an issuer is an https URL"):
-            oidc_settings(base | {"issuer": issuer})
+            OidcSettings.model_validate(base | {"issuer": issuer})
 
 
 def test_failed_sign_ins_are_limited_and_recorded(received: Received) -> None:
@@ -253,7 +253,9 @@ def test_the_last_admin_stays_and_names_are_checked(received: Received) -> None:
 def test_the_configuration_view_hides_secrets(received: Received, tokens) -> None:
     settings = received.node.settings
     oidc = {"issuer": "http://127.0.0.1:9", "client_id": "node", "client_secret": "s3cret-value-of-the-client"}
-    configured = settings.model_copy(update={"web": settings.web.model_copy(update={"oidc": oidc_settings(oidc)})})
+    configured = settings.model_copy(
+        update={"web": settings.web.model_copy(update={"oidc": OidcSettings.model_validate(oidc)})}
+    )
     shown = TestClient(app_for(received, configured)).get(
         "/api/configuration", headers={"Authorization": tokens[UserRole.ADMIN]}
     )
@@ -261,12 +263,6 @@ def test_the_configuration_view_hides_secrets(received: Received, tokens) -> Non
     assert (
         "s3cret-value-of-the-client" not in shown.text and shown.json()["web"]["oidc"]["client_secret"] == "**********"
     )
-
-
-def oidc_settings(values: dict):
-    from dicom_node.config import OidcSettings
-
-    return OidcSettings.model_validate(values)
 
 
 def test_without_users_or_provider_the_node_serves_loopback_only(received: Received) -> None:

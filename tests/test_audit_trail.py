@@ -6,9 +6,10 @@ was away included."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
-import os
 import re
 import subprocess
 import time
@@ -22,6 +23,7 @@ from lxml import etree
 from sqlalchemy import func, select, text
 
 from dicom_node.audit.trail import AuditTrail
+from dicom_node.cli import main
 from dicom_node.config import DatabaseSettings
 from dicom_node.database import open_index, session_factory
 from dicom_node.models import AuditEvent, UserRole
@@ -29,7 +31,7 @@ from dicom_node.synthetic import synthetic_dx
 from dicom_node.users import Users
 from tests.accounts import PASSWORD
 from tests.dicom_peers import dcmtk, free_port
-from tests.serve_process import DICOM_NODE, SHIPPED_CONFIG, ServeProcess
+from tests.serve_process import SHIPPED_CONFIG, ServeProcess
 from tests.syslog_collector import SyslogCollector, make_certificates
 from tests.test_orthanc_peer import storescp
 
@@ -187,12 +189,9 @@ def test_who_touched_a_patient(tmp_path: Path) -> None:
 
 
 def _cli(storage: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    environment = os.environ | {"DICOM_NODE_STORAGE__ROOT": str(storage)}
-    return subprocess.run(
-        [DICOM_NODE, *arguments, "--config", SHIPPED_CONFIG],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=False,
-    )
+    """``dicom-node`` on the node's index, in this process (a started one would import torch again, seconds)."""
+    output = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(output):
+        patch.setenv("DICOM_NODE_STORAGE__ROOT", str(storage))
+        returncode = main([*arguments, "--config", str(SHIPPED_CONFIG)])
+    return subprocess.CompletedProcess(arguments, returncode, output.getvalue(), "")
