@@ -109,6 +109,21 @@ def test_a_user_without_a_role_of_the_node_signs_in_to_nothing(site) -> None:
         assert browser.get(f"{base}/patients", follow_redirects=False).status_code == 303
 
 
+def _signed_in_through_the_provider(page, base: str, provider: OidcProvider, target: str, username: str):
+    """``page`` opens ``target``, is sent to the sign-in page (nothing of the patient shown), signs in as
+    ``username`` on the provider's login form, and is back at ``target``."""
+    page.set_default_timeout(15_000)
+    page.goto(f"{base}{target}")
+    assert urlsplit(page.url).path == "/login" and HAND_PATIENT not in page.content()
+    page.get_by_test_id("sign-in-provider").click()
+    page.wait_for_url(f"{provider.issuer}/**")
+    page.fill("input[name=login]", username)
+    page.fill("input[name=password]", "any")
+    page.locator("button[type=submit]").first.click()
+    page.wait_for_url(f"{base}{target}")
+    return page
+
+
 def test_a_viewer_and_an_operator_sign_in_through_the_provider_in_a_browser(
     site, received: Received, tmp_path: Path
 ) -> None:
@@ -120,17 +135,8 @@ def test_a_viewer_and_an_operator_sign_in_through_the_provider_in_a_browser(
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
-            page = browser.new_page()
-            page.set_default_timeout(15_000)
             target = f"/patients/{quote(HAND_PATIENT, safe='')}"
-            page.goto(f"{base}{target}")
-            assert urlsplit(page.url).path == "/login" and HAND_PATIENT not in page.content()
-            page.get_by_test_id("sign-in-provider").click()
-            page.wait_for_url(f"{provider.issuer}/**")
-            page.fill("input[name=login]", "alice")
-            page.fill("input[name=password]", "any")
-            page.locator("button[type=submit]").first.click()
-            page.wait_for_url(f"{base}{target}")
+            page = _signed_in_through_the_provider(browser.new_page(), base, provider, target, "alice")
             assert page.get_by_test_id("signed-in").inner_text() == "alice (viewer)"
             assert page.get_by_test_id("patient-id").inner_text() == HAND_PATIENT
             page.screenshot(path=str(tmp_path / "signed-in.png"))
@@ -142,15 +148,7 @@ def test_a_viewer_and_an_operator_sign_in_through_the_provider_in_a_browser(
             assert urlsplit(page.url).path == "/login"
 
             # a second user, of another role, in a fresh context (the provider would remember alice's sign-in)
-            page = browser.new_page()
-            page.set_default_timeout(15_000)
-            page.goto(f"{base}{target}")
-            page.get_by_test_id("sign-in-provider").click()
-            page.wait_for_url(f"{provider.issuer}/**")
-            page.fill("input[name=login]", "oscar")
-            page.fill("input[name=password]", "any")
-            page.locator("button[type=submit]").first.click()
-            page.wait_for_url(f"{base}{target}")
+            page = _signed_in_through_the_provider(browser.new_page(), base, provider, target, "oscar")
             assert page.get_by_test_id("signed-in").inner_text() == "oscar (operator)"
             assert page.request.get(f"{base}/api/jobs").status == 200
         finally:
