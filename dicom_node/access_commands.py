@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.audit.record import AuditEventKind, AuditRecord
-from dicom_node.audit.trail import AuditTrail, events_of_patient, exported, now
+from dicom_node.audit.trail import AuditTrail, events_of_patient, exported, now, utc_time
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.exit_codes import EXIT_CONFIG_ERROR, EXIT_START_FAILED
@@ -176,10 +176,9 @@ def _audit_export_command(args: argparse.Namespace) -> int:
 
 def _date(text: str) -> dt.datetime:
     try:
-        value = dt.datetime.fromisoformat(text)
+        return utc_time(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date or ISO time: {text!r}") from None
-    return as_utc(value)  # the index keeps UTC, and SQLite compares times without their zones
 
 
 def _on_index(args: argparse.Namespace, command: Callable) -> int:

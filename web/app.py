@@ -9,7 +9,7 @@ from fastapi.staticfiles import StaticFiles
 from dicom_node.config import ConfigError, Settings
 from dicom_node.secret_file import kept_secret
 from dicom_node.users import Users
-from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER, SignInLimiter, is_loopback_host
+from web.auth import AUTH_RESPONSES, OPERATOR, VIEWER, SignInLimiter, anyone_can_sign_in, is_loopback_host
 from web.dependencies import WebContext
 from web.routers import (
     admin,
@@ -73,7 +73,7 @@ def check_sign_in(settings: Settings, users: Users) -> None:
     Raises:
         ConfigError: ``web.host`` is not loopback, no provider is configured and the index has no user.
     """
-    if settings.web.oidc is None and not is_loopback_host(settings.web.host) and not users.any():
+    if not is_loopback_host(settings.web.host) and not anyone_can_sign_in(settings, users):
         raise ConfigError(
             f"web.host {settings.web.host} is not loopback and nobody can sign in: create the first user with "
             "`dicom-node users add NAME --role admin`, or configure web.oidc"

@@ -29,8 +29,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 
 from dicom_node.audit.record import AuditEventKind, AuditOutcome, AuditRecord
 from dicom_node.audit.trail import now
+from dicom_node.config import Settings
 from dicom_node.models import UserRole
-from dicom_node.users import TOKEN_PREFIX
+from dicom_node.users import TOKEN_PREFIX, Users
 from web.dependencies import ContextDep, WebContext
 from web.oidc import TokenRefused
 from web.schemas import Problem
@@ -95,15 +96,19 @@ def authenticated(
 
 
 def is_open(context: WebContext, request: Request) -> bool:
-    """No sign-in exists yet (no local user, no provider) and the request cannot come from beyond this machine:
-    the server listens on loopback, and no proxy forwarded the request (a proxy on this machine would make the
-    node reachable from the network)."""
+    """No sign-in exists yet and the request cannot come from beyond this machine: the server listens on
+    loopback, and no proxy forwarded the request (a proxy on this machine would make the node reachable from the
+    network)."""
     return (
-        context.settings.web.oidc is None
-        and is_loopback_host(context.settings.web.host)
+        is_loopback_host(context.settings.web.host)
         and not FORWARDED_HEADERS & {name.lower() for name in request.headers}
-        and not context.users.any()
+        and not anyone_can_sign_in(context.settings, context.users)
     )
+
+
+def anyone_can_sign_in(settings: Settings, users: Users) -> bool:
+    """A provider is configured, or the index has a local user."""
+    return settings.web.oidc is not None or users.any()
 
 
 def _from_another_site(request: Request) -> bool:

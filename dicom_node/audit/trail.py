@@ -178,5 +178,11 @@ def exported(row: AuditEvent) -> dict[str, object]:
     return _content(row) | {"digest": row.digest}
 
 
+def utc_time(text: str) -> dt.datetime:
+    """A date or ISO 8601 time (UTC unless it names its zone) as an aware UTC time, to compare with the index's
+    times (SQLite compares them without their zones). ValueError where ``text`` is neither."""
+    return as_utc(dt.datetime.fromisoformat(text))
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from dicom_node.audit.record import AuditEventKind
-from dicom_node.audit.trail import events_of_patient
-from dicom_node.models import AuditEvent, as_utc
+from dicom_node.audit.trail import events_of_patient, utc_time
+from dicom_node.models import AuditEvent
 from web.audit import AuditDep
 from web.auth import ADMIN
 from web.dependencies import ContextDep, IndexText, Limit, Offset, SessionDep, SettingsDep
@@ -74,7 +74,6 @@ def list_audit_events(
 
 def _utc(text: str) -> dt.datetime:
     try:
-        value = dt.datetime.fromisoformat(text)
+        return utc_time(text)
     except ValueError:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"since: not a date or time: {text!r}") from None
-    return as_utc(value)  # the index keeps UTC, and SQLite compares times without their zones
