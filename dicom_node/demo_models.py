@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from dicom_node.exit_codes import EXIT_CONFIG_ERROR, EXIT_START_FAILED
-from inference.model_card import ModelLoadError
-from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD
+from inference.model_card import DEFAULT_HALLUX_VALGUS_THRESHOLD, ModelLoadError
 
 
 def positive(text: str) -> int:

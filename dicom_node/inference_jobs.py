@@ -40,7 +40,8 @@ from dicom_node.outputs.preview import preview, preview_bytes, preview_path, sou
 from dicom_node.routing import Route, follow_the_image, route
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import OUTPUTS_QUEUE
-from inference.model_card import ModelLoadError, ModelMissingError, load_network, read_card
+from inference.model_card import ModelLoadError, ModelMissingError, read_card
+from inference.networks import load_network
 from inference.pixels import (
     DEFAULT_PICTURE_SIZE,
     DEFERRED_PIXEL_DATA,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 from sqlalchemy.engine import make_url
 
@@ -28,6 +27,7 @@ from dicom_node.ingest import INFERENCE_JOB, Ingestor
 from dicom_node.jobs import OUTPUTS_JOB, JobQueue
 from dicom_node.metrics import NodeMetrics
 from dicom_node.output_jobs import OutputJobs
+from dicom_node.roles import Role
 from dicom_node.scp import DiskGuard, StorageSCP
 from dicom_node.storage import InstanceStore
 from dicom_node.task_engine import (
@@ -43,9 +43,6 @@ from dicom_node.tracking import TRACK_TASK, InferenceTracker
 from dicom_node.workers import JobHandler, WorkerPool
 
 log = logging.getLogger(__name__)
-
-Role = Literal["all", "ingest", "worker", "web"]
-ROLES: tuple[Role, ...] = ("all", "ingest", "worker", "web")
 
 
 class Node:

@@ -3,7 +3,8 @@
 A card is a YAML file beside its weights (``models/*.yaml``). Loading checks the card's fields, the weights'
 SHA-256 and that the weights fit the declared architecture, and says precisely what is wrong otherwise.
 Weights can be a PyTorch state dict of MONAI's DenseNet121, a TorchScript file, or an MLflow model URI
-(``models:/name/version``).
+(``models:/name/version``); :mod:`inference.networks` builds and loads them. This module imports neither torch
+nor MONAI, so that reading a configuration does not.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
-from monai.networks.nets import DenseNet, DenseNet121
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 HALLUX_VALGUS_CLASSES = ("Normal", "Flatfoot", "Foot Ulcer", "Hallux Valgus")
 HALLUX_VALGUS_ANGLE = "hallux_valgus_angle"
+DEFAULT_HALLUX_VALGUS_THRESHOLD = 0.3  # the Hallux Valgus probability that flags, unless configured
 BONE_AGE_OUTPUTS = ("male_mean", "male_log_variance", "female_mean", "female_log_variance")
 ANATOMY_CLASSES = ("hand", "foot", "other")
 LOG_VARIANCE_RANGE = (-7.0, 3.0)  # of the bone-age heads, in training and in inference alike
@@ -95,7 +95,9 @@ class ModelCard(Strict):
     in_channels: Literal[1, 3] = 1
     input_size: int = Field(ge=32, le=1024)
     feature_stride: Literal[16, 32] = Field(
-        32, description="Input pixels per cell of the last feature map, so of the heatmap; see densenet121()."
+        32,
+        description="Input pixels per cell of the last feature map, so of the heatmap; see "
+        "inference.networks.densenet121().",
     )
     heatmap: HeatmapKind = Field(
         "class_activation",
@@ -143,30 +145,6 @@ class ModelCard(Strict):
         return f"{self.name} {self.version}" + (f" ({DEMO_DISCLAIMER})" if self.demo else "")
 
 
-def densenet121(in_channels: int, out_channels: int, feature_stride: Literal[16, 32] = 32) -> DenseNet121:
-    """MONAI's DenseNet121 (2D). With ``feature_stride`` 16 the last transition layer does not pool, so the
-    last feature map, and with it the heatmap, has twice the resolution from the same weights (the "last
-    stride" change of weakly supervised localisation; the pooling layer has no parameters)."""
-    network = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=out_channels)
-    if feature_stride == 16:
-        network.features.transition3.pool = torch.nn.Identity()
-    return network
-
-
-def build_network(card: ModelCard) -> torch.nn.Module:
-    """The untrained network a card describes."""
-    if card.layout is None:
-        return densenet121(card.in_channels, len(card.outputs), card.feature_stride)
-    return DenseNet(
-        spatial_dims=2,
-        in_channels=card.in_channels,
-        out_channels=len(card.outputs),
-        init_features=card.layout.init_features,
-        growth_rate=card.layout.growth_rate,
-        block_config=card.layout.block_config,
-    )
-
-
 def read_card(path: Path) -> ModelCard:
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -189,87 +167,3 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def state_dict_digest(network: torch.nn.Module) -> str:
-    """SHA-256 over a network's parameters and buffers, by name: what identifies weights without a file."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(network.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_network(card: ModelCard, card_path: Path) -> torch.nn.Module:
-    """The card's network in eval mode, its weights verified and its outputs counted."""
-    network = _load_weights(card, Path(card_path))
-    _check_outputs(network, card, card_path)
-    return network
-
-
-def _load_weights(card: ModelCard, card_path: Path) -> torch.nn.Module:
-    if card.weights.format == "mlflow":
-        import mlflow.pytorch
-
-        try:
-            return mlflow.pytorch.load_model(card.weights.uri, map_location="cpu").eval()
-        except Exception as error:  # MLflow raises many kinds; all mean "not loadable"
-            raise ModelLoadError(f"{card_path}: cannot load {card.weights.uri}: {type(error).__name__}") from None
-    weights_path = card_path.parent / card.weights.path
-    if not weights_path.is_file():
-        raise ModelMissingError(f"{card_path}: weights file {weights_path} is missing")
-    actual = sha256_of(weights_path)
-    if actual != card.weights.sha256.lower():
-        raise ModelLoadError(
-            f"{card_path}: weights {weights_path.name} have sha256 {actual}, the card says {card.weights.sha256}"
-        )
-    try:
-        if card.weights.format == "torchscript":
-            return torch.jit.load(weights_path, map_location="cpu").eval()
-        loaded = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt file, a TorchScript archive given as a state dict, a pickled module
-        raise ModelLoadError(
-            f"{card_path}: {weights_path.name} is not a {card.weights.format}: {type(error).__name__}"
-        ) from None
-    state = _unwrap_state_dict(loaded)
-    if state is None:
-        raise ModelLoadError(f"{card_path}: {weights_path.name} holds no state dict")
-    network = build_network(card)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise ModelLoadError(
-            f"{card_path}: weights do not fit {card.architecture} with in_channels={card.in_channels} and "
-            f"{len(card.outputs)} outputs: {detail}"
-        ) from None
-    return network.eval()
-
-
-def _check_outputs(network: torch.nn.Module, card: ModelCard, card_path: Path) -> None:
-    """One forward pass on a blank input: a network that does not take the card's input or does not give
-    its outputs is refused now, not at the first X-ray."""
-    probe = torch.zeros(1, card.in_channels, card.input_size, card.input_size)
-    try:
-        with torch.no_grad():
-            outputs = network(probe)
-    except Exception as error:
-        raise ModelLoadError(
-            f"{card_path}: the network does not take a {tuple(probe.shape)} input: {type(error).__name__}"
-        ) from None
-    if outputs.ndim != 2 or outputs.shape[1] != len(card.outputs):
-        raise ModelLoadError(
-            f"{card_path}: the network gives {tuple(outputs.shape)} outputs, the card lists {len(card.outputs)}"
-        )
-
-
-def _unwrap_state_dict(loaded: object) -> dict[str, torch.Tensor] | None:
-    """Accept a bare state dict, one saved inside a training checkpoint, or one of a DataParallel model."""
-    if isinstance(loaded, dict):
-        for key in ("model_state_dict", "state_dict", "model"):
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
-        return None
-    return {key.removeprefix("module."): value for key, value in loaded.items()}

@@ -28,20 +28,19 @@ from PIL import Image
 from inference.cam import CamNetwork, as_cam_network, autograd_grad_cam, class_activation_maps
 from inference.model_card import (
     ANATOMY_CLASSES,
+    DEFAULT_HALLUX_VALGUS_THRESHOLD,
     HALLUX_VALGUS_ANGLE,
     HALLUX_VALGUS_CLASSES,
     LOG_VARIANCE_RANGE,
     ModelCard,
     ModelLoadError,
-    load_network,
     read_card,
-    state_dict_digest,
 )
+from inference.networks import load_network, state_dict_digest
 from inference.preprocess import Letterbox, model_input
 from inference.runtime import OnnxRunner, Runner, RuntimeName, TorchRunner
 from inference.training.augment import augment
 
-DEFAULT_HALLUX_VALGUS_THRESHOLD = 0.3
 AUGMENTATION_SEED = 20261123
 
 
@@ -171,7 +170,7 @@ class Model:
         cache_dir: Path | None = None,
         threads: int = 0,
     ) -> Model:
-        """The model of a checked card and its loaded network (:func:`inference.model_card.load_network`)."""
+        """The model of a checked card and its loaded network (:func:`inference.networks.load_network`)."""
         # load_network verified a weights file against the card's digest; an MLflow model has only a URI,
         # which may name other weights tomorrow, so its digest is that of the weights loaded now
         digest = card.weights.sha256 or state_dict_digest(network)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from dicom_node.ai_tasks.registry import node_tasks
 from dicom_node.config import ENV_PREFIX, ConfigError, Settings, load_settings
-from dicom_node.node import ROLES
+from dicom_node.roles import ROLES
 from dicom_node.task_engine import all_queues
 from inference.model_card import read_card
 

@@ -304,7 +304,8 @@ def test_a_card_whose_network_cannot_be_built_is_refused_with_the_reason(changes
 
 
 def test_a_small_densenet_card_builds_its_network_with_the_declared_heatmap_grid() -> None:
-    from inference.model_card import ModelCard, build_network
+    from inference.model_card import ModelCard
+    from inference.networks import build_network
 
     card = ModelCard(
         name="check",

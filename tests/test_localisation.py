@@ -11,7 +11,7 @@ import torch
 
 from dicom_node.phantoms import generate_phantoms
 from inference.cam import as_cam_network
-from inference.model_card import densenet121
+from inference.networks import densenet121
 from inference.preprocess import Letterbox
 from inference.training.augment import augment
 from inference.training.datasets import finding_masks, read_examples

@@ -29,8 +29,8 @@ from pydantic import BaseModel, Field, model_validator
 from dicom_node.ai_tasks.interface import ReportContext, Task, TaskOutput, TaskSettings, TaskValues
 from dicom_node.outputs import codes
 from dicom_node.outputs.report import add_illustrations, algorithm_identification, finding_site
-from inference.model_card import DEMO_DISCLAIMER, HALLUX_VALGUS_CLASSES
-from inference.predict import DEFAULT_HALLUX_VALGUS_THRESHOLD, Model, ModelInputs, predict_hallux_valgus
+from inference.model_card import DEFAULT_HALLUX_VALGUS_THRESHOLD, DEMO_DISCLAIMER, HALLUX_VALGUS_CLASSES
+from inference.predict import Model, ModelInputs, predict_hallux_valgus
 from inference.predict import reported_foot_findings as reported_findings
 
 if TYPE_CHECKING:

@@ -49,11 +49,10 @@ from inference.model_card import (
     Preprocessing,
     TargetScaling,
     Weights,
-    build_network,
-    load_network,
     read_card,
     sha256_of,
 )
+from inference.networks import build_network, load_network
 from inference.training.augment import augment
 from inference.training.datasets import Example, TaskName, finding_masks
 
@@ -73,7 +72,7 @@ class TrainingOptions:
     validation_fraction: float = 0.1
     seed: int = 0
     max_steps: int | None = None  # stop early (smoke tests)
-    feature_stride: Literal[16, 32] = 32  # input pixels per heatmap cell; see inference.model_card.densenet121
+    feature_stride: Literal[16, 32] = 32  # input pixels per heatmap cell; see inference.networks.densenet121
     localisation_weight: float = 0.0  # weight of the finding-box term (where the labels give boxes)
     initial_card: Path | None = None  # start from this card's weights (of the same task and outputs)
     # bfloat16 autocast pays only on CPUs with AVX512-BF16 or AMX; on an AVX2 CPU (AMD Zen 3) a DenseNet121
