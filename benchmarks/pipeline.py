@@ -11,8 +11,9 @@ exported before, untimed, as after a node's first start. From t0, just before th
   it is routed to, in batches of ``inference.batch_size``, their inputs prepared beforehand (untimed);
 - where the inference jobs' time went, from the node's own timings (reading and decoding, each model, writing
   the heatmaps and recording), and the node's peak RSS;
-- the share of the node's CPU each stage took from t0 until every report was acknowledged, sampled by py-spy
-  (:mod:`benchmarks.stages`);
+- the node's CPU time per image from t0 until every report was acknowledged (``/proc``), the images/s that this
+  cost allows on the machine's cores however well the work were spread over them, and each stage's CPU time per
+  image, sampled by py-spy (:mod:`benchmarks.stages`);
 - then, once the node is idle again, ``POST /predict`` back to back: ``--uploads`` other phantoms as the DICOM
   files they are, and the same as 512-pixel PNG pictures, as the seeds' clients send them; latency p50 / p95.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sqlite3
 import statistics
 import subprocess
@@ -43,7 +45,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before benchmarks/, whose inference.py would shadow the package; tests importable
 
-from benchmarks.stages import StageProfile  # noqa: E402
+from benchmarks.stages import StageProfile, process_cpu_seconds  # noqa: E402
 from benchmarks.verdicts import print_verdicts  # noqa: E402
 from dicom_node.config import InferenceSettings  # noqa: E402
 from dicom_node.inference_jobs import InferenceModels  # noqa: E402
@@ -164,7 +166,7 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
             database = storage / "index.sqlite3"
             profile = StageProfile(node.process.pid, work / "profile.txt")
             profile.start()
-            started = time.perf_counter()
+            started, cpu_at_start = time.perf_counter(), process_cpu_seconds(node.process.pid)
             subprocess.run(
                 ["storescu", "-aet", "MODALITY", "-aec", "AINODE", "127.0.0.1", str(node.dicom_port), *map(str, files)],
                 check=True,
@@ -179,7 +181,7 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
                 if written_at is None and outputs == count:
                     written_at = now
                 if reports == count:
-                    reported_at = now
+                    reported_at, cpu = now, process_cpu_seconds(node.process.pid) - cpu_at_start
                 if now > 900:
                     raise TimeoutError(f"after 900 s: {outputs} outputs written, {reports} reports acknowledged")
                 time.sleep(0.05)
@@ -213,9 +215,15 @@ def run(work: Path, count: int, uploads: int) -> dict[str, float]:
         + " / ".join(f"{value:.0f}" for value in (*np.quantile(png_ms, [0.5, 0.95]), max(png_ms)))
     )
     print(f"   peak RSS of the node                        {rss:8.0f} MB")
-    print("   share of the node's CPU by stage, push to every report acknowledged (py-spy samples):")
-    for stage, share in profile.shares().items():
-        print(f"      {stage:45s} {share:6.1%}")
+    cores = os.cpu_count() or 1
+    per_image = cpu / count * 1000
+    print(f"   node CPU, push to every report acknowledged {cpu:8.2f} s   {per_image:6.0f} ms per image")
+    print(f"   at that CPU per image, {cores} cores allow at most             {cores * 1000 / per_image:6.2f} images/s")
+    print("   node CPU by stage, push to every report acknowledged (share of py-spy's samples), ms per image:")
+    samples = profile.sampled_seconds()
+    for stage, seconds in samples.items():
+        share = seconds / sum(samples.values())
+        print(f"      {stage:45s} {share:6.1%} {share * per_image:6.0f}")
     if profile.missing:
         print(f"      not measured: {profile.missing}")
     end_to_end = count / reported_at

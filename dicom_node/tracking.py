@@ -451,9 +451,9 @@ class InferenceTracker(PollingThread):
 
     def _log_due(self, give_way: bool = False) -> int:
         """Queue the instances with new results, then log up to ``batch_size`` due runs, stopping at the first
-        that fails; with ``give_way``, none while the node has other work (:meth:`_busy`), and none after a
-        request came in."""
-        forced = False  # let through while the node is busy, having given way long enough: logs its whole batch
+        that fails; with ``give_way``, none while the node has other work (:meth:`_busy`), none after a request
+        came in, and one only when it has given way long enough while a request is served."""
+        forced = False  # let through while the node is busy, having given way long enough
         if give_way:
             busy = self._busy()
             if self.give_way.defers(busy):
@@ -462,8 +462,8 @@ class InferenceTracker(PollingThread):
         self.queue.add_new()
         taken = 0
         while taken < self.settings.batch_size and not self.stopping:
-            if give_way and not forced and self.foreground is not None and self.foreground.busy():
-                break  # a request came in
+            if give_way and (taken or not forced) and self.foreground is not None and self.foreground.busy():
+                break  # a request came in, or waits: it shares the cores with one run at most
             claimed = self.queue.claim()
             if claimed is None or not self._log(claimed):
                 break

@@ -20,7 +20,7 @@ from dicom_node.jobs import ClaimedJob, JobMustWait, JobQueue, PermanentJobError
 
 log = logging.getLogger(__name__)
 
-MAX_GIVE_WAY_S = 10.0  # under requests back to back, workers still claim a batch every 10 s
+MAX_GIVE_WAY_S = 10.0  # under requests back to back, workers still claim a job every 10 s
 _GIVE_WAY_POLL_S = 0.01
 
 JobHandler = Callable[[list[ClaimedJob]], Mapping[int, Exception]]
@@ -36,8 +36,9 @@ class WorkerPool:
         batch_size: int = 1,
         foreground: Foreground | None = None,
     ) -> None:
-        """``foreground``: the requests that the workers give way to (for at most :data:`MAX_GIVE_WAY_S` at a
-        stretch) before they claim a batch; the request's own job runs in its thread (:meth:`run_now`)."""
+        """``foreground``: the requests that the workers give way to, for at most :data:`MAX_GIVE_WAY_S` at a
+        stretch, after which they claim one job, not a batch, so that a request shares the cores with one job at
+        most; the request's own job runs in its thread (:meth:`run_now`)."""
         self.queue = queue
         self.foreground = foreground
         self.handlers = dict(handlers)
@@ -70,9 +71,10 @@ class WorkerPool:
         """Look for due jobs now rather than at the next poll (a job was queued)."""
         self._wakeup.set()
 
-    def run_once(self) -> bool:
-        """Claim and run one batch of jobs; return False when none was due."""
-        jobs = self.queue.claim_batch(self.handlers.keys(), self.batch_size)
+    def run_once(self, batch_size: int | None = None) -> bool:
+        """Claim and run one batch of jobs (of ``batch_size``, by default the pool's); return False when none was
+        due."""
+        jobs = self.queue.claim_batch(self.handlers.keys(), batch_size or self.batch_size)
         if not jobs:
             return False
         self._run(jobs)
@@ -131,11 +133,12 @@ class WorkerPool:
     def _work(self) -> None:
         give_way = GiveWay(MAX_GIVE_WAY_S)
         while not self._stopping.is_set():
-            if self.foreground is not None and give_way.defers(self.foreground.busy()):
+            serving = self.foreground is not None and self.foreground.busy()
+            if give_way.defers(serving):
                 self._stopping.wait(_GIVE_WAY_POLL_S)
                 continue
             try:
-                if not self.run_once():
+                if not self.run_once(1 if serving else None):
                     self._wakeup.wait(self.poll_interval)
                     self._wakeup.clear()
             except Exception:

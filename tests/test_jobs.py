@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import ArgumentError
 
+import dicom_node.workers
 from dicom_node.background import Foreground
 from dicom_node.config import DatabaseSettings, Settings
 from dicom_node.database import create_index_engine, open_index, session_factory
@@ -239,5 +240,46 @@ def test_workers_claim_nothing_while_a_request_is_served_then_catch_up(sessions)
             assert time.monotonic() < deadline, "the job did not run once the request was answered"
             time.sleep(0.02)
         assert ran == [queued]
+    finally:
+        pool.stop()
+
+
+def test_workers_that_gave_way_long_enough_take_one_job_at_a_time_beside_a_request(
+    sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under requests back to back the workers still make progress, but a request shares the cores with one job
+    at most: batches of one while it is served, whole batches again once it is answered."""
+    monkeypatch.setattr(dicom_node.workers, "MAX_GIVE_WAY_S", 0.0)
+    foreground = Foreground()
+    batches: list[int] = []
+    pool = WorkerPool(
+        JobQueue(sessions, max_attempts=3, retry_backoff=0),
+        {INFERENCE_JOB: lambda jobs: batches.append(len(jobs)) or {}},
+        count=1,
+        poll_interval=0.01,
+        batch_size=4,
+        foreground=foreground,
+    )
+
+    def wait_for(done: int) -> None:
+        deadline = time.monotonic() + 10
+        while sum(batches) < done:
+            assert time.monotonic() < deadline, f"{sum(batches)} of {done} jobs ran"
+            time.sleep(0.02)
+
+    with foreground.serving():
+        add_jobs(sessions, 3)
+        pool.start()
+        try:
+            wait_for(3)
+            assert batches == [1, 1, 1]
+        finally:
+            pool.stop()
+    time.sleep(2 * foreground.quiet_seconds)  # answered, and the quiet after it over
+    add_jobs(sessions, 3)
+    pool.start()
+    try:
+        wait_for(6)
+        assert batches == [1, 1, 1, 3]
     finally:
         pool.stop()

@@ -221,7 +221,8 @@ def test_every_inference_is_a_run_without_patient_data(
 
 def test_runs_wait_while_jobs_are_due_unless_the_node_is_never_idle(tmp_path: Path, models: InferenceModels) -> None:
     """The tracker gives the cores to the jobs that are due and to requests: an instance's run is logged once no
-    job waits, or once the tracker has given way for MAX_GIVE_WAY_S, requests or not."""
+    job waits, or once the tracker has given way for MAX_GIVE_WAY_S, requests or not: then one run at a time while
+    a request is served."""
     settings = Settings(
         dicom={"host": "127.0.0.1", "port": free_port()},
         storage={"root": tmp_path / "storage"},
@@ -233,9 +234,10 @@ def test_runs_wait_while_jobs_are_due_unless_the_node_is_never_idle(tmp_path: Pa
         tracker = InferenceTracker(
             settings.mlflow.model_copy(update={"enabled": True}), node.sessions, node.store, models, foreground
         )
-        assert all(status.Status == 0 for status in send_datasets(node.settings.dicom.port, patients(["hand", "foot"])))
+        sent = patients(["hand", "foot", "hand"])
+        assert all(status.Status == 0 for status in send_datasets(node.settings.dicom.port, sent))
         with node.sessions() as session:
-            first, second = session.scalars(select(Job.instance_pk).order_by(Job.id)).all()
+            first, second, third = session.scalars(select(Job.instance_pk).order_by(Job.id)).all()
 
         def run_jobs_of(instance_pk: int) -> None:
             for kind in ("inference", "outputs"):
@@ -244,15 +246,17 @@ def test_runs_wait_while_jobs_are_due_unless_the_node_is_never_idle(tmp_path: Pa
                 assert node.workers.run_now(job_id)
 
         run_jobs_of(first)
-        assert tracker.run_once() == 0, "the second image's inference job is due"
+        run_jobs_of(second)
+        assert tracker.run_once() == 0, "the third image's inference job is due"
         assert tracking_rows(node) == []
         tracker.give_way.max_seconds = 0.0
         with foreground.serving():  # and requests back to back
-            assert tracker.run_once() == 1, "given way long enough: the first image's run"
+            assert tracker.run_once() == 1, "given way long enough: one of the two due runs, beside the request"
+            assert tracker.run_once() == 1, "and the other at the next pass"
         tracker.give_way.max_seconds = tracking.MAX_GIVE_WAY_S
-        run_jobs_of(second)
-        assert tracker.run_once() == 1, "idle: the second image's run"
-        assert all_logged(node, 2)
+        run_jobs_of(third)
+        assert tracker.run_once() == 1, "idle: the third image's run"
+        assert all_logged(node, 3)
 
 
 def test_runs_appear_once_the_tracking_server_is_back(tmp_path: Path, models: InferenceModels) -> None:
