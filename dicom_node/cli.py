@@ -28,8 +28,6 @@ from dicom_node.index_schema import (
 )
 from dicom_node.roles import ROLES
 
-log = logging.getLogger("dicom_node")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
