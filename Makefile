@@ -43,7 +43,8 @@ mlflow-ui: install
 test: install-test system-packages
 	$(VENV)/bin/ruff check dicom_node inference web tests benchmarks
 	$(VENV)/bin/ruff format --check dicom_node inference web tests benchmarks
-	$(PYTHON) -m pytest -n 2 --dist loadfile --ignore tests/test_openapi_fuzz.py --ignore tests/test_containers.py
+	$(PYTHON) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --ignore tests/test_openapi_fuzz.py \
+		--ignore tests/test_containers.py
 	$(PYTHON) -m pytest tests/test_openapi_fuzz.py
 	$(MAKE) test-containers
 
