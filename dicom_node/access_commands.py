@@ -19,7 +19,7 @@ from dicom_node.config import ConfigError, load_settings
 from dicom_node.database import open_index, session_factory
 from dicom_node.exit_codes import EXIT_CONFIG_ERROR, EXIT_START_FAILED
 from dicom_node.index_schema import IndexNotReady, one_line
-from dicom_node.models import UserRole, as_utc
+from dicom_node.models import UserRole
 from dicom_node.users import UserError, Users
 
 PASSWORD_VARIABLE = "NEW_USER_PASSWORD"  # for scripts; otherwise the password is asked for twice at the terminal
@@ -134,7 +134,7 @@ def _tokens(users: Users, username: str) -> None:
         if token.revoked_at is not None:
             state = f"revoked {token.revoked_at:%Y-%m-%d}"
         else:
-            state = "expired" if as_utc(token.expires_at) <= now() else "works"
+            state = "works" if token.works_at(now()) else "expired"
         print(f"{token.id}\t{token.name}\texpires {token.expires_at:%Y-%m-%d}\t{state}")
 
 

@@ -275,10 +275,15 @@ class ApiToken(Base):
 
     user: Mapped[User] = relationship(back_populates="tokens")
 
+    def works_at(self, moment: dt.datetime) -> bool:
+        """Not revoked and not expired at ``moment``."""
+        return self.revoked_at is None and as_utc(self.expires_at) > moment
+
 
 class AuditEvent(Base):
     """One row of the audit trail (:mod:`dicom_node.audit.trail`): append-only (triggers refuse UPDATE and
-    DELETE) and chained: ``digest`` is the SHA-256 of the row's content and the previous row's digest."""
+    DELETE) and chained: ``digest`` is the HMAC-SHA256 of the row's content and the previous row's digest, keyed
+    outside the database."""
 
     __tablename__ = "audit_events"
 

@@ -177,7 +177,7 @@ class Users:
         """The token's user, where the token is known, not revoked and not expired."""
         with self._sessions() as session:
             token = session.scalar(select(ApiToken).where(ApiToken.digest == _digest(secret)))
-            if token is None or token.revoked_at is not None or as_utc(token.expires_at) <= now():
+            if token is None or not token.works_at(now()):
                 return None
             return _account(token.user)
 
