@@ -26,7 +26,7 @@ from dicom_node.index_schema import (
     one_line,
     upgrade_index,
 )
-from dicom_node.roles import ROLES
+from dicom_node.roles import ROLES, Role
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,23 +102,23 @@ def _settings_or_none(config: Path) -> Settings | None:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    return _run_node(args, args.role)
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    return _run_node(args, "worker", args.queues, args.concurrency)
+
+
+def _run_node(
+    args: argparse.Namespace, role: Role, queues: list[str] | None = None, concurrency: int | None = None
+) -> int:
     settings = _settings_or_none(args.config)
     if settings is None:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.logging.level)
     from dicom_node.serving import serve  # the whole node, torch included: only the commands that run it wait for it
 
-    return serve(settings, args.role)
-
-
-def _worker_command(args: argparse.Namespace) -> int:
-    settings = _settings_or_none(args.config)
-    if settings is None:
-        return EXIT_CONFIG_ERROR
-    configure_logging(settings.logging.level)
-    from dicom_node.serving import serve
-
-    return serve(settings, "worker", args.queues, args.concurrency)
+    return serve(settings, role, queues, concurrency)
 
 
 def _resend_command(args: argparse.Namespace) -> int:
