@@ -43,13 +43,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicom_node.synthetic import write_synthetic_dx
+REPOSITORY = Path(__file__).resolve().parent.parent
+# the tests' helpers importable, and the packages found before benchmarks/, whose inference.py would shadow one
+sys.path.insert(0, str(REPOSITORY))
+
+from dicom_node.synthetic import write_synthetic_dx  # noqa: E402
+from tests.servers import stop  # noqa: E402
 
 TARGET_RATIO = 1.30
 HOST = "127.0.0.1"
 STORESCP_AET = "STORESCP"
 NODE_AET = "AINODE"
-REPOSITORY = Path(__file__).resolve().parent.parent
 NODE_COMMAND = Path(sys.executable).with_name("dicom-node")
 # storescp's largest receive PDU; the node's config.yaml sets no limit (0), which storescu caps at this size.
 STORESCP_MAX_PDU = 131072
@@ -86,12 +90,7 @@ def running(command: list[str], log_path: Path, env: dict[str, str]) -> Iterator
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, STOP_TIMEOUT_S)
 
 
 def wait_until_echo(ae_title: str, port: int, server: subprocess.Popen, log_path: Path) -> None:
