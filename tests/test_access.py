@@ -272,17 +272,14 @@ def test_without_users_or_provider_the_node_serves_loopback_only(received: Recei
     assert client.get("/api/patients").status_code == 200, "open on loopback"
     for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
         assert client.get("/api/patients", headers={header: "192.0.2.7"}).status_code == 401, "not through a proxy"
-    public = received.node.settings.model_copy(
+    exposed = received.node.settings.model_copy(
         update={"web": received.node.settings.web.model_copy(update={"host": "0.0.0.0"})}
     )
-    assert TestClient(app_for(received, public)).get("/api/patients").status_code == 401, "not when it listens wide"
+    assert TestClient(app_for(received, exposed)).get("/api/patients").status_code == 401, "not when it listens wide"
     # no CSRF token without sign-in: a browser's post from a page of another site is refused
     retry = f"/api/deliveries/{received.failed_delivery}/retry"
     for header in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example.org"}):
         assert client.post(retry, headers=header).status_code == 403
-    exposed = received.node.settings.model_copy(
-        update={"web": received.node.settings.web.model_copy(update={"host": "0.0.0.0"})}
-    )
     with pytest.raises(ConfigError, match="nobody can sign in: create the first user with `dicom-node users add"):
         check_sign_in(exposed, users)
     with accounts(received.node, UserRole.ADMIN):
